@@ -1,0 +1,102 @@
+"""Layers with PyTorch-equivalent numerics: symmetric padding, torch-style BatchNorm statistics."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "relu": nn.relu,
+    "relu6": nn.relu6,
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
+    "silu": nn.silu,
+    "swish": nn.silu,
+    "hard_swish": nn.hard_swish,
+    "elu": nn.elu,
+    "leaky_relu": nn.leaky_relu,
+    "tanh": jnp.tanh,
+    "identity": lambda x: x,
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+  """Returns the activation function called ``name``; raises ``ValueError`` listing the valid names."""
+  try:
+    return ACTIVATIONS[name]
+  except KeyError:
+    raise ValueError(
+        f"unknown activation {name!r}; valid: {sorted(ACTIVATIONS)}") from None
+
+
+# torchvision initialises convs with kaiming_normal_(mode="fan_out", nonlinearity="relu").
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def conv(features: int, kernel: int, stride: int = 1, groups: int = 1, *, use_bias: bool = False,
+         dtype: Dtype = jnp.float32, name: str | None = None,
+         kernel_init: Callable[..., jax.Array] = conv_init) -> nn.Conv:
+  """A k×k conv padded symmetrically by ``k // 2`` on each side, as torch's ``padding=k//2``.
+
+  Flax's ``padding='SAME'`` pads asymmetrically for stride 2 and gives different results from torch.
+  Parameters are float32; ``dtype`` is the compute dtype.
+  """
+  p = kernel // 2
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((p, p), (p, p)),
+                 feature_group_count=groups, use_bias=use_bias, dtype=dtype,
+                 param_dtype=jnp.float32, kernel_init=kernel_init, name=name)
+
+
+def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
+  """torch ``MaxPool2d(3, stride=2, padding=1)``: symmetric padding with -inf."""
+  return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
+class BatchNorm(nn.Module):
+  """BatchNorm over NHWC with PyTorch's semantics.
+
+  Normalises with the biased batch variance, but updates the running variance with the *unbiased*
+  estimate (n / (n - 1)), exactly as ``torch.nn.BatchNorm2d`` does; flax's own ``BatchNorm`` uses the
+  biased one, which differs by a factor 2 on a 1×1 map with batch 2. Statistics are computed in float32
+  whatever the compute dtype.
+
+  Attributes:
+    momentum: flax convention, ``running = momentum * running + (1 - momentum) * batch``
+      (torch's ``momentum=0.1`` is 0.9 here).
+    epsilon: added to the variance.
+    dtype: compute dtype of the output.
+    scale_init: initialiser of ``scale`` (zeros makes a residual branch start as the identity).
+  """
+
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+  scale_init: Callable[..., jax.Array] = nn.initializers.ones
+
+  @nn.compact
+  def __call__(self, x: jax.Array, use_running_average: bool) -> jax.Array:
+    c = x.shape[-1]
+    scale = self.param("scale", self.scale_init, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+    xf = x.astype(jnp.float32)
+    if use_running_average:
+      mean, var = ra_mean.value, ra_var.value
+    else:
+      axes = tuple(range(x.ndim - 1))
+      mean = jnp.mean(xf, axes)
+      var = jnp.mean(jnp.square(xf - mean), axes)
+      if not self.is_initializing():
+        n = x.size // c
+        m = self.momentum
+        ra_mean.value = m * ra_mean.value + (1.0 - m) * mean
+        ra_var.value = m * ra_var.value + (1.0 - m) * var * (n / max(n - 1, 1))
+    mul = scale * jax.lax.rsqrt(var + self.epsilon)
+    y = xf * mul + (bias - mean * mul)
+    return y.astype(self.dtype)

@@ -1,0 +1,196 @@
+"""One generic network module built from a :class:`~jaxft.models.spec.ModelSpec`.
+
+Parameter paths read like the torch modules they come from (see ``docs/weights.md``):
+
+==============================  ====================================
+torch (torchvision ResNet)      jaxft
+==============================  ====================================
+``conv1`` / ``bn1``             ``stem/conv`` / ``stem/bn``
+``layer2.0.conv1``              ``layer2/block0/conv1``
+``layer2.0.bn1``                ``layer2/block0/bn1``
+``layer2.0.downsample.0``      ``layer2/block0/downsample_conv``
+``layer2.0.downsample.1``      ``layer2/block0/downsample_bn``
+``fc``                          ``head``
+==============================  ====================================
+
+Adapters grafted by surgery live at ``<stage>/<block>/adapter/{down,up}``, extra heads at
+``head_<name>``, EfficientNet's ``_conv_head``/``_bn1`` at ``neck_conv``/``neck_bn``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxft.models import layers
+from jaxft.models.spec import BlockSpec, ModelSpec, StemSpec
+
+Dtype = Any
+
+
+class Stem(nn.Module):
+  """conv k×k/s + BN + act (+ 3×3/2 max-pool)."""
+
+  spec: StemSpec
+  bn: Callable[..., nn.Module]
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, frozen_bn: bool) -> jax.Array:
+    s = self.spec
+    x = layers.conv(s.width, s.kernel, s.stride, dtype=self.dtype, name="conv")(x)
+    x = layers.activation(s.act)(self.bn(name="bn")(x, frozen_bn))
+    if s.pool:
+      x = layers.max_pool_3x3_s2(x)
+    return x
+
+
+class Adapter(nn.Module):
+  """Residual 1×1 bottleneck adapter ``x + up(act(down(x)))``; ``up`` starts at zero (identity map)."""
+
+  width: int
+  act: str = "relu"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = layers.conv(self.width, 1, use_bias=True, dtype=self.dtype, name="down")(x)
+    h = layers.activation(self.act)(h)
+    h = layers.conv(x.shape[-1], 1, use_bias=True, dtype=self.dtype, name="up",
+                    kernel_init=nn.initializers.zeros)(h)
+    return x + h
+
+
+class Block(nn.Module):
+  """A residual block of any kind in :class:`BlockSpec` (``basic``, ``bottleneck``, ``mbconv``)."""
+
+  spec: BlockSpec
+  shortcut: str
+  bn: Callable[..., nn.Module]
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, frozen_bn: bool) -> jax.Array:
+    b = self.spec
+    act = layers.activation(b.act)
+    cin = x.shape[-1]
+    bn = lambda name: (lambda h: self.bn(name=name)(h, frozen_bn))
+    if b.kind == "basic":
+      h = act(bn("bn1")(layers.conv(b.width, b.kernel, b.stride, dtype=self.dtype, name="conv1")(x)))
+      h = bn("bn2")(layers.conv(b.out, b.kernel, 1, dtype=self.dtype, name="conv2")(h))
+    elif b.kind == "bottleneck":
+      h = act(bn("bn1")(layers.conv(b.width, 1, dtype=self.dtype, name="conv1")(x)))
+      h = act(bn("bn2")(layers.conv(b.width, b.kernel, b.stride, b.groups, dtype=self.dtype,
+                                    name="conv2")(h)))
+      h = bn("bn3")(layers.conv(b.out, 1, dtype=self.dtype, name="conv3")(h))
+    elif b.kind == "mbconv":
+      h = x
+      if b.width != cin:
+        h = act(bn("bn0")(layers.conv(b.width, 1, dtype=self.dtype, name="expand_conv")(h)))
+      h = act(bn("bn1")(layers.conv(b.width, b.kernel, b.stride, b.width, dtype=self.dtype,
+                                    name="depthwise_conv")(h)))
+      h = bn("bn2")(layers.conv(b.out, 1, dtype=self.dtype, name="project_conv")(h))
+    else:
+      raise ValueError(f"unknown block kind {b.kind!r}; valid: basic, bottleneck, mbconv")
+
+    same_shape = b.stride == 1 and cin == b.out
+    if b.kind == "mbconv":
+      y = h + x if same_shape else h  # inverted residuals have no projection shortcut
+    else:
+      if same_shape:
+        sc = x
+      elif self.shortcut == "conv":
+        sc = layers.conv(b.out, 1, b.stride, dtype=self.dtype, name="downsample_conv")(x)
+        sc = bn("downsample_bn")(sc)
+      elif self.shortcut == "option_a":
+        sc = x[:, ::b.stride, ::b.stride, :] if b.stride > 1 else x
+        lo = (b.out - cin) // 2
+        sc = jnp.pad(sc, ((0, 0), (0, 0), (0, 0), (lo, b.out - cin - lo)))
+      else:
+        raise ValueError(f"unknown shortcut {self.shortcut!r}; valid: conv, option_a")
+      y = act(h + sc)
+    if b.adapter:
+      y = Adapter(b.adapter, b.act, self.dtype, name="adapter")(y)
+    return y
+
+
+class Stage(nn.Module):
+  """A container that names its blocks (``layer1/block0`` …)."""
+
+  blocks: tuple[BlockSpec, ...]
+  shortcut: str
+  bn: Callable[..., nn.Module]
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, frozen_bn: bool) -> jax.Array:
+    for b in self.blocks:
+      x = Block(b, self.shortcut, self.bn, self.dtype, name=b.name)(x, frozen_bn)
+    return x
+
+
+class Network(nn.Module):
+  """A classification network built entirely from ``spec``.
+
+  Inputs are NHWC images already normalised (see ``jaxft.data.normalize``); outputs are float32 logits.
+
+  Attributes:
+    spec: the structure.
+    dtype: compute dtype (``jnp.bfloat16`` for mixed precision); parameters and BN statistics are float32.
+    frozen_bn: names of modules (``stem``, a stage name, ``neck``) whose BatchNorms always use — and never
+      update — their running statistics, even in training.
+  """
+
+  spec: ModelSpec
+  dtype: Dtype = jnp.float32
+  frozen_bn: tuple[str, ...] = ()
+
+  @property
+  def _bn(self) -> Callable[..., nn.Module]:
+    return functools.partial(layers.BatchNorm, momentum=self.spec.bn_momentum,
+                             epsilon=self.spec.bn_eps, dtype=self.dtype)
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False, return_all: bool = False) -> Any:
+    """Runs the network.
+
+    Args:
+      x: ``[N, H, W, 3]`` normalised images.
+      train: batch statistics for BN (and their running averages updated, which needs
+        ``mutable=['batch_stats']``) and active dropout (needs a ``dropout`` rng).
+      return_all: return a dict instead of the main logits.
+
+    Returns:
+      The main head's ``[N, num_classes]`` float32 logits; with ``return_all``, a dict with
+      ``features`` (pooled, float32), ``logits`` (main head) and ``heads`` (every head's logits by name).
+    """
+    s = self.spec
+    frozen = lambda name: (not train) or (name in self.frozen_bn)
+    x = x.astype(self.dtype)
+    x = Stem(s.stem, self._bn, self.dtype, name="stem")(x, frozen("stem"))
+    for st in s.stages:
+      x = Stage(st.blocks, s.shortcut, self._bn, self.dtype, name=st.name)(x, frozen(st.name))
+    if s.neck_width:
+      x = layers.conv(s.neck_width, 1, dtype=self.dtype, name="neck_conv")(x)
+      x = layers.activation(s.neck_act)(self._bn(name="neck_bn")(x, frozen("neck")))
+    features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    outputs = {}
+    for h in s.heads:
+      f = features
+      if h.dropout:
+        f = nn.Dropout(h.dropout, deterministic=not train)(f)
+      outputs[h.name] = nn.Dense(h.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
+                                 name=head_module_name(h.name))(f).astype(jnp.float32)
+    main = outputs[s.heads[0].name]
+    if return_all:
+      return {"features": features, "logits": main, "heads": outputs}
+    return main
+
+
+def head_module_name(head: str) -> str:
+  """The module (top-level subtree) name of a head: ``head`` for the main head, else ``head_<name>``."""
+  return "head" if head == "head" else f"head_{head}"
