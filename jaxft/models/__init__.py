@@ -8,10 +8,9 @@ from __future__ import annotations
 import difflib
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
+from jaxft.models.model import Model, create
 from jaxft.models.network import Network, head_module_name
 from jaxft.models.resnet import cifar_resnet_spec, resnet_spec
 from jaxft.models.spec import BlockSpec, HeadSpec, ModelSpec, StageSpec, StemSpec
@@ -80,19 +79,17 @@ def pretrained_cfg(arch: str) -> dict[str, Any]:
   return dict(_lookup(arch)[1])
 
 
-def init_variables(spec: ModelSpec, rng: jax.Array, input_size: int = 32) -> dict[str, Any]:
-  """Initialises ``{'params', 'batch_stats'}`` for ``spec`` on a ``[1, input_size, input_size, 3]`` input.
-
-  Returns plain nested dicts of float32 arrays.
-  """
-  model = Network(spec)
-  x = jnp.zeros((1, input_size, input_size, 3), jnp.float32)
-  variables = jax.jit(lambda r: model.init(r, x, train=False))(rng)
-  return jax.tree_util.tree_map(lambda a: a, dict(variables))
+def create_model(arch: str, rng: jax.Array, num_classes: int | None = None) -> Model:
+  """Returns a randomly initialised :class:`Model` of zoo architecture ``arch`` with its variant metadata."""
+  cfg = pretrained_cfg(arch)
+  spec = get_spec(arch, num_classes)
+  meta = {"arch": arch, "mean": list(cfg["mean"]), "std": list(cfg["std"]),
+          "input_size": cfg["input_size"], "source": None}
+  return create(spec, rng, meta, input_size=32)
 
 
 __all__ = [
     "BlockSpec", "HeadSpec", "ModelSpec", "Network", "StageSpec", "StemSpec", "IMAGENET_MEAN",
-    "IMAGENET_STD", "cifar_resnet_spec", "get_spec", "head_module_name", "init_variables",
+    "IMAGENET_STD", "Model", "cifar_resnet_spec", "create", "create_model", "get_spec", "head_module_name",
     "list_archs", "pretrained_cfg", "resnet_spec",
 ]
