@@ -1,0 +1,51 @@
+"""Shared fixtures: real assets from ``../shared`` (skipped where absent, as in a user's clone)."""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(os.environ.get("JAXFT_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+CIFAR_TAR = SHARED / "data" / "cifar10-jpeg-train.tar.gz"
+RESNET_WEIGHTS = SHARED / "weights" / "cifar-resnet"
+
+
+def extract_cifar_subset(dest: Path, per_class: int) -> Path:
+  """Extracts the first ``per_class`` images (sorted by file name) of each class of the shared CIFAR-10
+  JPEG tarball into ``dest/<class>/`` and returns ``dest``. Deterministic."""
+  with tarfile.open(CIFAR_TAR, "r:gz") as tar:
+    members = [m for m in tar.getmembers() if m.isfile() and m.name.endswith(".jpg")]
+    by_class: dict[str, list[tarfile.TarInfo]] = {}
+    for m in members:
+      by_class.setdefault(m.name.split("/")[-2], []).append(m)
+    for cls, ms in by_class.items():
+      (dest / cls).mkdir(parents=True, exist_ok=True)
+      for m in sorted(ms, key=lambda m: m.name)[:per_class]:
+        (dest / cls / Path(m.name).name).write_bytes(tar.extractfile(m).read())
+  return dest
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+  """``../shared``; the test is skipped where it does not exist."""
+  if not SHARED.is_dir():
+    pytest.skip("../shared not present (real assets are only in the project's CI and dev machines)")
+  return SHARED
+
+
+@pytest.fixture(scope="session")
+def cifar_folder(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+  """A class-folder dataset of 100 real CIFAR-10 training images per class (1,000 in all)."""
+  return extract_cifar_subset(tmp_path_factory.mktemp("cifar10") / "train", per_class=100)
+
+
+@pytest.fixture(scope="session")
+def resnet56_th(shared_dir: Path) -> Path:
+  """The real pretrained CIFAR ResNet-56 torch checkpoint."""
+  paths = sorted(RESNET_WEIGHTS.glob("resnet56-*.th"))
+  if not paths:
+    pytest.skip("resnet56 checkpoint missing from ../shared")
+  return paths[0]
