@@ -1,0 +1,155 @@
+"""Metrics out of a run: classification metrics, JSONL + TensorBoard writers, PNG plots."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+
+def classification_metrics(logits: np.ndarray, labels: np.ndarray,
+                           class_names: Sequence[str]) -> dict[str, Any]:
+  """Returns top-1, top-5, per-class accuracy, mean cross-entropy and the confusion matrix.
+
+  Args:
+    logits: ``[N, C]`` scores.
+    labels: ``[N]`` integer labels.
+    class_names: the ``C`` class names (keys of ``per_class``).
+
+  Returns:
+    ``{'n', 'loss', 'top1', 'top5', 'per_class': {name: acc}, 'confusion': [[int]]}`` (rows: true class).
+    Inputs are never mutated.
+  """
+  logits = np.asarray(logits, np.float64)
+  labels = np.asarray(labels, np.int64)
+  n, c = logits.shape
+  shifted = logits - logits.max(axis=1, keepdims=True)
+  logp = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+  loss = float(-logp[np.arange(n), labels].mean()) if n else float("nan")
+  pred = logits.argmax(axis=1)
+  k = min(5, c)
+  topk = np.argsort(-logits, axis=1)[:, :k]
+  confusion = np.zeros((c, c), np.int64)
+  np.add.at(confusion, (labels, pred), 1)
+  support = confusion.sum(axis=1)
+  per_class = {name: (float(confusion[i, i] / support[i]) if support[i] else float("nan"))
+               for i, name in enumerate(class_names)}
+  return {
+      "n": int(n),
+      "loss": loss,
+      "top1": float((pred == labels).mean()) if n else float("nan"),
+      "top5": float((topk == labels[:, None]).any(axis=1).mean()) if n else float("nan"),
+      "per_class": per_class,
+      "confusion": confusion.tolist(),
+  }
+
+
+class MetricWriter:
+  """Appends scalar metrics to ``metrics.jsonl`` and TensorBoard event files in ``workdir``.
+
+  Lines are flushed on every write, so a crash loses nothing already written.
+  """
+
+  def __init__(self, workdir: str | os.PathLike[str], enabled: bool = True):
+    self.path = Path(workdir) / "metrics.jsonl"
+    self.enabled = enabled
+    self._tb = None
+    if enabled:
+      try:
+        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+        self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+      except ImportError:  # optional: JSONL is always written
+        logging.warning("tensorboardX not installed; writing metrics.jsonl only")
+
+  def write(self, step: int, split: str, metrics: Mapping[str, Any]) -> None:
+    """Writes one record ``{"step", "split", **metrics}``; non-scalar values go to JSONL only."""
+    if not self.enabled:
+      return
+    record = {"step": int(step), "split": split}
+    record.update({k: _plain(v) for k, v in metrics.items()})
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    if self._tb is not None:
+      for k, v in record.items():
+        if k not in ("step", "split") and isinstance(v, (int, float)):
+          self._tb.add_scalar(f"{split}/{k}", v, step)
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+def read_metrics(workdir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+  """Returns every record of ``workdir/metrics.jsonl`` (empty list if there is none)."""
+  path = Path(workdir) / "metrics.jsonl"
+  if not path.exists():
+    return []
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _plain(v: Any) -> Any:
+  if isinstance(v, (np.generic, np.ndarray)) and np.ndim(v) == 0:
+    return v.item()
+  if hasattr(v, "tolist"):
+    return v.tolist()
+  return v
+
+
+def plot_curves(records: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> None:
+  """Saves training curves (train loss, val loss, val top-1, learning rate vs step) as a PNG."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  def series(split: str, key: str) -> tuple[list[int], list[float]]:
+    pts = [(r["step"], r[key]) for r in records if r.get("split") == split and key in r]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+  fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+  for split, style in (("train", "-"), ("val", "o-")):
+    axes[0].plot(*series(split, "loss"), style, label=split)
+  axes[0].set_title("loss")
+  axes[0].legend()
+  for split, style in (("train", "-"), ("val", "o-")):
+    axes[1].plot(*series(split, "top1"), style, label=split)
+  axes[1].set_title("top-1 accuracy")
+  axes[1].legend()
+  axes[2].plot(*series("train", "lr"))
+  axes[2].set_title("learning rate")
+  for ax in axes:
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def plot_confusion(confusion: Sequence[Sequence[int]], class_names: Sequence[str],
+                   path: str | os.PathLike[str]) -> None:
+  """Saves a confusion matrix (rows: true class, columns: predicted) as a PNG."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  cm = np.asarray(confusion)
+  c = len(class_names)
+  fig, ax = plt.subplots(figsize=(max(5, 0.6 * c + 2), max(4, 0.6 * c + 1)))
+  im = ax.imshow(cm, cmap="Blues")
+  ax.set_xticks(range(c), class_names, rotation=45, ha="right")
+  ax.set_yticks(range(c), class_names)
+  ax.set_xlabel("predicted")
+  ax.set_ylabel("true")
+  if c <= 20:
+    for i in range(c):
+      for j in range(c):
+        ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
+                color="white" if cm[i, j] > cm.max() / 2 else "black")
+  fig.colorbar(im, ax=ax)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
