@@ -1,0 +1,454 @@
+"""Data: sources decoded once into uint8 arrays, a disk cache, validation splits, deterministic batching
+and jit-compatible on-device preprocessing.
+
+A source string names where images come from:
+
+* ``folder:PATH`` — one sub-folder per class (sorted folder names give the label order); image files
+  inside are decoded with pillow and converted to RGB.
+* ``cifar:PATH`` — the standard CIFAR-10 python archive (``cifar-10-python.tar.gz``) or its extracted
+  ``cifar-10-batches-py`` folder; ``split`` is ``train`` or ``test``.
+* ``tfds:NAME`` — a TensorFlow Datasets dataset (needs ``pip install jaxft[tfds]``).
+
+Everything decoded lives in host memory as one ``uint8 [N, H, W, 3]`` array; batches are gathered by
+index (:func:`batch_indices`) so that a resumed run sees exactly the batches an uninterrupted run sees,
+and augmentation runs on device inside the jitted train step (:func:`augment`).
+
+Nothing here mutates its inputs.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import os
+import pickle
+import queue
+import tarfile
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+SCHEMES = ("folder", "cifar", "tfds")
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm",
+                              ".pgm"})
+# Folder names that mark ``PATH/<split>/<class>/`` layouts (see ``_folder_root``).
+SPLIT_NAMES = frozenset({"train", "test", "val", "valid", "validation"})
+# Bumped whenever the cached arrays would differ for the same inputs (decoding or key changes).
+_CACHE_VERSION = 1
+
+
+class DataError(ValueError):
+  """A data source that cannot be loaded as asked; the message names the problem and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  """Decoded images and integer labels held in host memory.
+
+  Attributes:
+    images: ``uint8 [N, H, W, 3]``.
+    labels: ``int32 [N]``, each in ``[0, len(class_names))``.
+    class_names: label ``i`` is ``class_names[i]``.
+    skipped: how many unreadable files were skipped while loading (``skip_corrupt=True``).
+  """
+
+  images: np.ndarray
+  labels: np.ndarray
+  class_names: tuple[str, ...]
+  skipped: int = 0
+
+  def __post_init__(self) -> None:
+    if self.images.dtype != np.uint8 or self.images.ndim != 4 or self.images.shape[-1] != 3:
+      raise DataError(f"Dataset.images must be uint8 [N, H, W, 3], got {self.images.dtype} "
+                      f"{list(self.images.shape)}")
+    if self.labels.dtype != np.int32 or self.labels.shape != self.images.shape[:1]:
+      raise DataError(f"Dataset.labels must be int32 [{self.images.shape[0]}], got "
+                      f"{self.labels.dtype} {list(self.labels.shape)}")
+    if len(self.labels) and not (0 <= self.labels.min() and self.labels.max() < len(self.class_names)):
+      raise DataError(f"labels must lie in [0, {len(self.class_names)}), got "
+                      f"[{self.labels.min()}, {self.labels.max()}]")
+
+  def __len__(self) -> int:
+    return int(self.labels.shape[0])
+
+  @property
+  def num_classes(self) -> int:
+    """``len(class_names)``."""
+    return len(self.class_names)
+
+  def subset(self, indices: Sequence[int] | np.ndarray) -> Dataset:
+    """Returns a new dataset of the examples at ``indices`` (in that order); ``self`` is not mutated and
+    the returned arrays are copies. ``skipped`` carries over (it describes the load)."""
+    idx = np.asarray(indices, dtype=np.int64)
+    return Dataset(self.images[idx], self.labels[idx], self.class_names, self.skipped)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sources
+# ---------------------------------------------------------------------------------------------------
+
+
+def load_source(source: str, *, split: str = "train", image_size: int | None = None,
+                limit: int | None = None, skip_corrupt: bool = False,
+                cache_dir: str | Path | None | bool = None) -> Dataset:
+  """Loads a whole split of ``source`` into memory, using the disk cache when it is valid.
+
+  Args:
+    source: ``folder:PATH``, ``cifar:PATH`` or ``tfds:NAME`` (see the module docstring). A ``folder``
+      whose sub-folders are all split names (``train``, ``test``, ``val``, …) is read from
+      ``PATH/<split>``; otherwise its sub-folders are the classes and ``split`` is not used.
+    split: which split (``train``/``test`` for ``cifar``, any TFDS split string for ``tfds``).
+    image_size: resize every image (bilinear) to ``image_size × image_size``. Needed for folders whose
+      images differ in size.
+    limit: load at most this many examples. For folders the files are taken round-robin over the classes
+      (sorted file names within a class) so a small limit still covers every class; for ``cifar`` the
+      first ``limit`` records; for ``tfds`` the split ``split[:limit]``. Counted before skipping.
+    skip_corrupt: skip unreadable image files (logging how many; the count is ``Dataset.skipped``)
+      instead of raising.
+    cache_dir: where decoded arrays are cached as ``.npz``; ``None`` means ``$JAXFT_CACHE_DIR`` or
+      ``~/.cache/jaxft``; ``False`` disables the cache. ``tfds`` sources are not cached (TFDS caches).
+
+  Returns:
+    A new :class:`Dataset`. Files on disk are never modified; only the cache directory is written.
+
+  Raises:
+    DataError: unknown scheme, missing path, a folder without class sub-folders or images, images of
+      different sizes without ``image_size``, an unreadable image (naming the file) unless
+      ``skip_corrupt``, a malformed CIFAR archive, or ``tensorflow_datasets`` not installed.
+  """
+  scheme, sep, rest = source.partition(":")
+  if not sep or scheme not in SCHEMES:
+    raise DataError(f"unknown data source {source!r}; valid sources are "
+                    f"{', '.join(s + ':' + ('NAME' if s == 'tfds' else 'PATH') for s in SCHEMES)}")
+  if not rest:
+    raise DataError(f"data source {source!r} names no {'dataset' if scheme == 'tfds' else 'path'}")
+  if image_size is not None and (not isinstance(image_size, int) or image_size <= 0):
+    raise DataError(f"image_size must be a positive int or None, got {image_size!r}")
+  if limit is not None and (not isinstance(limit, int) or limit <= 0):
+    raise DataError(f"limit must be a positive int or None, got {limit!r}")
+  if scheme == "tfds":
+    return _load_tfds(rest, split=split, image_size=image_size, limit=limit)
+
+  path = Path(rest).expanduser()
+  if not path.exists():
+    raise DataError(f"data path {str(path)!r} (from source {source!r}) does not exist; check the path")
+  path = path.resolve()
+  if scheme == "folder":
+    root = _folder_root(path, split)
+    class_names, files = _list_folder(root, limit)
+    fingerprint: Any = [[str(f.relative_to(root)), *_stat(f)] for f, _ in files]
+    load = functools.partial(_load_folder, root, class_names, files, image_size, skip_corrupt)
+  else:
+    cifar = _cifar_location(path)
+    fingerprint = _cifar_fingerprint(cifar)
+    load = functools.partial(_load_cifar, cifar, split, image_size, limit)
+    root = cifar
+
+  cache_file = _cache_file(cache_dir, scheme, root, {
+      "version": _CACHE_VERSION, "source": source, "path": str(root), "listing": fingerprint,
+      "split": split, "image_size": image_size, "skip_corrupt": skip_corrupt, "limit": limit})
+  if cache_file is not None:
+    ds = _read_cache(cache_file)
+    if ds is not None:
+      logging.info("loaded %s from cache %s", source, cache_file)
+      return ds
+  start = time.perf_counter()
+  ds = load()
+  logging.info("decoded %s: %s in %.1fs", source, describe(ds), time.perf_counter() - start)
+  if cache_file is not None:
+    _write_cache(cache_file, ds)
+  return ds
+
+
+def _stat(f: Path) -> tuple[int, int]:
+  st = f.stat()
+  return st.st_size, st.st_mtime_ns
+
+
+# --- folder -----------------------------------------------------------------------------------------
+
+
+def _subdirs(path: Path) -> list[Path]:
+  return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _folder_root(path: Path, split: str) -> Path:
+  """``PATH/<split>`` for a ``PATH/{train,test,…}/<class>/`` layout, else ``PATH`` itself."""
+  if not path.is_dir():
+    raise DataError(f"folder source {str(path)!r} is not a directory; pass a folder with one "
+                    "sub-folder per class")
+  subs = _subdirs(path)
+  if subs and all(s.name in SPLIT_NAMES for s in subs):
+    if not (path / split).is_dir():
+      raise DataError(f"folder {str(path)!r} holds splits {[s.name for s in subs]} but no {split!r}; "
+                      f"pass split= one of them")
+    return path / split
+  return path
+
+
+def _list_folder(root: Path, limit: int | None) -> tuple[tuple[str, ...], list[tuple[Path, int]]]:
+  classes = _subdirs(root)
+  if not classes:
+    raise DataError(f"folder {str(root)!r} has no class sub-folders; expected PATH/<class>/<image> "
+                    "(one sub-folder per class)")
+  per_class = [sorted(f for f in c.iterdir() if f.is_file() and not f.name.startswith(".")
+                      and f.suffix.lower() in IMAGE_EXTENSIONS) for c in classes]
+  for c, fs in zip(classes, per_class):
+    if not fs:
+      logging.warning("class folder %s holds no images (extensions %s)", c, sorted(IMAGE_EXTENSIONS))
+  if not any(per_class):
+    raise DataError(f"folder {str(root)!r} holds no image files (extensions "
+                    f"{', '.join(sorted(IMAGE_EXTENSIONS))}) in its class sub-folders")
+  if limit is None:
+    files = [(f, label) for label, fs in enumerate(per_class) for f in fs]
+  else:
+    # Round-robin so a small limit still covers every class; then label order for locality.
+    order = [(i, label, f) for label, fs in enumerate(per_class) for i, f in enumerate(fs)]
+    order.sort(key=lambda t: (t[0], t[1]))
+    files = [(f, label) for _, label, f in sorted(order[:limit], key=lambda t: (t[1], t[0]))]
+  return tuple(c.name for c in classes), files
+
+
+def _decode_image(path: Path, image_size: int | None) -> np.ndarray:
+  """Decodes one file to ``uint8 [H, W, 3]`` (resized to a square when ``image_size``)."""
+  with Image.open(path) as im:
+    im = im.convert("RGB")
+    if image_size is not None and im.size != (image_size, image_size):
+      im = im.resize((image_size, image_size), Image.BILINEAR)
+    return np.asarray(im, dtype=np.uint8)
+
+
+def _decode_chunk(paths: Sequence[Path], image_size: int | None
+                  ) -> list[np.ndarray | tuple[Path, Exception]]:
+  out: list[np.ndarray | tuple[Path, Exception]] = []
+  for p in paths:
+    try:
+      out.append(_decode_image(p, image_size))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+      out.append((p, e))
+  return out
+
+
+def _decode_many(paths: Sequence[Path], image_size: int | None
+                 ) -> list[np.ndarray | tuple[Path, Exception]]:
+  """Decodes in a thread pool: pillow releases the GIL while decoding, and chunks amortise the
+  per-task overhead that dominates for tiny images."""
+  workers = min(16, max(1, (os.cpu_count() or 1) * 2))
+  chunk = max(1, min(256, len(paths) // (workers * 4) or 1))
+  chunks = [paths[i:i + chunk] for i in range(0, len(paths), chunk)]
+  if len(chunks) <= 1:
+    return _decode_chunk(paths, image_size)
+  with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="jaxft-decode") as pool:
+    results = pool.map(_decode_chunk, chunks, [image_size] * len(chunks))
+    return [r for rs in results for r in rs]
+
+
+def _load_folder(root: Path, class_names: tuple[str, ...], files: list[tuple[Path, int]],
+                 image_size: int | None, skip_corrupt: bool) -> Dataset:
+  decoded = _decode_many([f for f, _ in files], image_size)
+  images, labels, bad = [], [], []
+  for (f, label), d in zip(files, decoded):
+    if isinstance(d, tuple):
+      bad.append(d)
+    else:
+      images.append(d)
+      labels.append(label)
+  if bad and not skip_corrupt:
+    path, err = bad[0]
+    more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+    raise DataError(f"cannot decode image {str(path)!r}: {err}{more}; remove or replace the file, or "
+                    "pass skip_corrupt=True to skip unreadable images")
+  if bad:
+    logging.warning("skipped %d unreadable image(s) under %s, e.g. %s", len(bad), root, bad[0][0])
+  if not images:
+    raise DataError(f"no readable images under {str(root)!r}")
+  shapes = {im.shape for im in images}
+  if len(shapes) > 1:
+    first = images[0].shape
+    i = next(i for i, im in enumerate(images) if im.shape != first)
+    ok = [f for (f, _), d in zip(files, decoded) if not isinstance(d, tuple)]
+    raise DataError(f"images under {str(root)!r} differ in size ({first[1]}x{first[0]} in "
+                    f"{ok[0].name}, {images[i].shape[1]}x{images[i].shape[0]} in {ok[i].name}); pass "
+                    "image_size=N to resize every image to N x N")
+  return Dataset(np.stack(images), np.asarray(labels, np.int32), class_names, skipped=len(bad))
+
+
+# --- cifar ------------------------------------------------------------------------------------------
+
+
+def _cifar_location(path: Path) -> Path:
+  """The archive file or the folder holding ``batches.meta``."""
+  if path.is_file():
+    return path
+  for cand in (path, path / "cifar-10-batches-py"):
+    if (cand / "batches.meta").is_file():
+      return cand
+  if (path / "cifar-10-python.tar.gz").is_file():
+    return path / "cifar-10-python.tar.gz"
+  raise DataError(f"{str(path)!r} is not a CIFAR-10 python archive: expected cifar-10-python.tar.gz or "
+                  "a cifar-10-batches-py folder holding batches.meta and data_batch_* / test_batch")
+
+
+def _cifar_fingerprint(loc: Path) -> list[Any]:
+  if loc.is_file():
+    return [loc.name, *_stat(loc)]
+  return [[f.name, *_stat(f)] for f in sorted(loc.iterdir()) if f.is_file()]
+
+
+def _cifar_members(loc: Path) -> dict[str, bytes]:
+  """``{basename: bytes}`` of the archive's (or folder's) files."""
+  if loc.is_dir():
+    return {f.name: f.read_bytes() for f in loc.iterdir() if f.is_file()}
+  try:
+    with tarfile.open(loc, "r:*") as tar:
+      return {Path(m.name).name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+  except (tarfile.TarError, OSError, EOFError) as e:
+    raise DataError(f"cannot read CIFAR archive {str(loc)!r}: {e}; re-download "
+                    "cifar-10-python.tar.gz") from None
+
+
+def _unpickle(name: str, blob: bytes, loc: Path) -> dict[bytes, Any]:
+  # The CIFAR python format *is* a pickle; only load archives you trust.
+  try:
+    d = pickle.loads(blob, encoding="bytes")
+  except Exception as e:  # pickle raises many types on garbage input.
+    raise DataError(f"cannot unpickle {name} in {str(loc)!r}: {e}; the CIFAR archive is corrupt") from None
+  if not isinstance(d, dict):
+    raise DataError(f"{name} in {str(loc)!r} is not a CIFAR batch dict")
+  return d
+
+
+def _load_cifar(loc: Path, split: str, image_size: int | None, limit: int | None) -> Dataset:
+  members = _cifar_members(loc)
+  if split == "train":
+    names = sorted(n for n in members if n.startswith("data_batch_"))
+  elif split == "test":
+    names = [n for n in ("test_batch",) if n in members]
+  else:
+    raise DataError(f"CIFAR split must be 'train' or 'test', got {split!r}")
+  if "batches.meta" not in members or not names:
+    raise DataError(f"{str(loc)!r} lacks batches.meta or the {split} batches (data_batch_* / test_batch);"
+                    " it is not a complete CIFAR-10 python archive")
+  meta = _unpickle("batches.meta", members["batches.meta"], loc)
+  class_names = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in meta[b"label_names"])
+  images, labels = [], []
+  for n in names:
+    d = _unpickle(n, members[n], loc)
+    try:
+      data = np.asarray(d[b"data"], np.uint8).reshape(-1, 3, 32, 32)
+      lab = np.asarray(d[b"labels"], np.int32)
+    except (KeyError, ValueError) as e:
+      raise DataError(f"{n} in {str(loc)!r} is malformed ({e}); expected b'data' uint8 [N, 3072] and "
+                      "b'labels'") from None
+    # Rows are channel-major (1024 R, then G, then B values).
+    images.append(data.transpose(0, 2, 3, 1))
+    labels.append(lab)
+    if limit is not None and sum(map(len, labels)) >= limit:
+      break
+  imgs = np.concatenate(images)[:limit]
+  labs = np.concatenate(labels)[:limit]
+  if image_size is not None and image_size != 32:
+    imgs = _resize_all(imgs, image_size)
+  return Dataset(np.ascontiguousarray(imgs), labs, class_names)
+
+
+def _resize_all(images: np.ndarray, size: int) -> np.ndarray:
+  return np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BILINEAR))
+                   for im in images])
+
+
+# --- tfds -------------------------------------------------------------------------------------------
+
+
+def _load_tfds(name: str, *, split: str, image_size: int | None, limit: int | None) -> Dataset:
+  try:
+    import tensorflow_datasets as tfds  # Heavy and optional: imported only when asked for.
+  except ImportError:
+    raise DataError(f"source 'tfds:{name}' needs tensorflow_datasets, which is not installed; "
+                    "pip install jaxft[tfds]") from None
+  tfds_split = split if limit is None else f"{split}[:{limit}]"
+  data, info = tfds.load(name, split=tfds_split, batch_size=-1, with_info=True)
+  data = tfds.as_numpy(data)
+  if "image" not in data or "label" not in data:
+    raise DataError(f"tfds:{name} has features {sorted(data)}; expected 'image' and 'label'")
+  images = np.asarray(data["image"], np.uint8)
+  if images.ndim == 3 or images.shape[-1] == 1:  # grayscale → RGB
+    images = np.repeat(images.reshape(*images.shape[:3], 1), 3, axis=-1)
+  if image_size is not None and images.shape[1:3] != (image_size, image_size):
+    images = _resize_all(images, image_size)
+  label_feature = info.features["label"]
+  names = getattr(label_feature, "names", None) or [str(i) for i in range(label_feature.num_classes)]
+  return Dataset(np.ascontiguousarray(images), np.asarray(data["label"], np.int32), tuple(names))
+
+
+# --- cache ------------------------------------------------------------------------------------------
+
+
+def default_cache_dir() -> Path:
+  """``$JAXFT_CACHE_DIR`` or ``~/.cache/jaxft``."""
+  return Path(os.environ.get("JAXFT_CACHE_DIR") or Path.home() / ".cache" / "jaxft")
+
+
+def _cache_file(cache_dir: str | Path | None | bool, scheme: str, root: Path,
+                key: dict[str, Any]) -> Path | None:
+  if cache_dir is False:
+    return None
+  directory = default_cache_dir() if cache_dir is None or cache_dir is True else Path(cache_dir)
+  digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+  return directory.expanduser() / f"{scheme}-{root.name}-{digest}.npz"
+
+
+def _read_cache(path: Path) -> Dataset | None:
+  """The cached dataset, or None when missing or unreadable (it is then rewritten)."""
+  if not path.is_file():
+    return None
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      return Dataset(z["images"], z["labels"], tuple(str(c) for c in z["class_names"]),
+                     int(z["skipped"]))
+  except Exception as e:  # Any damage (truncation, bad zip, wrong arrays) means: decode again.
+    logging.warning("ignoring unreadable cache file %s (%s); it will be rewritten", path, e)
+    return None
+
+
+def _write_cache(path: Path, ds: Dataset) -> None:
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Temp file + os.replace so a crash or a concurrent reader never sees a half-written cache.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+      with os.fdopen(fd, "wb") as f:
+        np.savez(f, images=ds.images, labels=ds.labels, class_names=np.asarray(ds.class_names, str),
+                 skipped=np.int64(ds.skipped))
+      os.replace(tmp, path)
+    except BaseException:
+      os.unlink(tmp)
+      raise
+  except OSError as e:
+    logging.warning("could not write data cache %s (%s); continuing without it", path, e)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Summary
+# ---------------------------------------------------------------------------------------------------
+
+
+def describe(ds: Dataset) -> str:
+  """A one-line summary: size, classes, image shape, per-class count range, skipped files."""
+  counts = np.bincount(ds.labels, minlength=ds.num_classes)
+  names = ", ".join(ds.class_names[:5]) + (", …" if ds.num_classes > 5 else "")
+  shape = "x".join(map(str, ds.images.shape[1:]))
+  per = f"{counts.min()}-{counts.max()} per class" if len(counts) else "no classes"
+  skipped = f", {ds.skipped} skipped" if ds.skipped else ""
+  return f"{len(ds)} images {shape}, {ds.num_classes} classes ({names}), {per}{skipped}"
