@@ -1,0 +1,601 @@
+"""The optimizer builder: an optax chain over the *trainable* subtree, built from ``config.optim``.
+
+What :func:`build_optimizer` returns (an :class:`Optimizer`) is all a train step needs::
+
+  opt = build_optimizer(cfg.optim, params, spec=model.spec, total_steps=n)
+  trainable, frozen = opt.split(params)          # frozen leaves are absent from `trainable`
+  opt_state = opt.tx.init(trainable)             # so they get no optimizer state ...
+  grads = jax.grad(loss)(trainable, frozen, ...) # ... and no gradient (loss calls merge())
+  updates, opt_state = opt.tx.update(grads, opt_state, trainable)
+  params = merge(optax.apply_updates(trainable, updates), frozen)
+  module = Network(spec, frozen_bn=opt.frozen_bn)
+
+The chain, in order (each piece only when enabled)::
+
+  clip_by_global_norm(clip_norm)      on the raw gradient of the trainable leaves
+  direction                           sgd: momentum trace | adamw: adam | lamb: adam | lion: sign
+  add_decayed_weights(wd, wd mask)    decoupled weight decay (SGDW / AdamW): after the direction
+  l2sp(anchor, alpha, beta, …)        decoupled L2-SP: after the direction too
+  scale_by_trust_ratio()              lamb only (as in optax.lamb: after the decay)
+  scale_by_learning_rate(schedule)    -lr(step)
+  scale_by_multipliers(mult)          per-leaf lr multipliers (rules × layer-wise decay)
+
+so for plain SGD one step is ``w -= lr(t) * mult * (g + wd*w + alpha*(w - w0))``: decay and L2-SP
+follow the schedule and the multipliers, exactly like the gradient. With ``accumulate_steps = k`` the
+whole chain is wrapped in ``optax.MultiSteps``: ``update`` is called once per micro-batch, returns zero
+updates k-1 times and, on every k-th call, applies the chain to the *mean* of the k micro-batch
+gradients; the schedule (and ``total_steps``) counts these optimizer steps, not micro-batches.
+
+Rules are ordered ``(regex, value)`` pairs matched against whole ``/``-joined parameter paths with
+``jaxft.paths.assign`` (first match wins); every rule set is logged as a table at build time and
+returned as data in ``Optimizer.table``. Nothing here mutates its inputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from jaxft import paths
+from jaxft.models.spec import ModelSpec
+
+Tree = Mapping[str, Any]
+Schedule = Callable[[Any], jax.Array]
+
+FROZEN = "frozen"
+OPTIMIZERS = ("sgd", "adamw", "lamb", "lion")
+SCHEDULES = ("constant", "warmup_cosine", "step", "linear")
+# The default decay / L2-SP selection: conv and dense kernels only, never BN scale/bias nor biases.
+KERNELS_ONLY = ((r"(.*/)?kernel", True),)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Config
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Returns the default ``config.optim`` section (locked: unknown keys are errors).
+
+  Fields:
+    name: ``sgd`` | ``adamw`` | ``lamb`` | ``lion``.
+    lr: peak learning rate (after warmup).
+    momentum: SGD momentum (0 = plain SGD).
+    nesterov: SGD Nesterov momentum.
+    b1, b2, eps: Adam-family betas / epsilon (lion uses b1, b2).
+    weight_decay: decoupled weight decay, added after the optimizer's direction and scaled by the lr
+      (``w -= lr * (dir + wd * w)``); 0 = off.
+    wd_rules: ordered ``(regex, bool)`` rules: which leaves decay; unmatched leaves do not. Default:
+      paths ending in ``kernel`` (conv and dense kernels), not BN scale/bias, not biases.
+    clip_norm: clip the global gradient norm of the trainable leaves to this; 0 = off.
+    schedule.kind: ``constant`` | ``warmup_cosine`` | ``step`` | ``linear`` (see :func:`make_schedule`).
+    schedule.warmup_steps: linear warmup from 0 to ``lr`` over this many optimizer steps.
+    schedule.end_factor: ``warmup_cosine``/``linear`` end at ``lr * end_factor`` at ``total_steps``.
+    schedule.boundaries: ``step``: absolute optimizer steps at which the lr is multiplied by ``factor``.
+    schedule.factor: ``step``: the multiplier applied at each boundary.
+    lr_rules: ordered ``(regex, multiplier)`` rules; a multiplier is a float or ``"frozen"`` (no
+      gradient, no optimizer state, parameters never change).
+    lr_default: multiplier of leaves no rule matches; ``None`` makes an unmatched leaf an error.
+    llrd: layer-wise lr decay factor (multiplier ``llrd ** distance from the head``, see
+      :func:`llrd_multipliers`); 1.0 = off. Multiplies with the rule multipliers.
+    freeze_bn_stats: BatchNorms of modules whose BN parameters are all frozen use (and never update)
+      their running statistics (:attr:`Optimizer.frozen_bn`).
+    accumulate_steps: average the gradients of this many micro-batches per optimizer step.
+    l2sp.alpha: L2-SP pull ``alpha * (w - w0)`` of pretrained leaves toward the anchor ``w0``; 0 = off.
+    l2sp.beta: ``beta * w`` decay of new (surgery-created) leaves when L2-SP is on.
+    l2sp.rules: ``(regex, bool)``: which leaves L2-SP applies to at all (default: kernels only).
+    l2sp.new_rules: ``(regex, bool)``: which leaves are new (not pretrained); used when the train loop
+      passes no ``new_leaf_mask``. Leaves missing from the anchor are always new.
+  """
+  c = ml_collections.ConfigDict()
+  c.name = "sgd"
+  c.lr = 1e-3
+  c.momentum = 0.9
+  c.nesterov = False
+  c.b1 = 0.9
+  c.b2 = 0.999
+  c.eps = 1e-8
+  c.weight_decay = 0.0
+  c.wd_rules = KERNELS_ONLY
+  c.clip_norm = 0.0
+  c.schedule = ml_collections.ConfigDict()
+  c.schedule.kind = "constant"
+  c.schedule.warmup_steps = 0
+  c.schedule.end_factor = 0.0
+  c.schedule.boundaries = ()
+  c.schedule.factor = 0.1
+  c.lr_rules = ()
+  c.lr_default = 1.0
+  c.llrd = 1.0
+  c.freeze_bn_stats = True
+  c.accumulate_steps = 1
+  c.l2sp = ml_collections.ConfigDict()
+  c.l2sp.alpha = 0.0
+  c.l2sp.beta = 0.0
+  c.l2sp.rules = KERNELS_ONLY
+  c.l2sp.new_rules = ()
+  c.lock()
+  return c
+
+
+def seed_recipe() -> ml_collections.ConfigDict:
+  """The seed project's recipe: SGD lr 1e-3, momentum 0.9, weight decay 5e-4, clip 1.0, constant lr."""
+  c = default_config()
+  c.name = "sgd"
+  c.lr = 1e-3
+  c.momentum = 0.9
+  c.weight_decay = 5e-4
+  c.clip_norm = 1.0
+  return c
+
+
+# ---------------------------------------------------------------------------------------------------
+# Schedules
+
+
+def make_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> Schedule:
+  """Returns ``step -> lr`` for ``cfg`` (a ``config.optim`` section, read only).
+
+  All kinds share a linear warmup ``lr * step / warmup_steps`` for ``step < warmup_steps``; after it,
+  with ``t = (step - warmup) / (total_steps - warmup)`` clipped to [0, 1] and ``end = lr * end_factor``:
+  ``constant``: ``lr``; ``warmup_cosine``: ``end + (lr - end) * (1 + cos(pi t)) / 2``; ``linear``:
+  ``lr + (end - lr) * t``; ``step``: ``lr * factor ** (number of boundaries <= step)``.
+
+  Raises:
+    ValueError: for an unknown kind or a warmup not shorter than ``total_steps`` (decaying kinds).
+  """
+  s = cfg.schedule
+  lr, kind, warmup = float(cfg.lr), s.kind, int(s.warmup_steps)
+  end = lr * float(s.end_factor)
+  if kind not in SCHEDULES:
+    raise ValueError(f"unknown schedule {kind!r}; valid: {', '.join(SCHEDULES)}")
+  if kind in ("warmup_cosine", "linear") and warmup >= total_steps:
+    raise ValueError(f"schedule {kind!r} needs warmup_steps ({warmup}) < total_steps ({total_steps})")
+  boundaries = jnp.asarray(sorted(s.boundaries), jnp.float32)
+  factor = float(s.factor)
+  span = max(total_steps - warmup, 1)
+
+  def schedule(step: Any) -> jax.Array:
+    step = jnp.asarray(step, jnp.float32)
+    t = jnp.clip((step - warmup) / span, 0.0, 1.0)
+    if kind == "constant":
+      main = jnp.full_like(step, lr)
+    elif kind == "warmup_cosine":
+      main = end + (lr - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * t))
+    elif kind == "linear":
+      main = lr + (end - lr) * t
+    else:
+      main = lr * factor ** jnp.sum(step >= boundaries)
+    if warmup:
+      return jnp.where(step < warmup, lr * step / warmup, main)
+    return main
+
+  return schedule
+
+
+# ---------------------------------------------------------------------------------------------------
+# Trainable / frozen split
+
+
+def partition(params: Tree, trainable_mask: Tree) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Splits ``params`` into ``(trainable, frozen)`` nested dicts.
+
+  Each holds only its own leaves (a leaf is in exactly one); a module whose leaves are all frozen is
+  simply absent from ``trainable``. Leaves are shared, not copied; ``params`` is never mutated.
+
+  Args:
+    params: nested dict of arrays.
+    trainable_mask: same structure, bool leaves (True = trainable).
+
+  Raises:
+    ValueError: when the two trees have different paths.
+  """
+  flat, mask = paths.flatten(params), paths.flatten(trainable_mask)
+  if set(flat) != set(mask):
+    diff = sorted(set(flat) ^ set(mask))
+    raise ValueError(f"trainable_mask does not match params: paths in only one of them: {diff[:8]}")
+  trainable = {p: v for p, v in flat.items() if mask[p]}
+  frozen = {p: v for p, v in flat.items() if not mask[p]}
+  return paths.unflatten(trainable), paths.unflatten(frozen)
+
+
+def merge(trainable: Tree, frozen: Tree) -> dict[str, Any]:
+  """Inverse of :func:`partition`: a new nested dict with the leaves of both (inputs never mutated).
+
+  Raises:
+    ValueError: when a path is in both.
+  """
+  a, b = paths.flatten(trainable), paths.flatten(frozen)
+  both = sorted(set(a) & set(b))
+  if both:
+    raise ValueError(f"paths both trainable and frozen: {both[:8]}")
+  return paths.unflatten({**a, **b})
+
+
+def _module_of(path: str) -> str:
+  """The frozen-BN module name of a parameter path: ``stem``, a stage name, ``neck`` or a head."""
+  top = path.split("/", 1)[0]
+  return "neck" if top.startswith("neck_") else top
+
+
+def _is_bn_param(path: str) -> bool:
+  # BatchNorm modules are named bn, bn1…, downsample_bn, neck_bn (see jaxft.models.network).
+  parts = path.split("/")
+  return len(parts) >= 2 and (parts[-2] == "bn" or parts[-2].endswith("_bn")
+                              or (parts[-2].startswith("bn") and parts[-2][2:].isdigit()))
+
+
+def frozen_bn_modules(spec: ModelSpec, frozen_mask: Tree) -> tuple[str, ...]:
+  """Names of modules (``stem``, stage names, ``neck``) whose BatchNorm parameters are all frozen.
+
+  Pass the result as ``Network(frozen_bn=...)`` so those BNs use, and never update, their running
+  statistics. Only BN scale/bias decide (not the module's convs), so a frozen stage with trainable
+  adapters grafted in still has frozen statistics; a stage whose BN affine parameters train
+  (BitFit-style) keeps updating its statistics. Modules without BN are not listed.
+
+  Args:
+    spec: the structure (names and order of the modules).
+    frozen_mask: params-shaped tree of bools (True = frozen). Never mutated.
+
+  Returns:
+    Module names in network order.
+  """
+  names = ["stem"] + [st.name for st in spec.stages] + (["neck"] if spec.neck_width else [])
+  bn: dict[str, list[bool]] = {}
+  for path, frozen in paths.flatten(frozen_mask).items():
+    if _is_bn_param(path):
+      bn.setdefault(_module_of(path), []).append(bool(frozen))
+  return tuple(n for n in names if bn.get(n) and all(bn[n]))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Layer-wise lr decay
+
+
+def llrd_depths(spec: ModelSpec) -> dict[str, int]:
+  """Distance from the head of every parameter unit of ``spec``.
+
+  The units, deepest first: ``stem``; each block of each stage in order (``layer1/block0`` …); the
+  ``neck`` (if any); then every head at distance 0. The last unit before the heads is at distance 1.
+  Derived from the structure alone, so it follows surgery (an appended block pushes all earlier units
+  one step further from the head).
+
+  Returns:
+    ``{unit: distance}`` with units named like path prefixes (``stem``, ``layer2/block1``, ``neck``,
+    ``head``, ``head_<name>``).
+  """
+  from jaxft.models.network import head_module_name  # local: keep optim importable without flax models
+
+  units = ["stem"] + [f"{st.name}/{b.name}" for st in spec.stages for b in st.blocks]
+  if spec.neck_width:
+    units.append("neck")
+  depths = {u: len(units) - i for i, u in enumerate(units)}
+  depths.update({head_module_name(h.name): 0 for h in spec.heads})
+  return depths
+
+
+def llrd_multipliers(spec: ModelSpec, params: Tree, decay: float) -> dict[str, Any]:
+  """Returns a params-shaped tree of Python floats ``decay ** distance`` (see :func:`llrd_depths`).
+
+  Args:
+    spec: the structure.
+    params: nested dict (only its paths are read; never mutated).
+    decay: the per-unit factor, e.g. 0.75; 1.0 gives all ones.
+
+  Raises:
+    ValueError: for a parameter that belongs to no unit of ``spec``.
+  """
+  depths = llrd_depths(spec)
+
+  def mult(path: str, _: Any) -> float:
+    parts = path.split("/")
+    top = _module_of(path)
+    unit = f"{parts[0]}/{parts[1]}" if len(parts) > 2 and f"{parts[0]}/{parts[1]}" in depths else top
+    if unit not in depths:
+      raise ValueError(f"parameter {path!r} belongs to no unit of the spec; units: {list(depths)}")
+    return float(decay) ** depths[unit]
+
+  return paths.map_leaves(mult, params)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rules → trees, with a table
+
+
+def rule_table(tree: Tree, rules: Sequence[tuple[str, Any]], default: Any = None) -> list[dict[str, Any]]:
+  """Returns one row per rule (``rule``, ``value``, ``leaves``, ``params``) plus a ``(no rule)`` row
+  for unmatched leaves (when there are any), counting what each rule took (first match wins)."""
+  rows = [{"rule": p, "value": v, "leaves": 0, "params": 0} for p, v in rules]
+  rest = {"rule": "(no rule)", "value": default, "leaves": 0, "params": 0}
+  for path, leaf in paths.flatten(tree).items():
+    m = paths.match_rules(path, rules)
+    row = rest if m is None else rows[m[0]]
+    row["leaves"] += 1
+    row["params"] += int(np.size(leaf))
+  return rows + ([rest] if rest["leaves"] else [])
+
+
+def _rules(value: Any, what: str) -> tuple[tuple[str, Any], ...]:
+  """Validates a rule list from a config (tuples or lists of pairs)."""
+  out = []
+  for r in value or ():
+    if not isinstance(r, (tuple, list)) or len(r) != 2 or not isinstance(r[0], str):
+      raise ValueError(f"{what}: each rule must be a (regex, value) pair, got {r!r}")
+    paths.compile_pattern(r[0])
+    out.append((r[0], r[1]))
+  return tuple(out)
+
+
+def lr_multiplier_tree(params: Tree, rules: Sequence[tuple[str, Any]], default: float | None = 1.0,
+                       log_name: str | None = "lr multipliers") -> dict[str, Any]:
+  """Maps every leaf to a float multiplier or ``"frozen"`` by ordered rules (first match wins).
+
+  Args:
+    params: nested dict (only paths and sizes are read; never mutated).
+    rules: ``(regex, float | "frozen")`` pairs.
+    default: value of unmatched leaves; ``None`` makes every leaf required to match a rule.
+    log_name: title of the logged rule table (None: no log).
+
+  Raises:
+    ValueError: for a bad regex or a value that is neither a number nor ``"frozen"``.
+    jaxft.paths.PathError: for unmatched leaves when ``default`` is None.
+  """
+  rules = _rules(rules, "lr_rules")
+  for p, v in rules:
+    if not (v == FROZEN or (isinstance(v, (int, float)) and not isinstance(v, bool))):
+      raise ValueError(f"lr_rules: value of {p!r} must be a number or 'frozen', got {v!r}")
+  full = rules + (((".*", default),) if default is not None else ())
+  return paths.assign(params, full, strict=True, log_name=log_name)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Custom transformations
+
+
+class ScaleByMultipliersState(NamedTuple):
+  """No state: the multipliers are static."""
+
+
+def scale_by_multipliers(multipliers: Any) -> optax.GradientTransformation:
+  """Multiplies each update leaf by a fixed per-leaf factor (per-subtree / layer-wise lr).
+
+  Args:
+    multipliers: a tree with the structure of the updates whose leaves are Python floats.
+
+  Returns:
+    A stateless ``GradientTransformation``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> tx = optax.chain(optax.sgd(0.1), scale_by_multipliers({'a': 10.0, 'b': 1.0}))
+    >>> p = {'a': jnp.array(1.0), 'b': jnp.array(1.0)}
+    >>> u, _ = tx.update({'a': jnp.array(1.0), 'b': jnp.array(1.0)}, tx.init(p))
+    >>> [round(float(u[k]), 4) for k in 'ab']
+    [-1.0, -0.1]
+  """
+
+  def init_fn(params: Any) -> ScaleByMultipliersState:
+    del params
+    return ScaleByMultipliersState()
+
+  def update_fn(updates: Any, state: ScaleByMultipliersState, params: Any = None) -> tuple[Any, Any]:
+    del params
+    return jax.tree.map(lambda u, m: u * jnp.asarray(m, u.dtype), updates, multipliers), state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+class L2SPState(NamedTuple):
+  """The anchor: pretrained values where L2-SP pulls toward them, a 0-d zero elsewhere."""
+
+  anchor: Any
+
+
+def l2sp(anchor: Any, alpha: float, beta: float, pretrained_mask: Any,
+         mask: Any = None) -> optax.GradientTransformation:
+  """Decoupled L2-SP (Li et al. 2018, "Explicit inductive bias for transfer learning").
+
+  Adds ``alpha * (w - w0)`` to the update of pretrained leaves (``w0`` = anchor) and ``beta * w`` to new
+  leaves, *after* the optimizer's direction, like decoupled weight decay. Place it before
+  ``scale_by_learning_rate`` (as :func:`build_optimizer` does) so the pull follows the lr schedule and
+  the per-leaf multipliers: ``w -= lr * mult * (dir + alpha * (w - w0))``.
+
+  Args:
+    anchor: tree like the params; only pretrained, ``mask``-selected leaves are read (copied into the
+      state, so later changes to the caller's arrays do not matter). Never mutated.
+    alpha: strength of the pull toward the anchor.
+    beta: decay strength of new leaves.
+    pretrained_mask: tree of bools like the params, True = pretrained.
+    mask: tree of bools like the params: leaves with False get no term at all (None: every leaf).
+
+  Returns:
+    A ``GradientTransformation`` whose ``update`` needs ``params``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> w0 = {'old': jnp.array(1.0), 'new': jnp.array(2.0)}
+    >>> tx = optax.chain(l2sp(w0, 0.5, 0.1, {'old': True, 'new': False}), optax.sgd(1.0))
+    >>> w = {'old': jnp.array(3.0), 'new': jnp.array(2.0)}
+    >>> u, _ = tx.update({'old': jnp.array(0.0), 'new': jnp.array(0.0)}, tx.init(w), w)
+    >>> [round(float(u[k]), 4) for k in ('old', 'new')]   # -(0.5*(3-1)), -(0.1*2)
+    [-1.0, -0.2]
+  """
+  if mask is None:
+    mask = jax.tree.map(lambda _: True, pretrained_mask)
+  coef = jax.tree.map(lambda pre, on: (float(alpha) if pre else float(beta)) if on else 0.0,
+                      pretrained_mask, mask)
+  pulls = jax.tree.map(lambda pre, on: bool(pre and on and alpha), pretrained_mask, mask)
+
+  def init_fn(params: Any) -> L2SPState:
+    del params
+    return L2SPState(anchor=jax.tree.map(
+        lambda a, pull: jnp.array(a, jnp.float32) if pull else jnp.zeros((), jnp.float32),
+        anchor, pulls))
+
+  def update_fn(updates: Any, state: L2SPState, params: Any = None) -> tuple[Any, L2SPState]:
+    if params is None:
+      raise ValueError("l2sp needs params: call update(grads, state, params)")
+    out = jax.tree.map(lambda u, w, a, c: u + (c * (w - a)).astype(u.dtype) if c else u,
+                       updates, params, state.anchor, coef)
+    return out, state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The builder
+
+
+@dataclasses.dataclass(frozen=True)
+class Optimizer:
+  """What the train step needs.
+
+  Attributes:
+    tx: the optax transformation over the *trainable* subtree only (``tx.init(trainable)``,
+      ``tx.update(grads, state, trainable)`` — params are required).
+    trainable_mask: params-shaped tree of bools (True = trainable).
+    frozen_bn: module names for ``Network(frozen_bn=...)`` (empty when ``freeze_bn_stats`` is off).
+    schedule: ``step -> lr`` (the peak-lr schedule, before multipliers), for logging.
+    multipliers: trainable-shaped tree of the final per-leaf lr multipliers (rules × LLRD).
+    table: rule tables as data: ``{'lr': rows, 'weight_decay': rows, 'l2sp': rows}`` (see
+      :func:`rule_table`), the same numbers that were logged.
+  """
+
+  tx: optax.GradientTransformation
+  trainable_mask: dict[str, Any]
+  frozen_bn: tuple[str, ...]
+  schedule: Schedule
+  multipliers: dict[str, Any]
+  table: dict[str, list[dict[str, Any]]]
+
+  def split(self, params: Tree) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``partition(params, self.trainable_mask)``."""
+    return partition(params, self.trainable_mask)
+
+
+def _direction(cfg: ml_collections.ConfigDict) -> list[optax.GradientTransformation]:
+  if cfg.name == "sgd":
+    return [optax.trace(decay=float(cfg.momentum), nesterov=bool(cfg.nesterov))] if cfg.momentum else []
+  if cfg.name in ("adamw", "lamb"):
+    return [optax.scale_by_adam(b1=float(cfg.b1), b2=float(cfg.b2), eps=float(cfg.eps))]
+  if cfg.name == "lion":
+    return [optax.scale_by_lion(b1=float(cfg.b1), b2=float(cfg.b2))]
+  raise ValueError(f"unknown optimizer {cfg.name!r}; valid: {', '.join(OPTIMIZERS)}")
+
+
+def _bool_tree(tree: Tree, rules: Any, what: str, log_name: str) -> dict[str, Any]:
+  rules = _rules(rules, what)
+  for p, v in rules:
+    if not isinstance(v, bool):
+      raise ValueError(f"{what}: value of {p!r} must be True or False, got {v!r}")
+  return paths.assign(tree, rules, strict=False, default=False, log_name=log_name)
+
+
+def build_optimizer(cfg: ml_collections.ConfigDict, params: Tree, *, spec: ModelSpec | None = None,
+                    total_steps: int, anchor: Tree | None = None,
+                    new_leaf_mask: Tree | None = None) -> Optimizer:
+  """Builds the optax chain described in the module docstring from a ``config.optim`` section.
+
+  Args:
+    cfg: see :func:`default_config`. Read only.
+    params: the model's params (paths, shapes; and the default L2-SP anchor). Never mutated.
+    spec: the structure; needed for ``llrd != 1`` and for ``frozen_bn``.
+    total_steps: optimizer steps of the run (micro-batches / ``accumulate_steps``).
+    anchor: L2-SP anchor (the pretrained params); default ``params`` itself.
+    new_leaf_mask: params-shaped bools, True = created by surgery (not pretrained); default
+      ``cfg.l2sp.new_rules``. Leaves absent from ``anchor`` count as new either way.
+
+  Returns:
+    An :class:`Optimizer`.
+
+  Raises:
+    ValueError: bad optimizer / schedule name, bad regex or rule value, nothing trainable,
+      ``llrd`` without ``spec``, a pretrained leaf whose anchor shape differs.
+    jaxft.paths.PathError: leaves matching no lr rule while ``lr_default`` is None.
+  """
+  if cfg.name not in OPTIMIZERS:
+    raise ValueError(f"unknown optimizer {cfg.name!r}; valid: {', '.join(OPTIMIZERS)}")
+  schedule = make_schedule(cfg, total_steps)
+  table: dict[str, list[dict[str, Any]]] = {}
+
+  # Which leaves train, and at which multiplier.
+  lr_rules = _rules(cfg.lr_rules, "lr_rules")
+  rule_mult = lr_multiplier_tree(params, lr_rules, cfg.lr_default)
+  table["lr"] = rule_table(params, lr_rules + (((".*", cfg.lr_default),) if cfg.lr_default is not None
+                                                 else ()))
+  trainable_mask = jax.tree.map(lambda m: m != FROZEN, rule_mult)
+  if not any(jax.tree.leaves(trainable_mask)):
+    raise ValueError("every parameter is frozen by lr_rules: nothing to train")
+  if float(cfg.llrd) != 1.0:
+    if spec is None:
+      raise ValueError("llrd needs the ModelSpec: build_optimizer(..., spec=model.spec)")
+    depth_mult = llrd_multipliers(spec, params, float(cfg.llrd))
+  else:
+    depth_mult = jax.tree.map(lambda _: 1.0, rule_mult)
+  mult_all = jax.tree.map(lambda r, d: r if r == FROZEN else float(r) * d, rule_mult, depth_mult)
+  trainable, _ = partition(params, trainable_mask)
+  multipliers, _ = partition(mult_all, trainable_mask)
+  frozen_mask = jax.tree.map(lambda t: not t, trainable_mask)
+  frozen_bn = frozen_bn_modules(spec, frozen_mask) if (spec is not None and cfg.freeze_bn_stats) else ()
+  if frozen_bn:
+    logging.info("BatchNorm statistics frozen in: %s", ", ".join(frozen_bn))
+
+  # The chain, over the trainable subtree only.
+  chain: list[optax.GradientTransformation] = []
+  if cfg.clip_norm:
+    chain.append(optax.clip_by_global_norm(float(cfg.clip_norm)))
+  chain += _direction(cfg)
+  if cfg.weight_decay:
+    wd_mask = _bool_tree(trainable, cfg.wd_rules, "wd_rules", "weight decay mask")
+    table["weight_decay"] = rule_table(trainable, _rules(cfg.wd_rules, "wd_rules"), False)
+    chain.append(optax.add_decayed_weights(float(cfg.weight_decay), mask=wd_mask))
+  if cfg.l2sp.alpha or cfg.l2sp.beta:
+    chain.append(_build_l2sp(cfg, params, trainable, trainable_mask, anchor, new_leaf_mask, table))
+  if cfg.name == "lamb":
+    chain.append(optax.scale_by_trust_ratio())
+  chain.append(optax.scale_by_learning_rate(schedule))
+  if any(m != 1.0 for m in jax.tree.leaves(multipliers)):
+    chain.append(scale_by_multipliers(multipliers))
+  tx = optax.chain(*chain)
+  if int(cfg.accumulate_steps) > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=int(cfg.accumulate_steps)).gradient_transformation()
+  return Optimizer(tx=tx, trainable_mask=trainable_mask, frozen_bn=frozen_bn, schedule=schedule,
+                   multipliers=multipliers, table=table)
+
+
+def _build_l2sp(cfg: ml_collections.ConfigDict, params: Tree, trainable: Tree, trainable_mask: Tree,
+                anchor: Tree | None, new_leaf_mask: Tree | None,
+                table: dict[str, list[dict[str, Any]]]) -> optax.GradientTransformation:
+  flat_anchor = paths.flatten(params if anchor is None else anchor)
+  if new_leaf_mask is None:
+    new_rules = _rules(cfg.l2sp.new_rules, "l2sp.new_rules")
+    new_leaf_mask = _bool_tree(params, new_rules, "l2sp.new_rules", "L2-SP new leaves")
+  new_flat = paths.flatten(new_leaf_mask)
+  on = _bool_tree(trainable, cfg.l2sp.rules, "l2sp.rules", "L2-SP leaves")
+  pre, anc = {}, {}
+  for path, w in paths.flatten(trainable).items():
+    is_pre = not new_flat.get(path, False) and path in flat_anchor
+    if is_pre and np.shape(flat_anchor[path]) != np.shape(w):
+      raise ValueError(f"L2-SP anchor of {path!r} has shape {np.shape(flat_anchor[path])}, the "
+                       f"parameter {np.shape(w)}; mark it new (new_leaf_mask / l2sp.new_rules)")
+    pre[path] = is_pre
+    anc[path] = flat_anchor[path] if is_pre else np.zeros((), np.float32)
+  pre_tree, anc_tree = paths.unflatten(pre), paths.unflatten(anc)
+  rows = {"pretrained (alpha)": [0, 0], "new (beta)": [0, 0], "off": [0, 0]}
+  on_flat = paths.flatten(on)
+  for path, w in paths.flatten(trainable).items():
+    key = "off" if not on_flat[path] else ("pretrained (alpha)" if pre[path] else "new (beta)")
+    rows[key][0] += 1
+    rows[key][1] += int(np.size(w))
+  table["l2sp"] = [{"rule": k, "value": v, "leaves": n, "params": s} for (k, (n, s)), v in
+                   zip(rows.items(), (cfg.l2sp.alpha, cfg.l2sp.beta, 0.0))]
+  logging.info("L2-SP: %s", "; ".join(f"{r['rule']}: {r['leaves']} leaves, {r['params']:,} params"
+                                      for r in table["l2sp"]))
+  return l2sp(anc_tree, float(cfg.l2sp.alpha), float(cfg.l2sp.beta), pre_tree, on)
