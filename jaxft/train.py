@@ -1,0 +1,576 @@
+"""The main job: fine-tune a (surgically evolved) pretrained model.
+
+    python -m jaxft.train --config configs/cifar10.py --workdir runs/cifar10 [--config.a.b=value …]
+
+``train_and_evaluate(config, workdir)`` does all the work and is what tests call; ``main`` only parses
+flags. Rerunning with the same workdir resumes from the latest checkpoint, exactly: the data order and
+every random number are functions of (seed, step), so k steps + resume + k steps equals 2k steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxft import checkpoint as ckpt_lib
+from jaxft import data as data_lib
+from jaxft import models, optim, paths, report, surgery
+from jaxft.models.model import Model
+
+Array = jax.Array
+State = dict[str, Any]
+
+# Keys that may differ between a workdir's first run and a rerun without counting as "a different
+# config": they change how long or how verbosely a run goes, not what it computes.
+_RESUMABLE_KEYS = ("train.num_steps", "train.epochs", "train.allow_config_change", "train.progress",
+                   "train.log_every", "train.eval_every", "train.checkpoint_every",
+                   "train.keep_checkpoints", "data.cache_dir", "distributed")
+
+
+class TrainError(RuntimeError):
+  """A run that cannot go on; the message names the problem and the fix."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Starting point: resume this workdir → else load pretrained → else init; then surgery.
+# ---------------------------------------------------------------------------------------------------
+
+
+def load_base_model(config: ml_collections.ConfigDict, rng: Array) -> Model:
+  """Returns the model the run starts from, before the config's surgery ops.
+
+  ``config.model.pretrained`` is one of: ``''`` (random init of ``config.model.arch``), a converted
+  checkpoint directory (``tools/convert_torch_weights.py``), a torch/safetensors weights file (converted
+  on the fly with ``config.model.arch``), or ``torchvision:ARCH[.VARIANT]`` (downloaded when online).
+
+  Raises:
+    TrainError: when the weights cannot be found, with how to get or convert them.
+  """
+  from jaxft import convert  # pylint: disable=g-import-not-at-top
+
+  src = config.model.pretrained
+  arch = config.model.arch or None
+  if not src:
+    if arch is None:
+      raise TrainError("config.model.arch is required for random init (config.model.pretrained='')")
+    logging.info("no pretrained weights: random init of %s", arch)
+    return models.create_model(arch, rng)
+  if src.startswith("torchvision:"):
+    return convert.convert_source(src, arch)
+  p = Path(src).expanduser()
+  if p.is_dir():
+    return ckpt_lib.load_model(p)
+  if p.is_file():
+    return convert.convert_source(str(p), arch)
+  raise TrainError(
+      f"pretrained weights {src!r} not found. Set --config.model.pretrained to a directory written by "
+      "`python tools/convert_torch_weights.py SRC OUT --arch NAME`, a .pth/.safetensors file (with "
+      "--config.model.arch), 'torchvision:resnet50' (needs network), or '' for random init.")
+
+
+def build_model(config: ml_collections.ConfigDict, rng: Array) -> tuple[Model, Model]:
+  """Returns ``(base, model)``: the pretrained starting point and it after the config's surgery.
+
+  A head for ``config.model.num_classes`` replaces the pretrained one when they differ; the ops in
+  ``config.surgery`` follow, each recorded in the model's evolution log.
+  """
+  base = load_base_model(config, rng)
+  model = base
+  nc = config.model.num_classes
+  if nc and nc != model.spec.num_classes:
+    model = surgery.replace_head(model, nc, seed=config.seed)
+  if config.surgery:
+    model = surgery.apply_ops(model, [dict(op) for op in config.surgery])
+  return base, model
+
+
+def new_leaf_mask(base: Model, model: Model) -> dict[str, Any]:
+  """True for parameters that surgery created or reshaped (not loaded from pretrained weights)."""
+  old = paths.flatten(base.params)
+  return paths.map_leaves(
+      lambda p, v: p not in old or np.shape(old[p]) != np.shape(v), model.params)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The train step.
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  """Static (hashable) parts of the train/eval step."""
+
+  crop_padding: int
+  flip: bool
+  out_size: int | None
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+  label_smoothing: float
+
+
+def cross_entropy(logits: Array, labels: Array, num_classes: int, smoothing: float = 0.0) -> Array:
+  """Mean softmax cross-entropy against (optionally label-smoothed) one-hot targets."""
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing) if smoothing else (
+      jax.nn.one_hot(labels, num_classes))
+  return optax.softmax_cross_entropy(logits, targets).mean()
+
+
+def make_train_step(net: Any, tx: optax.GradientTransformation, schedule: Callable[[Any], Any],
+                    sc: StepConfig, seed: int) -> Callable[[State, dict[str, Array]], tuple[State, dict]]:
+  """Returns the pure ``train_step(state, batch) -> (state, metrics)``.
+
+  ``state`` holds ``step``, ``params`` (trainable subtree only), ``frozen`` (the rest), ``batch_stats``
+  and ``opt_state``; gradients are taken with respect to the trainable subtree only. The rng of a step
+  is ``fold_in(key(seed), step)`` — no rng state to checkpoint.
+  """
+  base_key = jax.random.key(seed)
+  num_classes = net.spec.num_classes
+
+  def train_step(state: State, batch: dict[str, Array]) -> tuple[State, dict[str, Array]]:
+    step = state["step"]
+    aug_key, drop_key = jax.random.split(jax.random.fold_in(base_key, step))
+    x = data_lib.augment(aug_key, batch["image"], crop_padding=sc.crop_padding, flip=sc.flip,
+                         out_size=sc.out_size, mean=sc.mean, std=sc.std)
+    labels = batch["label"]
+
+    def loss_fn(trainable):
+      variables = {"params": optim.merge(trainable, state["frozen"]),
+                   "batch_stats": state["batch_stats"]}
+      logits, updates = net.apply(variables, x, train=True, mutable=["batch_stats"],
+                                  rngs={"dropout": drop_key})
+      loss = cross_entropy(logits, labels, num_classes, sc.label_smoothing)
+      return loss, (logits, updates["batch_stats"])
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = {
+        "loss": loss,
+        "top1": jnp.mean(jnp.argmax(logits, -1) == labels),
+        "grad_norm": optax.global_norm(grads),
+        "lr": schedule(step),
+    }
+    new_state = dict(state, step=step + 1, params=params, opt_state=opt_state,
+                     batch_stats=batch_stats)
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(net: Any, sc: StepConfig) -> Callable[[State, Array], Array]:
+  """Returns ``eval_step(state, images_uint8) -> logits`` (eval-mode BN, no augmentation)."""
+
+  def eval_step(state: State, images: Array) -> Array:
+    x = data_lib.preprocess_eval(images, sc.mean, sc.std, out_size=sc.out_size)
+    variables = {"params": optim.merge(state["params"], state["frozen"]),
+                 "batch_stats": state["batch_stats"]}
+    return net.apply(variables, x, train=False)
+
+  return eval_step
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoints: orbax CheckpointManager, items `variables` + `model` (what jaxft.evaluate needs),
+# `opt_state` and `train` (what resuming needs). Orbax writes each step to a temporary directory and
+# renames it when complete, so a crash never leaves a half-written checkpoint as the latest.
+# ---------------------------------------------------------------------------------------------------
+
+
+def checkpoint_manager(workdir: Path, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+  """Returns the run's CheckpointManager: keeps the last ``keep_checkpoints`` plus the best by val top-1."""
+  from orbax.checkpoint import checkpoint_managers as cm  # pylint: disable=g-import-not-at-top
+  policy = cm.AnyPreservationPolicy([
+      cm.LatestN(n=max(1, config.train.keep_checkpoints)),
+      cm.BestN(get_metric_fn=lambda m: m["val_top1"], reverse=False, n=1,
+               keep_checkpoints_without_metrics=False),
+  ])
+  options = ocp.CheckpointManagerOptions(preservation_policy=policy,
+                                         enable_async_checkpointing=False, create=True)
+  return ocp.CheckpointManager(workdir / "checkpoints", options=options,
+                               item_names=("variables", "model", "opt_state", "train"))
+
+
+def _model_record(model: Model) -> dict[str, Any]:
+  return ckpt_lib.model_record(model)
+
+
+def save_checkpoint(mngr: ocp.CheckpointManager, state: State, model: Model,
+                    metrics: Mapping[str, float] | None = None) -> None:
+  """Saves ``state`` (+ the model's structure and history) at ``state['step']``; blocks until written."""
+  step = int(state["step"])
+  variables = {"params": optim.merge(state["params"], state["frozen"]),
+               "batch_stats": state["batch_stats"]}
+  mngr.save(step, args=ocp.args.Composite(
+      variables=ocp.args.StandardSave(jax.device_get(variables)),
+      model=ocp.args.JsonSave(_model_record(model)),
+      opt_state=ocp.args.StandardSave(jax.device_get(state["opt_state"])),
+      train=ocp.args.JsonSave({"step": step}),
+  ), metrics=dict(metrics) if metrics else None, force=True)
+  mngr.wait_until_finished()
+
+
+def restore_checkpoint(mngr: ocp.CheckpointManager, step: int, template: State,
+                       trainable_mask: Any) -> State:
+  """Returns the state saved at ``step``, with the structure and dtypes of ``template``."""
+  variables_t = {"params": optim.merge(template["params"], template["frozen"]),
+                 "batch_stats": template["batch_stats"]}
+  restored = mngr.restore(step, args=ocp.args.Composite(
+      variables=ocp.args.StandardRestore(jax.device_get(variables_t)),
+      opt_state=ocp.args.StandardRestore(jax.device_get(template["opt_state"])),
+  ))
+  params, frozen = optim.partition(restored.variables["params"], trainable_mask)
+  return dict(template, step=np.int32(step), params=params, frozen=frozen,
+              batch_stats=restored.variables["batch_stats"], opt_state=restored.opt_state)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Workdir bookkeeping.
+# ---------------------------------------------------------------------------------------------------
+
+
+def _flat_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  out = {}
+
+  def walk(d: Any, prefix: str) -> None:
+    for k, v in d.items():
+      key = f"{prefix}.{k}" if prefix else k
+      if isinstance(v, (dict, ml_collections.ConfigDict)):
+        walk(v, key)
+      else:
+        out[key] = v
+
+  walk(json.loads(config.to_json()), "")
+  return out
+
+
+def check_workdir_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
+  """Writes ``config.json`` on the first run; refuses a rerun with a different config.
+
+  Raises:
+    TrainError: listing the differing keys, unless ``config.train.allow_config_change``.
+  """
+  path = workdir / "config.json"
+  new = _flat_config(config)
+  if path.exists():
+    old = _flat_config(ml_collections.ConfigDict(json.loads(path.read_text())))
+    diff = sorted(k for k in set(old) | set(new)
+                  if k not in _RESUMABLE_KEYS and old.get(k) != new.get(k))
+    if diff and not config.train.allow_config_change:
+      details = "; ".join(f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in diff[:8])
+      raise TrainError(
+          f"workdir {workdir} was written by a different config ({details}). Use a new --workdir, "
+          "or pass --config.train.allow_config_change=True to resume it anyway.")
+  tmp = path.with_suffix(".json.tmp")
+  tmp.write_text(config.to_json(indent=2))
+  os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Progress and interruption.
+# ---------------------------------------------------------------------------------------------------
+
+
+class _Progress:
+  """A tqdm bar on a TTY, plain log lines otherwise."""
+
+  def __init__(self, start: int, total: int, mode: str, log_every: int):
+    use_bar = mode == "bar" or (mode == "auto" and sys.stderr.isatty())
+    self.bar = None
+    if use_bar:
+      from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+      self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+    self.total = total
+    self.log_every = max(1, log_every)
+    self.t0 = time.time()
+    self.start = start
+
+  def update(self, step: int, m: Mapping[str, float]) -> None:
+    if self.bar is not None:
+      self.bar.update(step - self.bar.n)
+      self.bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}",
+                           img_s=f"{m['images_per_s']:.0f}", wait=f"{m['data_wait']:.0%}")
+    elif step % self.log_every == 0 or step == self.total:
+      elapsed = time.time() - self.t0
+      eta = elapsed / max(step - self.start, 1) * (self.total - step)
+      logging.info("step %d/%d loss %.4f top1 %.3f lr %.3g | %.0f img/s, data wait %.0f%% | ETA %s",
+                   step, self.total, m["loss"], m["top1"], m["lr"], m["images_per_s"],
+                   100 * m["data_wait"], time.strftime("%H:%M:%S", time.gmtime(eta)))
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
+
+
+class _StopFlag:
+  """SIGTERM/SIGINT set a flag; the loop saves a checkpoint and exits cleanly at the next step."""
+
+  def __init__(self):
+    self.signal: int | None = None
+    self._old: dict[int, Any] = {}
+
+  def __enter__(self) -> "_StopFlag":
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._old[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread: signals stay with the caller
+        pass
+    return self
+
+  def _handle(self, signum: int, frame: Any) -> None:
+    del frame
+    self.signal = signum
+
+  def __exit__(self, *exc: Any) -> None:
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The loop.
+# ---------------------------------------------------------------------------------------------------
+
+
+def _eval_logits(eval_fn: Callable, state: State, images: np.ndarray, batch_size: int,
+                 sharding: NamedSharding, num_devices: int) -> np.ndarray:
+  """Logits for every image; the last batch is padded so one compiled shape serves all batches."""
+  bs = max(num_devices, batch_size - batch_size % num_devices)
+  out = []
+  for i in range(0, len(images), bs):
+    chunk = images[i:i + bs]
+    n = len(chunk)
+    if n < bs:
+      chunk = np.concatenate([chunk, np.zeros((bs - n,) + chunk.shape[1:], chunk.dtype)])
+    logits = eval_fn(state, jax.device_put(chunk, sharding))
+    out.append(np.asarray(jax.device_get(logits))[:n])
+  return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]) -> dict:
+  """Fine-tunes per ``config``, writing checkpoints, metrics and plots to ``workdir``.
+
+  Returns:
+    The final validation metrics (``top1``, ``top5``, ``loss``, ``per_class``, ``n``) plus ``step``
+    and ``interrupted`` (True when a signal stopped the run early after saving).
+
+  Raises:
+    TrainError: bad weights/data/workdir, or a non-finite loss (the last good checkpoint is kept).
+  """
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  if config.distributed:
+    jax.distributed.initialize()
+  check_workdir_config(workdir, config)
+  rng = jax.random.key(config.seed)
+
+  # --- Data: decoded once (cached on disk), validation carved from train unless given. ---
+  dc = config.data
+  train_ds = data_lib.load_source(dc.source, split="train", image_size=dc.image_size or None,
+                                  limit=dc.limit or None, skip_corrupt=dc.skip_corrupt,
+                                  cache_dir=dc.cache_dir or None)
+  if dc.val_source:
+    val_ds = data_lib.load_source(dc.val_source, split=dc.val_split, image_size=dc.image_size or None,
+                                  skip_corrupt=dc.skip_corrupt, cache_dir=dc.cache_dir or None)
+  elif dc.val_fraction > 0:
+    train_ds, val_ds = data_lib.split_train_val(train_ds, dc.val_fraction, dc.split_seed)
+  else:
+    val_ds = None
+  logging.info("train: %s", data_lib.describe(train_ds))
+  if val_ds is not None:
+    logging.info("val: %s", data_lib.describe(val_ds))
+
+  # --- Model: resume this workdir → else pretrained → else init; then the config's surgery. ---
+  base, model = build_model(config, rng)
+  if model.spec.num_classes != len(train_ds.class_names):
+    raise TrainError(
+        f"the model's head has {model.spec.num_classes} classes but the data has "
+        f"{len(train_ds.class_names)}; set --config.model.num_classes={len(train_ds.class_names)}")
+  meta = dict(model.meta)
+  mean = tuple(meta.get("mean") or models.IMAGENET_MEAN)
+  std = tuple(meta.get("std") or models.IMAGENET_STD)
+  out_size = config.model.input_size or None
+  meta.update(input_size=out_size or int(train_ds.images.shape[1]),
+              class_names=list(train_ds.class_names))
+  model = model.replace(meta=meta)
+
+  # --- Optimizer over the trainable subtree only. ---
+  batch_size = config.train.batch_size
+  steps_per_epoch = len(train_ds) // batch_size
+  if steps_per_epoch == 0:
+    raise TrainError(f"the training set ({len(train_ds)} images) is smaller than one batch "
+                     f"({batch_size}); lower --config.train.batch_size")
+  total_steps = config.train.num_steps or config.train.epochs * steps_per_epoch
+  opt = optim.build_optimizer(config.optim, model.params, spec=model.spec, total_steps=total_steps,
+                              anchor=base.params, new_leaf_mask=new_leaf_mask(base, model))
+  trainable, frozen = optim.partition(model.params, opt.trainable_mask)
+  dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
+  net = models.Network(model.spec, dtype=dtype, frozen_bn=tuple(opt.frozen_bn))
+
+  # --- Devices: batch sharded over every device, state replicated. ---
+  devices = np.array(jax.devices())
+  mesh = Mesh(devices, ("data",))
+  batch_sharding = NamedSharding(mesh, P("data"))
+  replicated = NamedSharding(mesh, P())
+  if batch_size % len(devices):
+    raise TrainError(f"batch size {batch_size} is not divisible by the {len(devices)} devices")
+
+  state: State = {
+      "step": np.int32(0), "params": trainable, "frozen": frozen,
+      "batch_stats": model.batch_stats, "opt_state": opt.tx.init(trainable)}
+
+  mngr = checkpoint_manager(workdir, config)
+  if mngr.latest_step() is not None:
+    start = mngr.latest_step()
+    logging.info("resuming %s from step %d", workdir, start)
+    state = restore_checkpoint(mngr, start, state, opt.trainable_mask)
+  state = jax.device_put(state, replicated)
+  start = int(state["step"])
+
+  sc = StepConfig(crop_padding=dc.crop_padding, flip=dc.flip, out_size=out_size, mean=mean, std=std,
+                  label_smoothing=config.train.label_smoothing)
+  train_step = jax.jit(make_train_step(net, opt.tx, opt.schedule, sc, config.seed),
+                       donate_argnums=(0,))
+  eval_fn = jax.jit(make_eval_step(net, sc))
+  writer = report.MetricWriter(workdir, enabled=jax.process_index() == 0)
+
+  def evaluate_now(st: State) -> dict[str, Any]:
+    logits = _eval_logits(eval_fn, st, val_ds.images, config.train.eval_batch_size, batch_sharding,
+                          len(devices))
+    return report.classification_metrics(logits, val_ds.labels, val_ds.class_names)
+
+  # --- Train. ---
+  eval_every = config.train.eval_every
+  ckpt_every = config.train.checkpoint_every
+  progress = _Progress(start, total_steps, config.train.progress, config.train.log_every)
+  batches = data_lib.iterate(train_ds, batch_size, seed=config.seed, start_step=start,
+                             num_steps=total_steps - start,
+                             process_index=jax.process_index(), process_count=jax.process_count())
+  last_good = mngr.latest_step()
+  pending: tuple[int, dict] | None = None  # metrics of the previous step, read one step late
+  interrupted = False
+  t_wait = 0.0
+  t_last = time.time()
+  step = start
+
+  def check(step_metrics: tuple[int, dict]) -> dict[str, float]:
+    s, m = step_metrics
+    m = {k: float(v) for k, v in jax.device_get(m).items()}
+    if not math.isfinite(m["loss"]):
+      raise TrainError(
+          f"loss became {m['loss']} at step {s}; stopped. The last good checkpoint "
+          f"(step {last_good}) is kept in {workdir / 'checkpoints'}. Lower optim.lr, enable "
+          "optim.clip_norm, or check the data.")
+    return m
+
+  with _StopFlag() as stop:
+    try:
+      while step < total_steps:
+        t0 = time.time()
+        try:
+          s, images, labels = next(batches)
+        except StopIteration:
+          break
+        t_wait += time.time() - t0
+        assert s == step, (s, step)
+        batch = {
+            "image": jax.make_array_from_process_local_data(batch_sharding, images),
+            "label": jax.make_array_from_process_local_data(batch_sharding, labels),
+        }
+        state, metrics = train_step(state, batch)
+        step += 1
+        if pending is not None:
+          m = check(pending)
+          now = time.time()
+          dt = now - t_last
+          t_last = now
+          m.update(images_per_s=batch_size / max(dt, 1e-9), data_wait=min(t_wait / max(dt, 1e-9), 1.0))
+          t_wait = 0.0
+          if pending[0] % config.train.log_every == 0:
+            writer.write(pending[0], "train", m)
+          progress.update(pending[0], m)
+        pending = (step, metrics)
+
+        is_last = step == total_steps
+        val = None
+        if val_ds is not None and ((eval_every and step % eval_every == 0) or is_last):
+          val = evaluate_now(state)
+          writer.write(step, "val", {k: val[k] for k in ("loss", "top1", "top5")} |
+                       {"per_class": val["per_class"]})
+          logging.info("step %d: val loss %.4f top1 %.4f top5 %.4f", step, val["loss"], val["top1"],
+                       val["top5"])
+        if (ckpt_every and step % ckpt_every == 0) or is_last or stop.signal is not None:
+          check(pending)  # never checkpoint a non-finite state
+          save_checkpoint(mngr, state, model, {"val_top1": val["top1"]} if val else None)
+          last_good = step
+        if stop.signal is not None:
+          logging.warning("received signal %d at step %d: checkpoint saved; rerun the same command "
+                          "to resume", stop.signal, step)
+          interrupted = True
+          break
+      if pending is not None:
+        m = check(pending)
+        progress.update(pending[0], m | {"images_per_s": 0.0, "data_wait": 0.0})
+    finally:
+      progress.close()
+      close = getattr(batches, "close", None)
+      if close is not None:
+        close()
+
+  # --- Final evaluation, plots. ---
+  result: dict[str, Any] = {"step": int(state["step"]), "interrupted": interrupted}
+  if val_ds is not None and not interrupted:
+    val = evaluate_now(state)
+    result.update({k: val[k] for k in ("n", "loss", "top1", "top5", "per_class")})
+    if jax.process_index() == 0:
+      report.plot_confusion(val["confusion"], val_ds.class_names, workdir / "confusion_matrix.png")
+      (workdir / "final_metrics.json").write_text(json.dumps(result, indent=2))
+  writer.close()
+  if jax.process_index() == 0:
+    report.plot_curves(report.read_metrics(workdir), workdir / "curves.png")
+  mngr.close()
+  return result
+
+
+def main(argv: list[str]) -> None:
+  """CLI entry point: only parses flags, then calls :func:`train_and_evaluate`."""
+  del argv
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  config = flags.FLAGS.config
+  workdir = flags.FLAGS.workdir or os.path.join("runs", Path(flags.FLAGS["config"].config_filename).stem)
+  try:
+    result = train_and_evaluate(config, workdir)
+  except (TrainError, data_lib.DataError) as e:
+    logging.error("%s", e)
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(json.dumps({k: v for k, v in result.items() if k != "per_class"}))
+
+
+def _define_flags() -> None:
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and plots go (default runs/<config>).")
+  flags.mark_flags_as_required(["config"])
+
+
+if __name__ == "__main__":
+  from absl import app  # pylint: disable=g-import-not-at-top
+  _define_flags()
+  app.run(main)

@@ -1,0 +1,167 @@
+"""The main job end to end on a tiny folder dataset the tests write."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import tiny
+from jaxft import checkpoint, paths, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_folder(root: Path, per_class: int = 12, size: int = 32) -> Path:
+  """Two classes that differ in colour, with noise."""
+  rs = np.random.RandomState(0)
+  for c, (name, colour) in enumerate([("blue", (20, 40, 200)), ("red", (200, 30, 20))]):
+    (root / name).mkdir(parents=True, exist_ok=True)
+    for i in range(per_class):
+      img = np.clip(np.array(colour) + rs.randint(-40, 40, (size, size, 3)), 0, 255).astype(np.uint8)
+      Image.fromarray(img).save(root / name / f"{i:03d}.png")
+  return root
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+  return write_folder(tmp_path_factory.mktemp("data") / "tiny")
+
+
+def tiny_config(folder: Path, tmp: Path, **overrides):
+  c = tiny.get_config()
+  c.data.source = f"folder:{folder}"
+  c.data.cache_dir = str(tmp / "cache")
+  for k, v in overrides.items():
+    node = c
+    *parents, last = k.split(".")
+    for p in parents:
+      node = node[p]
+    node[last] = v
+  return c
+
+
+def final_params(workdir: Path) -> dict[str, np.ndarray]:
+  model = checkpoint.load_model(workdir)
+  return {k: np.asarray(v) for k, v in paths.flatten(model.variables).items()}
+
+
+def test_end_to_end_writes_metrics_plots_checkpoints(folder, tmp_path):
+  workdir = tmp_path / "run"
+  result = train.train_and_evaluate(tiny_config(folder, tmp_path), workdir)
+  assert result["step"] == 4 and not result["interrupted"]
+  assert 0.0 <= result["top1"] <= 1.0 and set(result["per_class"]) == {"blue", "red"}
+  records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert {r["split"] for r in records} == {"train", "val"}
+  assert [r["step"] for r in records if r["split"] == "val"] == [2, 4]
+  assert all(np.isfinite(r["loss"]) for r in records)
+  for png in ("curves.png", "confusion_matrix.png"):
+    assert (workdir / png).stat().st_size > 1000
+  assert list((workdir / "tensorboard").iterdir())
+  # The checkpoint rebuilds the model without the config.
+  model = checkpoint.load_model(workdir)
+  assert model.spec.num_classes == 2 and model.meta["class_names"] == ["blue", "red"]
+
+
+def test_resume_is_exact(folder, tmp_path):
+  straight = tmp_path / "straight"
+  train.train_and_evaluate(tiny_config(folder, tmp_path), straight)
+  resumed = tmp_path / "resumed"
+  first = train.train_and_evaluate(tiny_config(folder, tmp_path, **{"train.num_steps": 2}), resumed)
+  assert first["step"] == 2
+  second = train.train_and_evaluate(tiny_config(folder, tmp_path), resumed)
+  assert second["step"] == 4
+  a, b = final_params(straight), final_params(resumed)
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_different_config_in_same_workdir_is_refused(folder, tmp_path):
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(tiny_config(folder, tmp_path, **{"train.num_steps": 2}), workdir)
+  with pytest.raises(train.TrainError, match=r"different config \(optim.lr"):
+    train.train_and_evaluate(tiny_config(folder, tmp_path, **{"optim.lr": 0.5}), workdir)
+  result = train.train_and_evaluate(
+      tiny_config(folder, tmp_path, **{"optim.lr": 0.5, "train.allow_config_change": True}), workdir)
+  assert result["step"] == 4
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(folder, tmp_path):
+  workdir = tmp_path / "run"
+  cfg = tiny_config(folder, tmp_path, **{"optim.lr": 1e30, "optim.clip_norm": 0.0,
+                                         "train.num_steps": 8, "train.checkpoint_every": 1})
+  with pytest.raises(train.TrainError, match=r"loss became (nan|inf) at step \d+; stopped. The last "
+                                             r"good checkpoint \(step \d+\) is kept"):
+    train.train_and_evaluate(cfg, workdir)
+  steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps, "no checkpoint kept"
+  model = checkpoint.load_model(workdir)
+  assert all(np.isfinite(np.asarray(v)).all() for v in paths.flatten(model.params).values())
+
+
+def test_missing_data_is_one_clear_error(tmp_path):
+  cfg = tiny_config(tmp_path / "nope", tmp_path)
+  with pytest.raises(Exception, match="nope"):
+    train.train_and_evaluate(cfg, tmp_path / "run")
+
+
+def _cli(args: list[str], env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "-m", "jaxft.train", *args], cwd=REPO, capture_output=True,
+                        text=True, env={**os.environ, **(env or {})}, timeout=300, **kw)
+
+
+def test_cli_rejects_unknown_config_key(folder, tmp_path):
+  r = _cli(["--config", "configs/tiny.py", "--config.train.bogus_key=1", "--workdir", str(tmp_path)])
+  assert r.returncode != 0
+  assert "bogus_key" in r.stderr
+
+
+@pytest.mark.slow
+def test_two_devices_match_one_device(folder, tmp_path):
+  losses = {}
+  for n in (1, 2):
+    wd = tmp_path / f"dev{n}"
+    r = _cli(["--config", "configs/tiny.py", f"--config.data.source=folder:{folder}",
+              f"--config.data.cache_dir={tmp_path / 'cache'}", "--workdir", str(wd)],
+             env={"XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    losses[n] = [json.loads(l)["loss"] for l in (wd / "metrics.jsonl").read_text().splitlines()
+                 if json.loads(l)["split"] == "train"]
+  assert len(losses[1]) == 4
+  np.testing.assert_allclose(losses[1], losses[2], rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_rerun_resumes(folder, tmp_path):
+  wd = tmp_path / "run"
+  args = ["--config", "configs/tiny.py", f"--config.data.source=folder:{folder}",
+          f"--config.data.cache_dir={tmp_path / 'cache'}", "--config.train.num_steps=400",
+          "--config.train.checkpoint_every=0", "--config.train.eval_every=0", "--workdir", str(wd)]
+  proc = subprocess.Popen([sys.executable, "-m", "jaxft.train", *args], cwd=REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics = wd / "metrics.jsonl"
+  deadline = time.time() + 240
+  while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-3000:]
+  assert "checkpoint saved" in err
+  steps = [int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit()]
+  assert len(steps) == 1 and 3 <= steps[0] < 400
+  r = _cli(args[:-5] + ["--config.train.num_steps=" + str(steps[0] + 2),
+                        "--config.train.checkpoint_every=0", "--config.train.eval_every=0",
+                        "--workdir", str(wd)])
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert f"resuming {wd} from step {steps[0]}" in r.stderr
+  assert json.loads(r.stdout.strip().splitlines()[-1])["step"] == steps[0] + 2
