@@ -22,6 +22,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -437,6 +438,303 @@ def _write_cache(path: Path, ds: Dataset) -> None:
       raise
   except OSError as e:
     logging.warning("could not write data cache %s (%s); continuing without it", path, e)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Validation split and deterministic batching
+# ---------------------------------------------------------------------------------------------------
+
+
+def split_train_val(ds: Dataset, val_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+  """Splits ``ds`` into disjoint (train, val) parts, stratified by class.
+
+  Within each class the examples are shuffled with a generator seeded by ``(seed, class index)`` and the
+  first ``round(n_class * val_fraction)`` go to validation (at least one when ``val_fraction > 0`` and
+  the class has two or more examples), so the split depends only on ``seed``, the labels and the order
+  of ``ds``. Both parts keep the original order of ``ds``.
+
+  Args:
+    ds: the dataset; not mutated.
+    val_fraction: in ``[0, 1)``; ``0`` gives an empty validation set.
+    seed: a non-negative int.
+
+  Returns:
+    ``(train, val)``, new datasets whose indices together cover ``ds`` exactly once.
+
+  Raises:
+    ValueError: ``val_fraction`` outside ``[0, 1)`` or a negative seed.
+  """
+  if not 0.0 <= val_fraction < 1.0:
+    raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+  _check_seed(seed)
+  val_mask = np.zeros(len(ds), bool)
+  for c in range(ds.num_classes):
+    idx = np.flatnonzero(ds.labels == c)
+    n_val = int(round(len(idx) * val_fraction))
+    if val_fraction > 0 and len(idx) >= 2:
+      n_val = min(max(n_val, 1), len(idx) - 1)
+    perm = np.random.default_rng([seed, c]).permutation(len(idx))
+    val_mask[idx[perm[:n_val]]] = True
+  return ds.subset(np.flatnonzero(~val_mask)), ds.subset(np.flatnonzero(val_mask))
+
+
+def _check_seed(seed: int) -> None:
+  if not isinstance(seed, (int, np.integer)) or seed < 0:
+    raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+
+
+@functools.lru_cache(maxsize=4)
+def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+  perm = np.random.default_rng([seed, epoch]).permutation(n)
+  perm.flags.writeable = False  # Shared by every caller through the cache.
+  return perm
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+  """The order in which epoch ``epoch`` visits ``n`` examples: a function of ``(n, seed, epoch)`` only.
+
+  Returns:
+    A new ``int64 [n]`` permutation of ``range(n)``.
+
+  Raises:
+    ValueError: negative ``seed`` or ``epoch``.
+  """
+  _check_seed(seed)
+  if epoch < 0:
+    raise ValueError(f"epoch must be >= 0, got {epoch}")
+  return _permutation(int(n), int(seed), int(epoch)).copy()
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+  """``n // batch_size``: the last partial batch of every epoch is dropped.
+
+  Raises:
+    DataError: when ``batch_size`` is not positive or larger than ``n``.
+  """
+  if batch_size <= 0:
+    raise DataError(f"batch_size must be positive, got {batch_size}")
+  if batch_size > n:
+    raise DataError(f"batch_size {batch_size} is larger than the dataset ({n} examples); lower "
+                    "batch_size or use more data")
+  return n // batch_size
+
+
+def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+  """The example indices of global training step ``step``.
+
+  Step ``s`` belongs to epoch ``s // steps_per_epoch`` and takes the ``s % steps_per_epoch``-th slice of
+  that epoch's :func:`epoch_permutation` (partial batches are dropped). Being a pure function of the
+  step, a run resumed at step ``k`` sees exactly the batches an uninterrupted run sees.
+
+  Returns:
+    A new ``int64 [batch_size]`` array.
+
+  Raises:
+    DataError: bad ``batch_size`` (see :func:`steps_per_epoch`).
+    ValueError: negative ``step`` or ``seed``.
+  """
+  if step < 0:
+    raise ValueError(f"step must be >= 0, got {step}")
+  _check_seed(seed)
+  epoch, i = divmod(int(step), steps_per_epoch(n, batch_size))
+  return _permutation(int(n), int(seed), epoch)[i * batch_size:(i + 1) * batch_size].copy()
+
+
+Batch = tuple[int, np.ndarray, np.ndarray]
+_END = object()
+
+
+class Prefetcher:
+  """Iterates over ``produce(step)`` for ``steps``, computed ahead in a background thread.
+
+  A small bounded queue keeps host memory flat while letting batch assembly overlap device work;
+  ``wait_seconds`` accumulates how long the consumer blocked waiting for data, so the train loop can
+  report whether it is input-bound. An exception in ``produce`` is re-raised by ``next()``.
+  Use as an iterator, ideally in a ``with`` block (or call :meth:`close`) to stop the thread early.
+  """
+
+  def __init__(self, produce: Callable[[int], Any], steps: Iterator[int] | range, buffer_size: int = 2):
+    if buffer_size < 1:
+      raise ValueError(f"buffer_size must be >= 1, got {buffer_size}")
+    self.wait_seconds = 0.0
+    self._queue: queue.Queue[Any] = queue.Queue(maxsize=buffer_size)
+    self._stop = threading.Event()
+    self._done = False
+    self._thread = threading.Thread(target=self._work, args=(produce, iter(steps)), daemon=True,
+                                    name="jaxft-prefetch")
+    self._thread.start()
+
+  def _put(self, item: Any) -> bool:
+    while not self._stop.is_set():
+      try:
+        self._queue.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        continue
+    return False
+
+  def _work(self, produce: Callable[[int], Any], steps: Iterator[int]) -> None:
+    try:
+      for step in steps:
+        if not self._put(produce(step)):
+          return
+      self._put(_END)
+    except BaseException as e:  # Handed to the consumer, which re-raises it.
+      self._put(e)
+
+  def __iter__(self) -> Prefetcher:
+    return self
+
+  def __next__(self) -> Any:
+    if self._done:
+      raise StopIteration
+    start = time.perf_counter()
+    item = self._queue.get()
+    self.wait_seconds += time.perf_counter() - start
+    if item is _END:
+      self._done = True
+      raise StopIteration
+    if isinstance(item, BaseException):
+      self._done = True
+      raise item
+    return item
+
+  def close(self) -> None:
+    """Stops the background thread (it finishes the item it is computing) and ends iteration."""
+    self._done = True
+    self._stop.set()
+    self._thread.join(timeout=5.0)
+
+  def __enter__(self) -> Prefetcher:
+    return self
+
+  def __exit__(self, *exc: Any) -> None:
+    self.close()
+
+
+def iterate(ds: Dataset, batch_size: int, seed: int, start_step: int = 0,
+            num_steps: int | None = None, buffer_size: int = 2) -> Prefetcher:
+  """Yields ``(step, images uint8 [B, H, W, 3], labels int32 [B])`` for steps ``start_step,
+  start_step + 1, …`` (``num_steps`` of them, or forever), gathered by :func:`batch_indices` in a
+  background thread.
+
+  Args:
+    ds: the training set; not mutated (batches are copies).
+    batch_size: examples per step; the last partial batch of each epoch is dropped.
+    seed: shuffling seed.
+    start_step: the global step to start at (the resume point).
+    num_steps: how many steps to yield; ``None`` for an endless stream.
+    buffer_size: how many batches may be prepared ahead.
+
+  Returns:
+    A :class:`Prefetcher` (an iterator; close it, or use it in a ``with`` block, to stop early).
+
+  Raises:
+    DataError: bad ``batch_size``, raised here rather than from the background thread.
+  """
+  steps_per_epoch(len(ds), batch_size)
+  _check_seed(seed)
+  if start_step < 0:
+    raise ValueError(f"start_step must be >= 0, got {start_step}")
+  steps = itertools.count(start_step) if num_steps is None else range(start_step, start_step + num_steps)
+
+  def produce(step: int) -> Batch:
+    idx = np.sort(batch_indices(len(ds), batch_size, seed, step))
+    # Sorting makes the gather cache-friendly; order inside a batch does not matter to training.
+    return step, ds.images[idx], ds.labels[idx]
+
+  return Prefetcher(produce, steps, buffer_size)
+
+
+# ---------------------------------------------------------------------------------------------------
+# On-device preprocessing (pure, jit-compatible)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _as_hw(size: int | Sequence[int]) -> tuple[int, int]:
+  if isinstance(size, int):
+    return size, size
+  h, w = size
+  return int(h), int(w)
+
+
+def normalize(images: jax.Array, mean: Sequence[float], std: Sequence[float],
+              dtype: Any = jnp.float32) -> jax.Array:
+  """``(images / 255 - mean) / std`` per channel, computed in float32 and returned as ``dtype``.
+
+  Args:
+    images: ``uint8 [..., C]`` (or float in 0–255); not mutated.
+    mean, std: per-channel statistics in 0–1 units (e.g. ImageNet ``(0.485, 0.456, 0.406)``).
+    dtype: output dtype.
+  """
+  x = jnp.asarray(images).astype(jnp.float32) * (1.0 / 255.0)
+  mean_ = jnp.asarray(mean, jnp.float32)
+  std_ = jnp.asarray(std, jnp.float32)
+  return ((x - mean_) / std_).astype(dtype)
+
+
+def _resize(x: jax.Array, out_size: int | Sequence[int] | None) -> jax.Array:
+  if out_size is None:
+    return x
+  h, w = _as_hw(out_size)
+  if x.shape[1:3] == (h, w):
+    return x
+  return jax.image.resize(x, (x.shape[0], h, w, x.shape[3]), method="bilinear")
+
+
+def augment(rng: jax.Array, images: jax.Array, *, mean: Sequence[float], std: Sequence[float],
+            crop_padding: int = 4, flip: bool = True, out_size: int | Sequence[int] | None = None,
+            dtype: Any = jnp.float32) -> jax.Array:
+  """Training augmentation on device: per-example random crop and horizontal flip, optional resize,
+  then :func:`normalize`.
+
+  The crop pads each image by ``crop_padding`` pixels of value 0 (black, as torchvision's
+  ``RandomCrop(padding=…)`` does before normalisation) and cuts an ``H × W`` window at a per-example
+  random offset in ``[0, 2 * crop_padding]``. Each example is flipped with probability 1/2. All
+  randomness comes from ``rng``; the train step should pass ``fold_in(rng, step)``.
+
+  Args:
+    rng: a PRNG key.
+    images: ``uint8 [N, H, W, C]``; not mutated.
+    mean, std: per-channel statistics in 0–1 units.
+    crop_padding: padding for the random crop; 0 disables cropping.
+    flip: random horizontal flips.
+    out_size: resize (bilinear) to this size (int or ``(h, w)``) after cropping.
+    dtype: output dtype.
+
+  Returns:
+    ``dtype [N, out_h, out_w, C]``.
+  """
+  n, h, w, c = images.shape
+  crop_rng, flip_rng = jax.random.split(rng)
+  x = jnp.asarray(images)
+  if crop_padding > 0:
+    p = crop_padding
+    padded = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    offsets = jax.random.randint(crop_rng, (n, 2), 0, 2 * p + 1)
+    crop = lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, c))
+    x = jax.vmap(crop)(padded, offsets)
+  if flip:
+    flips = jax.random.bernoulli(flip_rng, 0.5, (n,))
+    x = jnp.where(flips[:, None, None, None], x[:, :, ::-1, :], x)
+  x = _resize(x.astype(jnp.float32), out_size)
+  return normalize(x, mean, std, dtype)
+
+
+def preprocess_eval(images: jax.Array, mean: Sequence[float], std: Sequence[float],
+                    out_size: int | Sequence[int] | None = None, dtype: Any = jnp.float32) -> jax.Array:
+  """Evaluation preprocessing: optional bilinear resize to ``out_size`` then :func:`normalize`.
+
+  Args:
+    images: ``uint8 [N, H, W, C]``; not mutated.
+    mean, std: per-channel statistics in 0–1 units.
+    out_size: int or ``(h, w)``; ``None`` keeps the size.
+    dtype: output dtype.
+
+  Returns:
+    ``dtype [N, out_h, out_w, C]``.
+  """
+  return normalize(_resize(jnp.asarray(images).astype(jnp.float32), out_size), mean, std, dtype)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,0 +1,404 @@
+"""Tests for jaxft.data: sources, cache, splits, deterministic batching, on-device augmentation."""
+
+from __future__ import annotations
+
+import builtins
+import io
+import os
+import pickle
+import tarfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxft import data
+from jaxft.data import DataError, Dataset
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+def _write_folder(root: Path, per_class: int = 3, classes=("cat", "ant", "bee"), size=(8, 6),
+                  seed: int = 0) -> dict[str, np.ndarray]:
+  """Writes lossless PNGs into ``root/<class>/`` and returns {relative path: pixels}."""
+  rng = np.random.default_rng(seed)
+  written = {}
+  for c in classes:
+    (root / c).mkdir(parents=True, exist_ok=True)
+    for i in range(per_class):
+      px = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+      Image.fromarray(px).save(root / c / f"{i:03d}.png")
+      written[f"{c}/{i:03d}.png"] = px
+  return written
+
+
+def _ds(n_per_class: int, num_classes: int, hw: int = 4) -> Dataset:
+  labels = np.repeat(np.arange(num_classes, dtype=np.int32), n_per_class)
+  # Pixel (0, 0) encodes the example's index, so examples can be told apart after subsetting.
+  images = np.zeros((len(labels), hw, hw, 3), np.uint8)
+  images[:, 0, 0, 0] = np.arange(len(labels)) % 256
+  images[:, 0, 0, 1] = np.arange(len(labels)) // 256
+  return Dataset(images, labels, tuple(f"c{i}" for i in range(num_classes)))
+
+
+# --- folder source ---------------------------------------------------------------------------------
+
+
+def test_folder_source_decodes_labels_and_pixels(tmp_path):
+  written = _write_folder(tmp_path / "d")
+  (tmp_path / "d" / "cat" / "notes.txt").write_text("not an image")
+  ds = data.load_source(f"folder:{tmp_path / 'd'}", cache_dir=False)
+  assert ds.class_names == ("ant", "bee", "cat")  # sorted folder names = label order
+  assert ds.images.dtype == np.uint8 and ds.images.shape == (9, 6, 8, 3)
+  assert ds.labels.dtype == np.int32 and ds.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+  np.testing.assert_array_equal(ds.images[3], written["bee/000.png"])
+  assert ds.skipped == 0 and len(ds) == 9
+  assert "9 images 6x8x3, 3 classes (ant, bee, cat)" in data.describe(ds)
+
+
+def test_folder_split_subfolder_layout(tmp_path):
+  _write_folder(tmp_path / "d" / "train", per_class=2)
+  _write_folder(tmp_path / "d" / "test", per_class=1)
+  assert len(data.load_source(f"folder:{tmp_path / 'd'}", cache_dir=False)) == 6
+  assert len(data.load_source(f"folder:{tmp_path / 'd'}", split="test", cache_dir=False)) == 3
+  with pytest.raises(DataError, match="holds splits \\['test', 'train'\\] but no 'val'"):
+    data.load_source(f"folder:{tmp_path / 'd'}", split="val", cache_dir=False)
+
+
+def test_folder_differing_sizes_needs_image_size(tmp_path):
+  _write_folder(tmp_path / "d", per_class=1, classes=("a",), size=(8, 6))
+  _write_folder(tmp_path / "d", per_class=1, classes=("b",), size=(5, 7))
+  with pytest.raises(DataError, match=r"differ in size \(8x6 in 000.png, 5x7 in 000.png\); pass "
+                     r"image_size=N"):
+    data.load_source(f"folder:{tmp_path / 'd'}", cache_dir=False)
+  ds = data.load_source(f"folder:{tmp_path / 'd'}", image_size=4, cache_dir=False)
+  assert ds.images.shape == (2, 4, 4, 3)
+
+
+def test_folder_corrupt_file_raises_or_is_skipped(tmp_path):
+  _write_folder(tmp_path / "d", per_class=2)
+  bad = tmp_path / "d" / "bee" / "broken.jpg"
+  bad.write_bytes(b"\xff\xd8 definitely not a jpeg")
+  with pytest.raises(DataError, match=f"cannot decode image '{bad}'.*pass skip_corrupt=True"):
+    data.load_source(f"folder:{tmp_path / 'd'}", cache_dir=False)
+  ds = data.load_source(f"folder:{tmp_path / 'd'}", skip_corrupt=True, cache_dir=False)
+  assert ds.skipped == 1 and len(ds) == 6
+  assert np.bincount(ds.labels).tolist() == [2, 2, 2]
+
+
+def test_folder_limit_round_robin_over_classes(tmp_path):
+  _write_folder(tmp_path / "d", per_class=3)
+  ds = data.load_source(f"folder:{tmp_path / 'd'}", limit=4, cache_dir=False)
+  assert ds.labels.tolist() == [0, 0, 1, 2]
+
+
+def test_folder_grayscale_converted_to_rgb(tmp_path):
+  (tmp_path / "d" / "a").mkdir(parents=True)
+  Image.fromarray(np.full((3, 3), 77, np.uint8), mode="L").save(tmp_path / "d" / "a" / "g.png")
+  ds = data.load_source(f"folder:{tmp_path / 'd'}", cache_dir=False)
+  assert ds.images.shape == (1, 3, 3, 3) and (ds.images == 77).all()
+
+
+def test_folder_without_class_folders(tmp_path):
+  (tmp_path / "flat").mkdir()
+  Image.fromarray(np.zeros((2, 2, 3), np.uint8)).save(tmp_path / "flat" / "x.png")
+  with pytest.raises(DataError, match="has no class sub-folders; expected PATH/<class>/<image>"):
+    data.load_source(f"folder:{tmp_path / 'flat'}", cache_dir=False)
+
+
+# --- bad sources ------------------------------------------------------------------------------------
+
+
+def test_unknown_scheme_lists_valid_ones():
+  with pytest.raises(DataError, match="unknown data source 'imagenet:/x'; valid sources are "
+                     "folder:PATH, cifar:PATH, tfds:NAME"):
+    data.load_source("imagenet:/x")
+  with pytest.raises(DataError, match="unknown data source '/just/a/path'"):
+    data.load_source("/just/a/path")
+
+
+def test_missing_path_is_named(tmp_path):
+  missing = tmp_path / "nope"
+  with pytest.raises(DataError, match=f"data path '{missing}' .* does not exist"):
+    data.load_source(f"folder:{missing}")
+  with pytest.raises(DataError, match=f"data path '{missing}' .* does not exist"):
+    data.load_source(f"cifar:{missing}")
+
+
+def test_tfds_missing_says_how_to_install(monkeypatch):
+  real_import = builtins.__import__
+
+  def fake_import(name, *args, **kwargs):
+    if name == "tensorflow_datasets":
+      raise ImportError("No module named 'tensorflow_datasets'")
+    return real_import(name, *args, **kwargs)
+
+  monkeypatch.setattr(builtins, "__import__", fake_import)
+  with pytest.raises(DataError, match=r"needs tensorflow_datasets.*pip install jaxft\[tfds\]"):
+    data.load_source("tfds:cifar10", split="test")
+
+
+# --- cifar ------------------------------------------------------------------------------------------
+
+
+def _fake_cifar(dest: Path, as_tar: bool) -> tuple[Path, dict[str, tuple[np.ndarray, list[int]]]]:
+  """A tiny archive in the exact CIFAR-10 python format: 2 train batches of 3 and a test batch of 2."""
+  rng = np.random.default_rng(1)
+  blobs, batches = {}, {}
+  for name, n in (("data_batch_1", 3), ("data_batch_2", 3), ("test_batch", 2)):
+    rows = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+    labels = rng.integers(0, 3, n).tolist()
+    batches[name] = (rows, labels)
+    blobs[name] = pickle.dumps({b"batch_label": name.encode(), b"data": rows, b"labels": labels})
+  blobs["batches.meta"] = pickle.dumps({b"label_names": [b"plane", b"car", b"bird"],
+                                        b"num_vis": 3072})
+  if as_tar:
+    path = dest / "cifar-10-python.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+      for name, blob in blobs.items():
+        info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+        info.size = len(blob)
+        tar.addfile(info, io.BytesIO(blob))
+  else:
+    path = dest / "cifar-10-batches-py"
+    path.mkdir()
+    for name, blob in blobs.items():
+      (path / name).write_bytes(blob)
+  return path, batches
+
+
+@pytest.mark.parametrize("as_tar", [True, False])
+def test_cifar_archive(tmp_path, as_tar):
+  path, batches = _fake_cifar(tmp_path, as_tar)
+  train = data.load_source(f"cifar:{path}", cache_dir=False)
+  assert train.class_names == ("plane", "car", "bird")
+  assert train.images.shape == (6, 32, 32, 3) and train.images.dtype == np.uint8
+  assert train.labels.tolist() == batches["data_batch_1"][1] + batches["data_batch_2"][1]
+  row = batches["data_batch_2"][0][0]
+  # Channel-major rows: pixel (y, x) of channel c is row[c * 1024 + y * 32 + x].
+  assert train.images[3, 5, 7].tolist() == [row[5 * 32 + 7], row[1024 + 5 * 32 + 7],
+                                            row[2048 + 5 * 32 + 7]]
+  test = data.load_source(f"cifar:{path}", split="test", cache_dir=False)
+  assert len(test) == 2 and test.labels.tolist() == batches["test_batch"][1]
+  assert len(data.load_source(f"cifar:{path}", limit=4, cache_dir=False)) == 4
+  assert data.load_source(f"cifar:{path}", image_size=16, cache_dir=False).images.shape[1:] == (16, 16, 3)
+  with pytest.raises(DataError, match="CIFAR split must be 'train' or 'test', got 'val'"):
+    data.load_source(f"cifar:{path}", split="val", cache_dir=False)
+  # The parent folder of the archive / batches folder works too.
+  assert len(data.load_source(f"cifar:{tmp_path}", cache_dir=False)) == 6
+
+
+def test_cifar_not_an_archive(tmp_path):
+  with pytest.raises(DataError, match="is not a CIFAR-10 python archive"):
+    data.load_source(f"cifar:{tmp_path}", cache_dir=False)
+  junk = tmp_path / "cifar-10-python.tar.gz"
+  junk.write_bytes(b"junk")
+  with pytest.raises(DataError, match=f"cannot read CIFAR archive '{junk}'"):
+    data.load_source(f"cifar:{junk}", cache_dir=False)
+
+
+# --- cache ------------------------------------------------------------------------------------------
+
+
+def _no_decode(*_args, **_kwargs):
+  raise AssertionError("decoded although the cache should have been used")
+
+
+def test_cache_hit_skips_decoding_and_change_invalidates(tmp_path, monkeypatch):
+  _write_folder(tmp_path / "d", per_class=2)
+  cache = tmp_path / "cache"
+  first = data.load_source(f"folder:{tmp_path / 'd'}", cache_dir=cache)
+  assert len(list(cache.glob("*.npz"))) == 1 and not list(cache.glob("*.tmp"))
+  with monkeypatch.context() as m:
+    m.setattr(data, "_decode_image", _no_decode)
+    again = data.load_source(f"folder:{tmp_path / 'd'}", cache_dir=cache)
+  np.testing.assert_array_equal(again.images, first.images)
+  np.testing.assert_array_equal(again.labels, first.labels)
+  assert again.class_names == first.class_names
+  # A different image_size is a different key.
+  assert data.load_source(f"folder:{tmp_path / 'd'}", image_size=4, cache_dir=cache).images.shape[1] == 4
+  # Changing one file (size/mtime) invalidates the cache: the new pixels are decoded.
+  new_px = np.full((6, 8, 3), 9, np.uint8)
+  target = tmp_path / "d" / "ant" / "001.png"
+  Image.fromarray(new_px).save(target)
+  os.utime(target, ns=(1, 1))
+  changed = data.load_source(f"folder:{tmp_path / 'd'}", cache_dir=cache)
+  np.testing.assert_array_equal(changed.images[1], new_px)
+
+
+def test_corrupt_cache_is_ignored_and_rewritten(tmp_path, monkeypatch):
+  _write_folder(tmp_path / "d", per_class=1)
+  cache = tmp_path / "cache"
+  first = data.load_source(f"folder:{tmp_path / 'd'}", cache_dir=cache)
+  (cache_file,) = cache.glob("*.npz")
+  cache_file.write_bytes(cache_file.read_bytes()[:100])
+  again = data.load_source(f"folder:{tmp_path / 'd'}", cache_dir=cache)
+  np.testing.assert_array_equal(again.images, first.images)
+  with monkeypatch.context() as m:  # rewritten: now a hit again
+    m.setattr(data, "_decode_image", _no_decode)
+    data.load_source(f"folder:{tmp_path / 'd'}", cache_dir=cache)
+
+
+def test_default_cache_dir_from_env(tmp_path, monkeypatch):
+  _write_folder(tmp_path / "d", per_class=1)
+  monkeypatch.setenv("JAXFT_CACHE_DIR", str(tmp_path / "envcache"))
+  data.load_source(f"folder:{tmp_path / 'd'}")
+  assert len(list((tmp_path / "envcache").glob("folder-d-*.npz"))) == 1
+
+
+# --- split ------------------------------------------------------------------------------------------
+
+
+def test_split_train_val_deterministic_disjoint_stratified():
+  ds = _ds(n_per_class=10, num_classes=3)
+  train, val = data.split_train_val(ds, 0.2, seed=3)
+  train2, val2 = data.split_train_val(ds, 0.2, seed=3)
+  np.testing.assert_array_equal(val.images, val2.images)
+  np.testing.assert_array_equal(train.images, train2.images)
+  assert len(train) == 24 and len(val) == 6
+  assert np.bincount(val.labels).tolist() == [2, 2, 2]
+  key = lambda d: {im.tobytes() for im in d.images}
+  assert not key(train) & key(val) and len(key(train) | key(val)) == len(ds)
+  _, val_other = data.split_train_val(ds, 0.2, seed=4)
+  assert key(val_other) != key(val)
+  _, empty = data.split_train_val(ds, 0.0, seed=0)
+  assert len(empty) == 0
+  with pytest.raises(ValueError, match="val_fraction must be in \\[0, 1\\), got 1.0"):
+    data.split_train_val(ds, 1.0, seed=0)
+
+
+# --- batching ---------------------------------------------------------------------------------------
+
+
+def test_batch_indices_resume_equivalence():
+  n, bs, seed, k = 23, 5, 7, 6  # 4 steps per epoch, so steps k..2k cross epoch boundaries
+  fresh = [data.batch_indices(n, bs, seed, s) for s in range(2 * k + 1)]
+  data._permutation.cache_clear()  # a "resumed" process starts with nothing cached
+  resumed = [data.batch_indices(n, bs, seed, s) for s in range(k, 2 * k + 1)]
+  for a, b in zip(fresh[k:], resumed):
+    np.testing.assert_array_equal(a, b)
+  epoch0 = np.concatenate(fresh[:4])
+  assert len(set(epoch0.tolist())) == 20  # no repeats inside an epoch; 3 dropped
+  np.testing.assert_array_equal(epoch0, data.epoch_permutation(n, seed, 0)[:20])
+  assert not np.array_equal(fresh[0], fresh[4])  # next epoch reshuffled
+  with pytest.raises(DataError, match="batch_size 30 is larger than the dataset \\(23 examples\\)"):
+    data.batch_indices(n, 30, seed, 0)
+
+
+def test_iterate_matches_batch_indices_and_resumes():
+  ds = _ds(n_per_class=4, num_classes=3)
+  full = list(data.iterate(ds, batch_size=4, seed=1, start_step=0, num_steps=7))
+  with data.iterate(ds, batch_size=4, seed=1, start_step=3, num_steps=4) as it:
+    resumed = list(it)
+    assert it.wait_seconds >= 0.0
+  assert [s for s, *_ in full] == list(range(7))
+  for (s, im, lab), (s2, im2, lab2) in zip(full[3:], resumed):
+    assert s == s2
+    np.testing.assert_array_equal(im, im2)
+    np.testing.assert_array_equal(lab, lab2)
+  step, im, lab = full[5]
+  idx = np.sort(data.batch_indices(len(ds), 4, 1, 5))
+  np.testing.assert_array_equal(im, ds.images[idx])
+  np.testing.assert_array_equal(lab, ds.labels[idx])
+
+
+def test_prefetcher_reraises_and_closes():
+  def produce(step):
+    if step == 2:
+      raise RuntimeError("boom at 2")
+    return step
+
+  it = data.Prefetcher(produce, range(5))
+  assert next(it) == 0 and next(it) == 1
+  with pytest.raises(RuntimeError, match="boom at 2"):
+    next(it)
+  endless = data.iterate(_ds(2, 2), batch_size=2, seed=0)
+  next(endless)
+  endless.close()
+  assert not endless._thread.is_alive()
+  with pytest.raises(StopIteration):
+    next(endless)
+
+
+# --- on-device preprocessing -------------------------------------------------------------------------
+
+
+def test_normalize_numerics():
+  x = np.array([[[[0, 255, 51]]]], np.uint8)
+  out = data.normalize(x, MEAN, STD)
+  expected = (np.array([0, 1, 0.2]) - np.array(MEAN)) / np.array(STD)
+  np.testing.assert_allclose(np.asarray(out)[0, 0, 0], expected, rtol=1e-6)
+  assert out.dtype == jnp.float32
+  assert data.normalize(x, MEAN, STD, dtype=jnp.bfloat16).dtype == jnp.bfloat16
+
+
+def test_augment_shapes_dtype_determinism_jit():
+  images = jnp.asarray(np.random.default_rng(0).integers(1, 256, (6, 8, 8, 3), dtype=np.uint8))
+  rng = jax.random.PRNGKey(0)
+  out = data.augment(rng, images, mean=MEAN, std=STD)
+  assert out.shape == (6, 8, 8, 3) and out.dtype == jnp.float32
+  np.testing.assert_array_equal(out, data.augment(rng, images, mean=MEAN, std=STD))
+  assert not np.array_equal(out, data.augment(jax.random.PRNGKey(1), images, mean=MEAN, std=STD))
+  jitted = jax.jit(lambda r, x: data.augment(r, x, mean=MEAN, std=STD, out_size=12, dtype=jnp.bfloat16))
+  big = jitted(rng, images)
+  assert big.shape == (6, 12, 12, 3) and big.dtype == jnp.bfloat16
+  ev = data.preprocess_eval(images, MEAN, STD, out_size=(4, 6))
+  assert ev.shape == (6, 4, 6, 3)
+  np.testing.assert_allclose(data.preprocess_eval(images, MEAN, STD), data.normalize(images, MEAN, STD))
+
+
+def test_augment_flip_really_flips():
+  images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (64, 4, 5, 3), dtype=np.uint8))
+  rng = jax.random.PRNGKey(3)
+  out = np.asarray(data.augment(rng, images, mean=MEAN, std=STD, crop_padding=0))
+  plain = np.asarray(data.normalize(images, MEAN, STD))
+  flipped = plain[:, :, ::-1]
+  same = [np.array_equal(o, p) for o, p in zip(out, plain)]
+  mirrored = [np.array_equal(o, f) for o, f in zip(out, flipped)]
+  assert all(s != m for s, m in zip(same, mirrored))  # each example exactly one of the two
+  assert 16 < sum(mirrored) < 48  # about half, with a fixed key
+  # The flip decisions come from the rng's second half, as documented: reproduce them.
+  expected = np.asarray(jax.random.bernoulli(jax.random.split(rng)[1], 0.5, (64,)))
+  assert mirrored == expected.tolist()
+  none = data.augment(rng, images, mean=MEAN, std=STD, crop_padding=0, flip=False)
+  np.testing.assert_array_equal(none, plain)
+
+
+def test_augment_crop_offsets_within_bounds_and_zero_padding():
+  n, h, w, p = 200, 6, 6, 2
+  images = jnp.full((n, h, w, 3), 200, jnp.uint8)  # no pixel is 0, so padding is recognisable
+  out = np.asarray(data.augment(jax.random.PRNGKey(0), images, mean=MEAN, std=STD, crop_padding=p,
+                                flip=False))
+  pad_value = np.asarray(data.normalize(np.zeros((1, 1, 1, 3), np.uint8), MEAN, STD))[0, 0, 0]
+  is_pad = np.all(np.isclose(out, pad_value), axis=-1)  # [n, h, w]
+  is_img = np.all(np.isclose(out, np.asarray(data.normalize(images[:1, :1, :1], MEAN, STD))[0, 0, 0]),
+                  axis=-1)
+  assert (is_pad | is_img).all()
+  rows_pad = is_pad.all(axis=2).sum(axis=1)  # padded rows per example
+  cols_pad = is_pad.all(axis=1).sum(axis=1)
+  assert rows_pad.max() == p and cols_pad.max() == p  # never more than the padding
+  assert (rows_pad == 0).any() and (cols_pad == 0).any()
+  # Every pixel not in a padded row or column is image: the window is one contiguous shift.
+  assert is_pad.sum() == sum(r * w + c * h - r * c for r, c in zip(rows_pad, cols_pad))
+  # All 5 x 5 offsets occur across 200 examples.
+  top = is_pad[:, 0, :].all(axis=1)
+  assert top.any() and is_pad[:, -1, :].all(axis=1).any() and (~top & ~is_pad[:, -1, :].all(axis=1)).any()
+
+
+# --- real data ---------------------------------------------------------------------------------------
+
+
+def test_real_cifar_folder(cifar_folder, tmp_path):
+  ds = data.load_source(f"folder:{cifar_folder}", cache_dir=tmp_path / "cache")
+  assert len(ds) == 1000 and ds.images.shape == (1000, 32, 32, 3)
+  assert ds.class_names == ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                            "ship", "truck")
+  assert np.bincount(ds.labels).tolist() == [100] * 10
+  # Real photos: varied, not blank.
+  assert 60 < ds.images.mean() < 200 and ds.images.std() > 30
+  train, val = data.split_train_val(ds, 0.1, seed=0)
+  assert np.bincount(val.labels).tolist() == [10] * 10 and len(train) == 900
