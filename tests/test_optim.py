@@ -11,7 +11,7 @@ import optax
 import pytest
 
 from jaxft import optim, paths
-from jaxft.models import BlockSpec, HeadSpec, ModelSpec, Network, StageSpec, StemSpec, create, create_model
+from jaxft.models import BlockSpec, HeadSpec, ModelSpec, Network, StageSpec, StemSpec, create_model
 
 
 def f32(x):
@@ -88,8 +88,10 @@ def test_weight_decay_mask_default_kernels_only():
 
 
 def test_lr_multipliers_and_frozen_rule():
-  params = {"head": {"kernel": f32([1.0, 1.0])}, "body": {"kernel": f32(2.0)}, "neck_conv": {"kernel": f32(3.0)}}
-  grads = {"head": {"kernel": f32([0.2, -0.4])}, "body": {"kernel": f32(1.0)}, "neck_conv": {"kernel": f32(0.2)}}
+  params = {"head": {"kernel": f32([1.0, 1.0])}, "body": {"kernel": f32(2.0)},
+            "neck_conv": {"kernel": f32(3.0)}}
+  grads = {"head": {"kernel": f32([0.2, -0.4])}, "body": {"kernel": f32(1.0)},
+           "neck_conv": {"kernel": f32(0.2)}}
   cfg = config(lr=0.5, lr_rules=(("head/.*", 10.0), ("body/.*", "frozen")))
   opt, u, state = one_step(cfg, params, grads)
   np.testing.assert_allclose(u["head"]["kernel"], [-1.0, 2.0], rtol=1e-6)  # -0.5 * 10 * g
@@ -248,9 +250,15 @@ def _tiny_spec(blocks_per_stage=(2, 2)) -> ModelSpec:
                    (HeadSpec("head", 3),), shortcut="option_a")
 
 
+def _ones_params(spec: ModelSpec):
+  """Params of ``spec`` filled with ones (shapes by tracing only: no compile, fast on CPU)."""
+  shapes = jax.eval_shape(Network(spec).init, jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))["params"]
+  return jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), shapes)
+
+
 def test_llrd_multipliers_follow_the_structure():
   spec = _tiny_spec()
-  params = create(spec, jax.random.PRNGKey(0), input_size=8).params
+  params = _ones_params(spec)
   m = optim.llrd_multipliers(spec, params, 0.5)
   # stem is 5 units from the head: stem, l1b0, l1b1, l2b0, l2b1 | head.
   assert m["stem"]["conv"]["kernel"] == 0.5 ** 5 and m["stem"]["bn"]["scale"] == 0.5 ** 5
@@ -263,7 +271,7 @@ def test_llrd_multipliers_follow_the_structure():
   st = spec.stages[1]
   grown = dataclasses.replace(spec, stages=(spec.stages[0], dataclasses.replace(
       st, blocks=st.blocks + (dataclasses.replace(st.blocks[1], name="block2"),))))
-  m2 = optim.llrd_multipliers(grown, create(grown, jax.random.PRNGKey(0), input_size=8).params, 0.5)
+  m2 = optim.llrd_multipliers(grown, _ones_params(grown), 0.5)
   assert m2["stem"]["conv"]["kernel"] == 0.5 ** 6
   assert m2["layer2"]["block1"]["conv1"]["kernel"] == 0.5 ** 2
   assert m2["layer2"]["block2"]["conv1"]["kernel"] == 0.5
@@ -273,8 +281,7 @@ def test_llrd_multipliers_follow_the_structure():
 
 def test_llrd_times_rule_multiplier_in_the_update():
   spec = _tiny_spec()
-  params = create(spec, jax.random.PRNGKey(0), input_size=8).params
-  ones = jax.tree.map(jnp.ones_like, params)
+  params = ones = _ones_params(spec)
   cfg = config(lr=1.0, llrd=0.5, lr_rules=(("head/.*", 10.0),))
   opt, u, _ = one_step(cfg, params, ones, spec=spec)
   np.testing.assert_allclose(u["head"]["bias"], -10.0 * np.ones(3))
@@ -340,7 +347,7 @@ def test_frozen_bn_statistics_in_a_train_step(resnet20):
   opt = optim.build_optimizer(cfg, resnet20.params, spec=resnet20.spec, total_steps=10)
   assert opt.frozen_bn == ("stem", "layer1")
   tr, fr = opt.split(resnet20.params)
-  _, new_bs = _grad_fn(resnet20.spec, opt.frozen_bn)(tr, fr, resnet20.batch_stats, *_batch())
+  _, new_bs = jax.jit(_grad_fn(resnet20.spec, opt.frozen_bn))(tr, fr, resnet20.batch_stats, *_batch())
   old = paths.flatten(resnet20.batch_stats)
   for path, v in paths.flatten(new_bs).items():
     same = np.array_equal(v, old[path])
@@ -349,7 +356,8 @@ def test_frozen_bn_statistics_in_a_train_step(resnet20):
   cfg.freeze_bn_stats = False
   assert optim.build_optimizer(cfg, resnet20.params, spec=resnet20.spec, total_steps=10).frozen_bn == ()
   cfg = config(lr_rules=(("layer1/.*/bn\\d/.*", 1.0), ("(stem|layer1)/.*", "frozen")))
-  assert optim.build_optimizer(cfg, resnet20.params, spec=resnet20.spec, total_steps=10).frozen_bn == ("stem",)
+  opt = optim.build_optimizer(cfg, resnet20.params, spec=resnet20.spec, total_steps=10)
+  assert opt.frozen_bn == ("stem",)
 
 
 def test_done_when_head_10x_last_stage_1x_earlier_frozen_l2sp_backbone(resnet20):
@@ -387,8 +395,8 @@ def test_done_when_head_10x_last_stage_1x_earlier_frozen_l2sp_backbone(resnet20)
                                rtol=1e-5, atol=1e-9)
     if step:  # after the first step the pull is really there
       assert float(jnp.abs(w - ak).max()) > 0
-    np.testing.assert_allclose(u["layer3"]["block1"]["bn1"]["scale"], -lr * g["layer3"]["block1"]["bn1"]["scale"],
-                               rtol=1e-5, atol=1e-9)
+    bn_u, bn_g = (t["layer3"]["block1"]["bn1"]["scale"] for t in (u, g))
+    np.testing.assert_allclose(bn_u, -lr * bn_g, rtol=1e-5, atol=1e-9)
     tr = optax.apply_updates(tr, u)
 
   final = optim.merge(tr, fr)
@@ -398,3 +406,9 @@ def test_done_when_head_10x_last_stage_1x_earlier_frozen_l2sp_backbone(resnet20)
   old_bs = paths.flatten(resnet20.batch_stats)
   for path, v in paths.flatten(bs).items():
     assert np.array_equal(v, old_bs[path]) == (not path.startswith("layer3/")), path
+
+
+def test_docstring_examples_run():
+  import doctest
+  result = doctest.testmod(optim)
+  assert result.attempted >= 2 and result.failed == 0
