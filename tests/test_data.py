@@ -6,7 +6,9 @@ import builtins
 import io
 import os
 import pickle
+import sys
 import tarfile
+import types
 from pathlib import Path
 
 import jax
@@ -110,6 +112,19 @@ def test_folder_without_class_folders(tmp_path):
     data.load_source(f"folder:{tmp_path / 'flat'}", cache_dir=False)
 
 
+def test_folder_decode_workers_match_in_process(tmp_path, monkeypatch):
+  written = _write_folder(tmp_path / "d", per_class=4)
+  bad = tmp_path / "d" / "bee" / "zz.png"
+  bad.write_bytes(b"garbage")
+  monkeypatch.setattr(data, "_POOL_MIN_FILES", 1)
+  monkeypatch.setattr(data, "_num_workers", lambda: 2)
+  ds = data.load_source(f"folder:{tmp_path / 'd'}", skip_corrupt=True, cache_dir=False)
+  assert ds.skipped == 1 and len(ds) == 12
+  np.testing.assert_array_equal(ds.images[5], written["bee/001.png"])
+  with pytest.raises(DataError, match=f"cannot decode image '{bad}'"):
+    data.load_source(f"folder:{tmp_path / 'd'}", cache_dir=False)
+
+
 # --- bad sources ------------------------------------------------------------------------------------
 
 
@@ -140,6 +155,27 @@ def test_tfds_missing_says_how_to_install(monkeypatch):
   monkeypatch.setattr(builtins, "__import__", fake_import)
   with pytest.raises(DataError, match=r"needs tensorflow_datasets.*pip install jaxft\[tfds\]"):
     data.load_source("tfds:cifar10", split="test")
+
+
+def test_tfds_passes_split_and_converts(monkeypatch):
+  calls = {}
+
+  class Label:
+    names = ["zero", "one"]
+
+  class Info:
+    features = {"label": Label()}
+
+  def load(name, split, batch_size, with_info):
+    calls.update(name=name, split=split, batch_size=batch_size)
+    return {"image": np.full((3, 5, 5, 1), 7, np.uint8), "label": np.array([1, 0, 1])}, Info()
+
+  fake = types.SimpleNamespace(load=load, as_numpy=lambda x: x)
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", fake)
+  ds = data.load_source("tfds:mnist", split="test", limit=3)
+  assert calls == {"name": "mnist", "split": "test[:3]", "batch_size": -1}
+  assert ds.images.shape == (3, 5, 5, 3) and (ds.images == 7).all()  # grayscale -> RGB
+  assert ds.labels.tolist() == [1, 0, 1] and ds.class_names == ("zero", "one")
 
 
 # --- cifar ------------------------------------------------------------------------------------------
