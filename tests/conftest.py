@@ -17,14 +17,18 @@ def extract_cifar_subset(dest: Path, per_class: int) -> Path:
   """Extracts the first ``per_class`` images (sorted by file name) of each class of the shared CIFAR-10
   JPEG tarball into ``dest/<class>/`` and returns ``dest``. Deterministic."""
   with tarfile.open(CIFAR_TAR, "r:gz") as tar:
-    members = [m for m in tar.getmembers() if m.isfile() and m.name.endswith(".jpg")]
-    by_class: dict[str, list[tarfile.TarInfo]] = {}
-    for m in members:
-      by_class.setdefault(m.name.split("/")[-2], []).append(m)
-    for cls, ms in by_class.items():
-      (dest / cls).mkdir(parents=True, exist_ok=True)
-      for m in sorted(ms, key=lambda m: m.name)[:per_class]:
-        (dest / cls / Path(m.name).name).write_bytes(tar.extractfile(m).read())
+    names = [m.name for m in tar.getmembers() if m.isfile() and m.name.endswith(".jpg")]
+  by_class: dict[str, list[str]] = {}
+  for name in names:
+    by_class.setdefault(name.split("/")[-2], []).append(name)
+  wanted = {n for ns in by_class.values() for n in sorted(ns)[:per_class]}
+  # One sequential pass: random access into a .tar.gz re-decompresses from the start every time.
+  with tarfile.open(CIFAR_TAR, "r|gz") as tar:
+    for m in tar:
+      if m.name in wanted:
+        out = dest / m.name.split("/")[-2] / Path(m.name).name
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(tar.extractfile(m).read())
   return dest
 
 
