@@ -209,7 +209,14 @@ def _init_leaves(spec: ModelSpec, seed: int, wanted: Sequence[str]) -> dict[str,
     flat = paths.flatten({k: dict(v) for k, v in net.init(rng, x, train=False).items()})
     return {p: flat[p] for p in wanted}
 
-  return jax.jit(init)(jax.random.key(seed))
+  lowered = jax.jit(init).lower(jax.random.key(seed))
+  # Init runs once, so code quality is irrelevant; on CPU, LLVM optimisation of the threefry kernels
+  # otherwise dominates (tens of seconds for a handful of convs).
+  try:
+    compiled = lowered.compile(compiler_options={"xla_backend_optimization_level": 0})
+  except (RuntimeError, ValueError, TypeError):  # an XLA build without that debug option
+    compiled = lowered.compile()
+  return compiled(jax.random.key(seed))
 
 
 def _module_of(leaf_path: str) -> str:
