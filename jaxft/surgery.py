@@ -35,7 +35,7 @@ from jaxft import paths
 from jaxft.models.layers import activation as _check_activation
 from jaxft.models.model import Model
 from jaxft.models.network import Network, head_module_name
-from jaxft.models.spec import BlockSpec, HeadSpec, ModelSpec, StageSpec
+from jaxft.models.spec import BlockSpec, HeadSpec, ModelSpec
 from jaxft.paths import PathError
 
 logger = logging.getLogger(__name__)
@@ -460,8 +460,6 @@ def append_blocks(model: Model, stage: str, n: int = 1, *, seed: int = 0) -> Mod
     raise ValueError(f"stage {stage!r} has no block to copy")
   last = st.blocks[-1]
   kind = _block_kind(last.kind)
-  if kind.needs_expansion and last.width == last.out:
-    raise ValueError(f"cannot append to {stage!r}: its last block has no expansion conv")
   if last.kind != "mbconv" and (last.act != "relu" or last.adapter):
     logger.warning("append_blocks(%s): the last block ends in %s%s, so relu(0 + x) == x may not "
                    "hold and the graft may change the function", stage, last.act,

@@ -228,6 +228,14 @@ def test_append_blocks_errors():
     surgery.append_blocks(tiny("basic"), "layer4", 0)
 
 
+def test_append_blocks_warns_when_not_preserving(caplog):
+  m = surgery.replace_activation(tiny("basic"), "gelu", blocks="layer4/.*")
+  with caplog.at_level(logging.WARNING, logger="jaxft.surgery"):
+    out = surgery.append_blocks(m, "layer4")
+  assert "the last block ends in gelu, so relu(0 + x) == x may not hold" in caplog.text
+  assert not np.allclose(logits(out), logits(m), atol=1e-5)  # indeed: gelu(x) != x
+
+
 @pytest.mark.parametrize("name", ["bottleneck", "cifar", "mbconv"])
 def test_add_adapters_preserves_function(name):
   m = tiny(name)
@@ -377,8 +385,8 @@ def test_prune_channels_l1_fraction_and_errors():
   with pytest.raises(ValueError, match=r"cannot prune channels of layer1/block0: grouped convs "
                      r"\(groups=2\)"):
     surgery.prune_channels(grouped, "layer1/block0", keep=4)
-  with pytest.raises(ValueError, match="cannot prune channels of stage1/block0: it has no "
-                     "expansion conv|cannot prune stage1/block0 to 8 channels"):
+  with pytest.raises(ValueError, match="cannot prune stage1/block0 to 8 channels: equal to its input "
+                     "width"):
     surgery.prune_channels(tiny("mbconv"), "stage1/block0", keep=8)
 
 
