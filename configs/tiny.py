@@ -1,4 +1,4 @@
-"""A tiny smoke variant for tests: CIFAR ResNet-20 from random init, a few steps on a small folder.
+"""A tiny smoke variant for tests: CIFAR ResNet-8 from random init, a few steps on a small folder.
 
     python -m jaxft.train --config configs/tiny.py --config.data.source=folder:PATH --workdir /tmp/tiny
 """
@@ -10,7 +10,7 @@ from configs import cifar10
 
 def get_config() -> ml_collections.ConfigDict:
   c = cifar10.get_config()
-  c.model.arch = "cifar_resnet20"
+  c.model.arch = "cifar_resnet8"
   c.model.pretrained = ""
   c.model.num_classes = 2
   c.data.source = "folder:data/tiny"

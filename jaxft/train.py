@@ -133,7 +133,8 @@ def cross_entropy(logits: Array, labels: Array, num_classes: int, smoothing: flo
 
 
 def make_train_step(net: Any, tx: optax.GradientTransformation, schedule: Callable[[Any], Any],
-                    sc: StepConfig, seed: int) -> Callable[[State, dict[str, Array]], tuple[State, dict]]:
+                    sc: StepConfig, seed: int, accumulate_steps: int = 1
+                    ) -> Callable[[State, dict[str, Array]], tuple[State, dict]]:
   """Returns the pure ``train_step(state, batch) -> (state, metrics)``.
 
   ``state`` holds ``step``, ``params`` (trainable subtree only), ``frozen`` (the rest), ``batch_stats``
@@ -164,8 +165,9 @@ def make_train_step(net: Any, tx: optax.GradientTransformation, schedule: Callab
     metrics = {
         "loss": loss,
         "top1": jnp.mean(jnp.argmax(logits, -1) == labels),
-        "grad_norm": optax.global_norm(grads),
-        "lr": schedule(step),
+        "grad_norm": optax.tree.norm(grads),
+        "param_norm": optax.tree.norm(params),
+        "lr": schedule(step // accumulate_steps),  # the schedule counts optimizer steps
     }
     new_state = dict(state, step=step + 1, params=params, opt_state=opt_state,
                      batch_stats=batch_stats)
@@ -231,10 +233,16 @@ def restore_checkpoint(mngr: ocp.CheckpointManager, step: int, template: State,
   """Returns the state saved at ``step``, with the structure and dtypes of ``template``."""
   variables_t = {"params": optim.merge(template["params"], template["frozen"]),
                  "batch_stats": template["batch_stats"]}
-  restored = mngr.restore(step, args=ocp.args.Composite(
-      variables=ocp.args.StandardRestore(jax.device_get(variables_t)),
-      opt_state=ocp.args.StandardRestore(jax.device_get(template["opt_state"])),
-  ))
+  try:
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        variables=ocp.args.StandardRestore(jax.device_get(variables_t)),
+        opt_state=ocp.args.StandardRestore(jax.device_get(template["opt_state"])),
+    ))
+  except ValueError as e:
+    raise TrainError(
+        f"the checkpoint at step {step} in {mngr.directory} does not fit the model/optimizer this "
+        f"config builds (changed surgery or optimizer settings?): {str(e)[:500]}. Use a new --workdir, "
+        "or start from that checkpoint as pretrained weights (--config.model.pretrained=WORKDIR).") from None
   params, frozen = optim.partition(restored.variables["params"], trainable_mask)
   return dict(template, step=np.int32(step), params=params, frozen=frozen,
               batch_stats=restored.variables["batch_stats"], opt_state=restored.opt_state)
@@ -349,16 +357,24 @@ class _StopFlag:
 
 def _eval_logits(eval_fn: Callable, state: State, images: np.ndarray, batch_size: int,
                  sharding: NamedSharding, num_devices: int) -> np.ndarray:
-  """Logits for every image; the last batch is padded so one compiled shape serves all batches."""
+  """Logits for every image; the last batch is padded so one compiled shape serves all batches.
+
+  Every process holds the whole validation set and feeds its slice of each batch; the logits are
+  gathered back to every process.
+  """
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   bs = max(num_devices, batch_size - batch_size % num_devices)
+  local = bs // jax.process_count()
+  lo = jax.process_index() * local
   out = []
   for i in range(0, len(images), bs):
     chunk = images[i:i + bs]
     n = len(chunk)
     if n < bs:
       chunk = np.concatenate([chunk, np.zeros((bs - n,) + chunk.shape[1:], chunk.dtype)])
-    logits = eval_fn(state, jax.device_put(chunk, sharding))
-    out.append(np.asarray(jax.device_get(logits))[:n])
+    x = jax.make_array_from_process_local_data(sharding, chunk[lo:lo + local])
+    logits = multihost_utils.process_allgather(eval_fn(state, x), tiled=True)
+    out.append(np.asarray(logits)[:n])
   return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
@@ -416,7 +432,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     raise TrainError(f"the training set ({len(train_ds)} images) is smaller than one batch "
                      f"({batch_size}); lower --config.train.batch_size")
   total_steps = config.train.num_steps or config.train.epochs * steps_per_epoch
-  opt = optim.build_optimizer(config.optim, model.params, spec=model.spec, total_steps=total_steps,
+  # Steps count batches; with gradient accumulation the optimizer (and its schedule) steps less often.
+  opt_steps = max(1, total_steps // config.optim.accumulate_steps)
+  opt = optim.build_optimizer(config.optim, model.params, spec=model.spec, total_steps=opt_steps,
                               anchor=base.params, new_leaf_mask=new_leaf_mask(base, model))
   trainable, frozen = optim.partition(model.params, opt.trainable_mask)
   dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
@@ -444,7 +462,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
   sc = StepConfig(crop_padding=dc.crop_padding, flip=dc.flip, out_size=out_size, mean=mean, std=std,
                   label_smoothing=config.train.label_smoothing)
-  train_step = jax.jit(make_train_step(net, opt.tx, opt.schedule, sc, config.seed),
+  train_step = jax.jit(make_train_step(net, opt.tx, opt.schedule, sc, config.seed,
+                                       config.optim.accumulate_steps),
                        donate_argnums=(0,))
   eval_fn = jax.jit(make_eval_step(net, sc))
   writer = report.MetricWriter(workdir, enabled=jax.process_index() == 0)
@@ -459,10 +478,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   ckpt_every = config.train.checkpoint_every
   progress = _Progress(start, total_steps, config.train.progress, config.train.log_every)
   batches = data_lib.iterate(train_ds, batch_size, seed=config.seed, start_step=start,
-                             num_steps=total_steps - start,
-                             process_index=jax.process_index(), process_count=jax.process_count())
+                             num_steps=total_steps - start)
+  # Every process draws the same global batch and keeps its own contiguous slice of it.
+  local = batch_size // jax.process_count()
+  lo = jax.process_index() * local
   last_good = mngr.latest_step()
-  pending: tuple[int, dict] | None = None  # metrics of the previous step, read one step late
+  # Metrics are read one step late so the host never stalls the device pipeline waiting for them.
+  pending: tuple[int, dict] | None = None
+  last_val: tuple[int, dict] | None = None
   interrupted = False
   t_wait = 0.0
   t_last = time.time()
@@ -471,12 +494,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   def check(step_metrics: tuple[int, dict]) -> dict[str, float]:
     s, m = step_metrics
     m = {k: float(v) for k, v in jax.device_get(m).items()}
-    if not math.isfinite(m["loss"]):
-      raise TrainError(
-          f"loss became {m['loss']} at step {s}; stopped. The last good checkpoint "
-          f"(step {last_good}) is kept in {workdir / 'checkpoints'}. Lower optim.lr, enable "
-          "optim.clip_norm, or check the data.")
+    bad = [k for k in ("loss", "param_norm") if not math.isfinite(m[k])]
+    if bad:
+      what = f"loss became {m['loss']}" if "loss" in bad else "the parameters became non-finite"
+      kept = (f"The last good checkpoint (step {last_good}) is kept in {workdir / 'checkpoints'}."
+              if last_good is not None else "No checkpoint had been written yet.")
+      raise TrainError(f"{what} at step {s}; stopped. {kept} Lower optim.lr, enable "
+                       "optim.clip_norm, or check the data.")
     return m
+
+  def log_train(step_metrics: tuple[int, dict]) -> None:
+    nonlocal t_wait, t_last
+    m = check(step_metrics)
+    now = time.time()
+    dt = max(now - t_last, 1e-9)
+    t_last = now
+    m.update(images_per_s=batch_size / dt, data_wait=min(t_wait / dt, 1.0))
+    t_wait = 0.0
+    if step_metrics[0] % config.train.log_every == 0 or step_metrics[0] == total_steps:
+      writer.write(step_metrics[0], "train", m)
+    progress.update(step_metrics[0], m)
 
   with _StopFlag() as stop:
     try:
@@ -489,27 +526,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         t_wait += time.time() - t0
         assert s == step, (s, step)
         batch = {
-            "image": jax.make_array_from_process_local_data(batch_sharding, images),
-            "label": jax.make_array_from_process_local_data(batch_sharding, labels),
+            "image": jax.make_array_from_process_local_data(batch_sharding, images[lo:lo + local]),
+            "label": jax.make_array_from_process_local_data(batch_sharding, labels[lo:lo + local]),
         }
         state, metrics = train_step(state, batch)
         step += 1
         if pending is not None:
-          m = check(pending)
-          now = time.time()
-          dt = now - t_last
-          t_last = now
-          m.update(images_per_s=batch_size / max(dt, 1e-9), data_wait=min(t_wait / max(dt, 1e-9), 1.0))
-          t_wait = 0.0
-          if pending[0] % config.train.log_every == 0:
-            writer.write(pending[0], "train", m)
-          progress.update(pending[0], m)
+          log_train(pending)
         pending = (step, metrics)
 
         is_last = step == total_steps
         val = None
         if val_ds is not None and ((eval_every and step % eval_every == 0) or is_last):
           val = evaluate_now(state)
+          last_val = (step, val)
           writer.write(step, "val", {k: val[k] for k in ("loss", "top1", "top5")} |
                        {"per_class": val["per_class"]})
           logging.info("step %d: val loss %.4f top1 %.4f top5 %.4f", step, val["loss"], val["top1"],
@@ -524,18 +554,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
           interrupted = True
           break
       if pending is not None:
-        m = check(pending)
-        progress.update(pending[0], m | {"images_per_s": 0.0, "data_wait": 0.0})
+        log_train(pending)
     finally:
       progress.close()
-      close = getattr(batches, "close", None)
-      if close is not None:
-        close()
+      batches.close()
 
   # --- Final evaluation, plots. ---
   result: dict[str, Any] = {"step": int(state["step"]), "interrupted": interrupted}
   if val_ds is not None and not interrupted:
-    val = evaluate_now(state)
+    val = last_val[1] if last_val and last_val[0] == result["step"] else evaluate_now(state)
     result.update({k: val[k] for k in ("n", "loss", "top1", "top5", "per_class")})
     if jax.process_index() == 0:
       report.plot_confusion(val["confusion"], val_ds.class_names, workdir / "confusion_matrix.png")

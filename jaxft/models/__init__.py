@@ -45,7 +45,7 @@ for _name, _depths, _block, _kw, _file in [
             lambda nc, d=_depths, b=_block, kw=_kw: resnet_spec(d, b, nc, **kw),
             num_classes=1000, input_size=224, url=_TV + _file)
 
-for _depth in (20, 32, 44, 56, 110):
+for _depth in (8, 20, 32, 44, 56, 110):  # 8: the smallest (one block per stage), for tests
   _register(f"cifar_resnet{_depth}", lambda nc, d=_depth: cifar_resnet_spec(d, nc),
             num_classes=10, input_size=32, url=None)
 
