@@ -8,6 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxft.models import conv as conv_lib
+
 Dtype = Any
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -40,16 +42,18 @@ conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 def conv(features: int, kernel: int, stride: int = 1, groups: int = 1, *, use_bias: bool = False,
          dtype: Dtype = jnp.float32, name: str | None = None,
-         kernel_init: Callable[..., jax.Array] = conv_init) -> nn.Conv:
+         kernel_init: Callable[..., jax.Array] = conv_init, impl: str = "auto") -> nn.Conv:
   """A k×k conv padded symmetrically by ``k // 2`` on each side, as torch's ``padding=k//2``.
 
   Flax's ``padding='SAME'`` pads asymmetrically for stride 2 and gives different results from torch.
-  Parameters are float32; ``dtype`` is the compute dtype.
+  Parameters are float32; ``dtype`` is the compute dtype. ``impl`` picks the computation (see
+  ``jaxft.models.conv``: ``auto`` is matrix products on CPU, ``lax.conv`` elsewhere); the parameter
+  tree is the same for every ``impl``.
   """
   p = kernel // 2
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((p, p), (p, p)),
-                 feature_group_count=groups, use_bias=use_bias, dtype=dtype,
-                 param_dtype=jnp.float32, kernel_init=kernel_init, name=name)
+  return conv_lib.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((p, p), (p, p)),
+                       feature_group_count=groups, use_bias=use_bias, dtype=dtype,
+                       param_dtype=jnp.float32, kernel_init=kernel_init, impl=impl, name=name)
 
 
 def max_pool_3x3_s2(x: jax.Array) -> jax.Array:

@@ -1,0 +1,192 @@
+"""Convolutions written as matrix products, for backends where ``lax.conv`` is slow (XLA:CPU).
+
+XLA:CPU's convolution kernels are far from the machine's GEMM peak on small feature maps (a 3×3
+512→512 convolution on a 2×2 map took 450 ms where torch takes 7 ms), while its dot is close to it. So
+on CPU every convolution is re-expressed as one GEMM:
+
+* 1×1 convolutions: (strided slice +) ``dot_general`` over the channel axis;
+* k×k convolutions: symmetric padding + k² strided slices concatenated along channels (im2col in
+  NHWC, order ``(i, j, c)``, which is exactly the row order of the HWIO kernel reshaped to
+  ``[k·k·Cin, Cout]``) feeding one ``dot_general``;
+* depthwise convolutions: a sum of k² shifted slices times one kernel tap each (no GEMM at all);
+* any other grouped convolution falls back to ``lax.conv_general_dilated``.
+
+Gradients are plain autodiff of these formulations: the input gradient is one GEMM plus the transpose
+of the slicing (pads and adds that XLA fuses), the kernel gradient one GEMM.
+
+:class:`Conv` is a drop-in for ``flax.linen.Conv`` (it subclasses it) with the same parameter tree —
+``kernel`` HWIO and optional ``bias`` — so checkpoints and weight conversion do not depend on the
+implementation. ``impl="auto"`` picks the matmul formulation when the default backend is CPU and
+``lax.conv`` elsewhere (cuDNN is already fast). :func:`configure_cpu` sets XLA flags that help on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from typing import Iterator, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+IMPLS = ("auto", "lax", "matmul")
+
+# YNNPACK fusions (on by default in recent jaxlib) slow ResNet training on CPU: 13% at 32 px, 2.2× at
+# 224 px on a 2-core Zen3 (docs/benchmarks.md). An empty value disables them.
+CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=",)
+
+
+_scope = threading.local()
+
+
+@contextlib.contextmanager
+def impl_scope(impl: str) -> Iterator[None]:
+  """Within this context, convolutions built with ``impl="auto"`` use ``impl`` instead.
+
+  The choice is made when a function is traced, so wrap the first call of a jitted function (the
+  one that compiles), e.g. to compare implementations on the same model::
+
+    with impl_scope("lax"):
+      y = jax.jit(net.apply)(variables, x)
+  """
+  resolve_impl(impl)  # validates the name
+  prev = getattr(_scope, "impl", "auto")
+  _scope.impl = impl
+  try:
+    yield
+  finally:
+    _scope.impl = prev
+
+
+def resolve_impl(impl: str) -> str:
+  """Maps ``auto`` to the enclosing :func:`impl_scope`, else to ``matmul`` on a CPU default backend
+  and ``lax`` elsewhere.
+
+  Raises:
+    ValueError: for an unknown implementation name.
+  """
+  if impl not in IMPLS:
+    raise ValueError(f"unknown conv impl {impl!r}; valid: {', '.join(IMPLS)}")
+  if impl == "auto":
+    impl = getattr(_scope, "impl", "auto")
+  if impl == "auto":
+    return "matmul" if jax.default_backend() == "cpu" else "lax"
+  return impl
+
+
+def _backend_initialised() -> bool:
+  # jax has no public "is the backend up" query; the bridge's cache is the only signal.
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+  return bool(getattr(xla_bridge, "_backends", None))
+
+
+def configure_cpu(force: bool = False) -> bool:
+  """Adds :data:`CPU_XLA_FLAGS` to ``XLA_FLAGS`` so that XLA:CPU runs convolution nets fast.
+
+  XLA reads ``XLA_FLAGS`` once, when the first backend starts, so this must run before any array is
+  created. It does nothing (and returns False) when a backend is already running, or — unless
+  ``force`` — when the user has already set any of these flags themselves. Flags already present in
+  ``XLA_FLAGS`` are kept.
+
+  Returns:
+    True when ``XLA_FLAGS`` was changed.
+  """
+  if _backend_initialised():
+    return False
+  current = os.environ.get("XLA_FLAGS", "")
+  names = [f.split("=")[0] for f in CPU_XLA_FLAGS]
+  if not force and any(n in current for n in names):
+    return False
+  missing = [f for f, n in zip(CPU_XLA_FLAGS, names) if n not in current]
+  if not missing:
+    return False
+  os.environ["XLA_FLAGS"] = " ".join([current, *missing]).strip()
+  return True
+
+
+def _pad_hw(x: jax.Array, padding: Sequence[tuple[int, int]]) -> jax.Array:
+  if all(lo == 0 and hi == 0 for lo, hi in padding):
+    return x
+  return jnp.pad(x, ((0, 0), *padding, (0, 0)))
+
+
+def _taps(x: jax.Array, kernel_hw: tuple[int, int], strides: tuple[int, int]
+          ) -> tuple[list[jax.Array], tuple[int, int]]:
+  """The k·k strided windows of an already padded NHWC ``x``, row-major over the kernel taps."""
+  n, h, w, c = x.shape
+  (kh, kw), (sh, sw) = kernel_hw, strides
+  ho, wo = (h - kh) // sh + 1, (w - kw) // sw + 1
+  taps = [lax.slice(x, (0, i, j, 0), (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c),
+                    (1, sh, sw, 1))
+          for i in range(kh) for j in range(kw)]
+  return taps, (ho, wo)
+
+
+def conv_matmul(x: jax.Array, kernel: jax.Array, strides: tuple[int, int] = (1, 1),
+                padding: Sequence[tuple[int, int]] = ((0, 0), (0, 0)), groups: int = 1
+                ) -> jax.Array:
+  """NHWC × HWIO convolution computed as one GEMM (or shifted products when depthwise).
+
+  Same result as ``lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=('NHWC',
+  'HWIO', 'NHWC'), feature_group_count=groups)``; grouped convolutions that are not depthwise (channel
+  multiplier 1) are computed by exactly that call. Neither input is mutated.
+  """
+  kh, kw, cin_g, cout = kernel.shape
+  cin = x.shape[-1]
+  strides = tuple(strides)
+  padding = tuple(tuple(p) for p in padding)
+  if groups != 1 and not (groups == cin == cout and cin_g == 1):
+    return lax.conv_general_dilated(x, kernel, strides, padding,
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                    feature_group_count=groups)
+  x = _pad_hw(x, padding)
+  if groups != 1:  # depthwise: Σ_taps window · kernel[tap]
+    taps, _ = _taps(x, (kh, kw), strides)
+    k = kernel.reshape(kh * kw, cout)
+    y = taps[0] * k[0]
+    for t in range(1, kh * kw):
+      y = y + taps[t] * k[t]
+    return y
+  if (kh, kw) == (1, 1):
+    cols = x if strides == (1, 1) else x[:, ::strides[0], ::strides[1], :]
+  else:
+    taps, _ = _taps(x, (kh, kw), strides)
+    cols = jnp.concatenate(taps, axis=-1)
+  return lax.dot_general(cols, kernel.reshape(kh * kw * cin_g, cout), (((3,), (0,)), ((), ())))
+
+
+class Conv(nn.Conv):
+  """``flax.linen.Conv`` whose computation is chosen by ``impl`` (``auto``, ``lax``, ``matmul``).
+
+  Parameters (``kernel`` HWIO, ``bias``) are created exactly as ``nn.Conv`` creates them, with the same
+  names, shapes and initial values, whatever ``impl``. The matmul path supports NHWC inputs with
+  explicit padding and no dilation; anything else runs ``nn.Conv`` itself.
+  """
+
+  impl: str = "auto"
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    impl = resolve_impl(self.impl)
+    plain = (isinstance(self.padding, str) or self.input_dilation not in (None, 1)
+             or self.kernel_dilation not in (None, 1) or inputs.ndim != 4 or self.mask is not None
+             or len(self.kernel_size) != 2)
+    if impl == "lax" or plain:
+      return super().__call__(inputs)
+    cin = inputs.shape[-1]
+    if cin % self.feature_group_count:
+      raise ValueError(f"input channels {cin} not divisible by groups {self.feature_group_count}")
+    kernel_shape = (*self.kernel_size, cin // self.feature_group_count, self.features)
+    kernel = self.param("kernel", self.kernel_init, kernel_shape, self.param_dtype)
+    bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias else None)
+    inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+    strides = (self.strides,) * 2 if isinstance(self.strides, int) else tuple(self.strides or (1, 1))
+    padding = tuple((p, p) if isinstance(p, int) else tuple(p) for p in self.padding)
+    y = conv_matmul(inputs, kernel, strides, padding, self.feature_group_count)
+    if bias is not None:
+      y = y + bias
+    return y
