@@ -31,6 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.num_classes = 10  # the pretrained head is replaced when this differs
   c.model.dtype = "float32"  # or "bfloat16" (compute only; parameters stay float32)
   c.model.input_size = 0  # resize images on device to this size; 0 = keep the data's size
+  c.model.dropout = 0.0  # dropout before the main head (surgery.set_dropout); 0 = as the model has it
 
   # Surgery ops applied after loading, in order, each recorded in the evolution log, e.g.
   # {"op": "add_adapters", "blocks": "layer[34]/.*", "width": 16}. See jaxft.surgery.apply_ops.
@@ -47,9 +48,41 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.crop_padding = 4  # random crop with this zero padding; 0 = no crop
   c.data.flip = True
   c.data.skip_corrupt = False
+  c.data.random_erasing = 0.0  # per-image probability of erasing a random box (after normalising)
   c.data.cache_dir = ""  # '' = $JAXFT_CACHE_DIR or ~/.cache/jaxft
 
   c.optim = optim.seed_recipe()
+
+  # The loss is a weighted sum of named terms, each logged as train/loss_<term> (unweighted):
+  # ce (main head), kd (T²·KL to the teacher's softened logits), feature (pooled-feature
+  # distillation), and task_<name> for each entry of c.tasks (its own weight). 0 = term off.
+  c.loss = ml_collections.ConfigDict()
+  c.loss.ce = 1.0
+  c.loss.kd = 0.0
+  c.loss.feature = 0.0
+
+  c.distill = ml_collections.ConfigDict()
+  # '' = none; 'base' = the pretrained model before surgery; a jaxft checkpoint dir or training
+  # workdir; or a .pth/.th/.safetensors file (converted with distill.arch, default model.arch).
+  c.distill.teacher = ""
+  c.distill.arch = ""
+  c.distill.temperature = 4.0
+  c.distill.feature_mode = "auto"  # auto (mse if widths agree, else similarity) | mse | project | similarity
+
+  # Multi-task heads, each trained on labels mapped from the main classes, e.g.
+  # {"name": "coarse", "classes": ("animal", "vehicle"), "label_map": {"cat": "animal", …},
+  #  "weight": 0.5, "dropout": 0.0}; the head head_<name> is grafted by surgery.add_head if missing.
+  c.tasks = ()
+
+  c.mix = ml_collections.ConfigDict()
+  c.mix.mixup_alpha = 0.0  # 0 = off
+  c.mix.cutmix_alpha = 0.0  # 0 = off
+  c.mix.prob = 1.0  # probability that a batch is mixed at all
+  c.mix.switch_prob = 0.5  # probability of cutmix when both are on
+
+  c.ema = ml_collections.ConfigDict()
+  c.ema.decay = 0.0  # EMA of the weights, evaluated and checkpointed (item 'ema') beside them; 0 = off
+  c.ema.warmup = True  # decay min(decay, (1 + step) / (10 + step)) early on
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 100
