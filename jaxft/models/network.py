@@ -32,17 +32,53 @@ from jaxft.models.spec import BlockSpec, ModelSpec, StemSpec
 Dtype = Any
 
 
+def _same_pads(size: int, kernel: int, stride: int) -> tuple[int, int]:
+  """TensorFlow's ``SAME`` padding of one spatial dimension (the odd pixel goes to the end)."""
+  total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
+  return total // 2, total - total // 2
+
+
+def padded_conv(conv: Callable[[jax.Array], jax.Array], x: jax.Array, kernel: int, stride: int,
+                padding: str) -> jax.Array:
+  """Applies ``conv`` (a ``layers.conv``, which pads ``k // 2`` on each side) padded as ``padding`` says.
+
+  ``torch`` is ``conv(x)``. ``same`` is TensorFlow's ``SAME``, which differs for strided convs: on an
+  even size it pads one pixel less at the start, i.e. the windows sit one pixel later. The conv keeps its
+  own padding (so its parameters and implementation are shared with every other conv); ``x`` gets enough
+  leading zeros that a whole number of windows precede the wanted ones, which are then sliced out. For
+  stride 2 this costs one extra output row and column.
+  """
+  if padding == "torch" or stride == 1:
+    return conv(x)
+  if padding != "same":
+    raise ValueError(f"unknown padding {padding!r}; valid: torch, same")
+  p = kernel // 2
+  pads, windows = [(0, 0)], [slice(None)]
+  for size in x.shape[1:3]:
+    lo, _ = _same_pads(size, kernel, stride)
+    extra = (lo - p) % stride  # leading zeros so that the conv's windows line up with SAME's
+    skip = (p - lo + extra) // stride  # the conv's windows that start before SAME's first one
+    pads.append((extra, 0))
+    windows.append(slice(skip, skip + -(-size // stride)))
+  pads.append((0, 0))
+  if any(lo for lo, _ in pads):
+    x = jnp.pad(x, pads)
+  return conv(x)[tuple(windows) + (slice(None),)]
+
+
 class Stem(nn.Module):
   """conv k×k/s + BN + act (+ 3×3/2 max-pool)."""
 
   spec: StemSpec
   bn: Callable[..., nn.Module]
   dtype: Dtype = jnp.float32
+  padding: str = "torch"
 
   @nn.compact
   def __call__(self, x: jax.Array, frozen_bn: bool) -> jax.Array:
     s = self.spec
-    x = layers.conv(s.width, s.kernel, s.stride, dtype=self.dtype, name="conv")(x)
+    x = padded_conv(layers.conv(s.width, s.kernel, s.stride, dtype=self.dtype, name="conv"), x, s.kernel,
+                    s.stride, self.padding)
     x = layers.activation(s.act)(self.bn(name="bn")(x, frozen_bn))
     if s.pool:
       x = layers.max_pool_3x3_s2(x)
@@ -72,6 +108,7 @@ class Block(nn.Module):
   shortcut: str
   bn: Callable[..., nn.Module]
   dtype: Dtype = jnp.float32
+  padding: str = "torch"
 
   @nn.compact
   def __call__(self, x: jax.Array, frozen_bn: bool) -> jax.Array:
@@ -79,20 +116,22 @@ class Block(nn.Module):
     act = layers.activation(b.act)
     cin = x.shape[-1]
     bn = lambda name: (lambda h: self.bn(name=name)(h, frozen_bn))
+    # The strided k×k conv of every kind pads per ModelSpec.padding.
+    spatial = lambda c, h: padded_conv(c, h, b.kernel, b.stride, self.padding)
     if b.kind == "basic":
-      h = act(bn("bn1")(layers.conv(b.width, b.kernel, b.stride, dtype=self.dtype, name="conv1")(x)))
+      h = act(bn("bn1")(spatial(layers.conv(b.width, b.kernel, b.stride, dtype=self.dtype, name="conv1"), x)))
       h = bn("bn2")(layers.conv(b.out, b.kernel, 1, dtype=self.dtype, name="conv2")(h))
     elif b.kind == "bottleneck":
       h = act(bn("bn1")(layers.conv(b.width, 1, dtype=self.dtype, name="conv1")(x)))
-      h = act(bn("bn2")(layers.conv(b.width, b.kernel, b.stride, b.groups, dtype=self.dtype,
-                                    name="conv2")(h)))
+      h = act(bn("bn2")(spatial(layers.conv(b.width, b.kernel, b.stride, b.groups, dtype=self.dtype,
+                                            name="conv2"), h)))
       h = bn("bn3")(layers.conv(b.out, 1, dtype=self.dtype, name="conv3")(h))
     elif b.kind == "mbconv":
       h = x
       if b.width != cin:
         h = act(bn("bn0")(layers.conv(b.width, 1, dtype=self.dtype, name="expand_conv")(h)))
-      h = act(bn("bn1")(layers.conv(b.width, b.kernel, b.stride, b.width, dtype=self.dtype,
-                                    name="depthwise_conv")(h)))
+      h = act(bn("bn1")(spatial(layers.conv(b.width, b.kernel, b.stride, b.width, dtype=self.dtype,
+                                            name="depthwise_conv"), h)))
       h = bn("bn2")(layers.conv(b.out, 1, dtype=self.dtype, name="project_conv")(h))
     else:
       raise ValueError(f"unknown block kind {b.kind!r}; valid: basic, bottleneck, mbconv")
@@ -125,11 +164,12 @@ class Stage(nn.Module):
   shortcut: str
   bn: Callable[..., nn.Module]
   dtype: Dtype = jnp.float32
+  padding: str = "torch"
 
   @nn.compact
   def __call__(self, x: jax.Array, frozen_bn: bool) -> jax.Array:
     for b in self.blocks:
-      x = Block(b, self.shortcut, self.bn, self.dtype, name=b.name)(x, frozen_bn)
+      x = Block(b, self.shortcut, self.bn, self.dtype, self.padding, name=b.name)(x, frozen_bn)
     return x
 
 
@@ -171,9 +211,9 @@ class Network(nn.Module):
     s = self.spec
     frozen = lambda name: (not train) or (name in self.frozen_bn)
     x = x.astype(self.dtype)
-    x = Stem(s.stem, self._bn, self.dtype, name="stem")(x, frozen("stem"))
+    x = Stem(s.stem, self._bn, self.dtype, s.padding, name="stem")(x, frozen("stem"))
     for st in s.stages:
-      x = Stage(st.blocks, s.shortcut, self._bn, self.dtype, name=st.name)(x, frozen(st.name))
+      x = Stage(st.blocks, s.shortcut, self._bn, self.dtype, s.padding, name=st.name)(x, frozen(st.name))
     if s.neck_width:
       x = layers.conv(s.neck_width, 1, dtype=self.dtype, name="neck_conv")(x)
       x = layers.activation(s.neck_act)(self._bn(name="neck_bn")(x, frozen("neck")))

@@ -86,6 +86,9 @@ class ModelSpec:
       torchvision) or ``option_a`` (parameter-free: subsample + zero-pad channels, He et al. 2016 CIFAR).
     bn_eps: BatchNorm epsilon.
     bn_momentum: BatchNorm momentum in the flax convention (torch's 0.1 is flax's 0.9).
+    padding: how strided k×k convs pad: ``torch`` (``k // 2`` on each side) or ``same`` (TensorFlow's
+      ``SAME``: the extra pixel goes to the bottom/right), which weights trained in TensorFlow (e.g.
+      EfficientNet-Lite) expect. Stride-1 convs pad the same either way.
   """
 
   family: str
@@ -97,6 +100,7 @@ class ModelSpec:
   shortcut: str = "conv"
   bn_eps: float = 1e-5
   bn_momentum: float = 0.9
+  padding: str = "torch"
 
   @property
   def num_classes(self) -> int:
