@@ -34,6 +34,13 @@ from jax import lax
 
 IMPLS = ("auto", "lax", "matmul")
 
+# On CPU, ``auto`` uses the matmul formulation for k×k convolutions whose input has at most this many
+# pixels (H·W) and ``lax.conv`` above it: XLA:CPU's convolution is pathological on tiny maps (a 3×3
+# 512→512 stride-2 conv on a 2×2 map, batch 128: 1.29 s fwd+bwd vs 33 ms as a matmul) but beats the
+# im2col GEMM on large ones (56×56×64, batch 8: 148 ms vs 370 ms), where the k²-times larger patch
+# matrix costs more memory traffic than it saves. Measured by tools/bench.py; see docs/benchmarks.md.
+SMALL_MAP_PIXELS = 16
+
 # YNNPACK fusions (on by default in recent jaxlib) slow ResNet training on CPU: 13% at 32 px, 2.2× at
 # 224 px on a 2-core Zen3 (docs/benchmarks.md). An empty value disables them.
 CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=",)
@@ -61,9 +68,10 @@ def impl_scope(impl: str) -> Iterator[None]:
     _scope.impl = prev
 
 
-def resolve_impl(impl: str) -> str:
-  """Maps ``auto`` to the enclosing :func:`impl_scope`, else to ``matmul`` on a CPU default backend
-  and ``lax`` elsewhere.
+def resolve_impl(impl: str, pixels: int | None = None) -> str:
+  """Maps ``auto`` to the enclosing :func:`impl_scope`; else, on a CPU default backend, to ``matmul``
+  when the input has at most :data:`SMALL_MAP_PIXELS` pixels (or ``pixels`` is None) and ``lax``
+  otherwise; on other backends to ``lax``.
 
   Raises:
     ValueError: for an unknown implementation name.
@@ -73,7 +81,9 @@ def resolve_impl(impl: str) -> str:
   if impl == "auto":
     impl = getattr(_scope, "impl", "auto")
   if impl == "auto":
-    return "matmul" if jax.default_backend() == "cpu" else "lax"
+    if jax.default_backend() != "cpu":
+      return "lax"
+    return "matmul" if pixels is None or pixels <= SMALL_MAP_PIXELS else "lax"
   return impl
 
 
@@ -170,7 +180,7 @@ class Conv(nn.Conv):
 
   @nn.compact
   def __call__(self, inputs: jax.Array) -> jax.Array:
-    impl = resolve_impl(self.impl)
+    impl = resolve_impl(self.impl, inputs.shape[-3] * inputs.shape[-2] if inputs.ndim == 4 else None)
     plain = (isinstance(self.padding, str) or self.input_dilation not in (None, 1)
              or self.kernel_dilation not in (None, 1) or inputs.ndim != 4 or self.mask is not None
              or len(self.kernel_size) != 2)
