@@ -249,8 +249,11 @@ def test_safetensors_without_torch(tmp_path: Path) -> None:
 
 
 def test_torch_pickle_without_torch_says_so(tmp_path: Path) -> None:
+  # Plain tensor pickles are read without torch (tests/test_efficientnet.py); one that needs another
+  # global (here argparse.Namespace) still needs torch.
   p = tmp_path / "w.pth"
-  torch.save({k: torch.from_numpy(v) for k, v in fake_state_dict("cifar_resnet20").items()}, p)
+  torch.save({"state_dict": {k: torch.from_numpy(v) for k, v in fake_state_dict("cifar_resnet20").items()},
+              "args": argparse.Namespace(lr=0.1)}, p)
   code = ("import sys; sys.modules['torch'] = None\n"
           "from jaxft import convert\n"
           f"convert.convert_file({str(p)!r}, 'cifar_resnet20')\n")
