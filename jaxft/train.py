@@ -71,7 +71,8 @@ def load_base_model(config: ml_collections.ConfigDict, rng: Array) -> Model:
     if arch is None:
       raise TrainError("config.model.arch is required for random init (config.model.pretrained='')")
     logging.info("no pretrained weights: random init of %s", arch)
-    return models.create_model(arch, rng)
+    # Born with the config's head, so that 'base' (e.g. a distillation teacher) predicts its classes.
+    return models.create_model(arch, rng, num_classes=config.model.num_classes or None)
   if src.startswith("torchvision:"):
     return convert.convert_source(src, arch)
   p = Path(src).expanduser()
@@ -805,7 +806,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   if ema_decay:
     if not 0.0 < ema_decay < 1.0:
       raise TrainError(f"ema.decay must be in (0, 1) (or 0 = off), got {ema_decay}")
-    state["ema"] = {"params": trainable, "batch_stats": model.batch_stats}
+    # Copies: the state is donated to the step, so no two of its leaves may share a buffer.
+    state["ema"] = jax.tree.map(lambda a: np.array(a, copy=True),
+                                {"params": trainable, "batch_stats": model.batch_stats})
 
   mngr = checkpoint_manager(workdir, config)
   if mngr.latest_step() is not None:
@@ -827,7 +830,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                                        config.optim.accumulate_steps, objective, teacher_net),
                        donate_argnums=(0,))
   if teacher_variables is not None:
-    teacher_variables = jax.device_put(teacher_variables, replicated)
+    # Copied: a 'base' teacher shares arrays with the student's (donated) state.
+    teacher_variables = jax.device_put(
+        jax.tree.map(lambda a: np.array(a, copy=True), teacher_variables), replicated)
   eval_fn = jax.jit(make_eval_step(net, sc))
   writer = report.MetricWriter(workdir, enabled=jax.process_index() == 0)
 

@@ -168,3 +168,106 @@ def test_sigterm_saves_and_rerun_resumes(folder, tmp_path):
   assert r.returncode == 0, r.stderr[-3000:]
   assert f"resuming {wd} from step {steps[0]}" in r.stderr
   assert json.loads(r.stdout.strip().splitlines()[-1])["step"] == steps[0] + 2
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fine-tuning techniques: distillation, multi-task heads, EMA, mixing, dropout.
+# ---------------------------------------------------------------------------------------------------
+
+# blue → "cold", red → "warm": listed so that the task's label order is the reverse of the main one,
+# so a head scored against the wrong labels would show.
+COARSE_TASK = {"name": "coarse", "classes": ("warm", "cold"),
+               "label_map": {"blue": "cold", "red": "warm"}, "weight": 0.5}
+
+
+def train_records(workdir: Path, split: str = "train") -> list[dict]:
+  return [r for r in (json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines())
+          if r["split"] == split]
+
+
+def everything_config(folder: Path, tmp: Path, **overrides):
+  """KD from the pre-surgery model + a second head + EMA + mixup/cutmix + erasing + dropout."""
+  return tiny_config(folder, tmp, **{
+      "surgery": [{"op": "prune_channels", "blocks": "layer3/.*", "fraction": 0.5}],
+      "model.dropout": 0.2, "tasks": (COARSE_TASK,),
+      "distill.teacher": "base", "distill.temperature": 2.0, "loss.kd": 0.5, "loss.feature": 0.1,
+      "ema.decay": 0.9, "mix.mixup_alpha": 0.2, "mix.cutmix_alpha": 1.0, "data.random_erasing": 0.5,
+      **overrides})
+
+
+def test_kd_ema_multitask_resume_is_exact(folder, tmp_path):
+  straight = tmp_path / "straight"
+  result = train.train_and_evaluate(everything_config(folder, tmp_path), straight)
+  resumed = tmp_path / "resumed"
+  train.train_and_evaluate(everything_config(folder, tmp_path, **{"train.num_steps": 2}), resumed)
+  train.train_and_evaluate(everything_config(folder, tmp_path), resumed)
+  for load in (final_params, lambda wd: {k: np.asarray(v) for k, v in
+                                         paths.flatten(train.load_ema_model(wd).variables).items()}):
+    a, b = load(straight), load(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+  # Every term is logged on its own; the total is their weighted sum.
+  rec = train_records(straight)[-1]
+  terms = {"ce": 1.0, "task_coarse": 0.5, "kd": 0.5, "feature": 0.1}
+  assert rec["loss"] == pytest.approx(sum(w * rec[f"loss_{k}"] for k, w in terms.items()), rel=1e-5)
+  # The raw weights stay what load_model returns; the EMA differs from them and is evaluated too.
+  raw, ema = checkpoint.load_model(straight), train.load_ema_model(straight)
+  assert raw.spec == ema.spec and [h.name for h in raw.spec.heads] == ["head", "coarse"]
+  assert raw.spec.heads[0].dropout == 0.2
+  assert not np.array_equal(raw.params["head"]["kernel"], ema.params["head"]["kernel"])
+  assert set(result["ema"]) >= {"top1", "loss", "top1_coarse"}
+  assert result["surgery"]["flops_after"] < result["surgery"]["flops_before"]
+  ops = [h["op"] for h in raw.history]
+  assert ops == ["prune_channels", "set_dropout", "add_head"]
+
+
+def test_multitask_metrics_per_head(folder, tmp_path):
+  from jaxft import data, evaluate
+  cfg = tiny_config(folder, tmp_path, **{"tasks": (COARSE_TASK,), "train.num_steps": 6,
+                                         "optim.lr": 0.05})
+  workdir = tmp_path / "run"
+  result = train.train_and_evaluate(cfg, workdir)
+  val = train_records(workdir, "val")[-1]
+  assert {"top1_coarse", "loss_coarse"} <= set(val)
+  assert {"loss_task_coarse", "top1_coarse"} <= set(train_records(workdir)[-1])
+  assert set(result["tasks"]["coarse"]["per_class"]) == {"warm", "cold"}
+  # Recompute the coarse head's accuracy from the checkpoint against the mapped labels.
+  model = checkpoint.load_model(workdir)
+  assert model.meta["tasks"]["coarse"]["label_of_class"] == {"blue": "cold", "red": "warm"}
+  ds = data.load_source(cfg.data.source, cache_dir=cfg.data.cache_dir)
+  _, val_ds = data.split_train_val(ds, cfg.data.val_fraction, cfg.data.split_seed)
+  x = data.preprocess_eval(val_ds.images, model.meta["mean"], model.meta["std"])
+  heads = model.apply(x, return_all=True)["heads"]
+  coarse = np.where(val_ds.labels == 0, 1, 0)  # blue → cold (1), red → warm (0)
+  assert result["tasks"]["coarse"]["top1"] == pytest.approx(
+      np.mean(np.argmax(heads["coarse"], -1) == coarse))
+  assert result["top1"] == pytest.approx(np.mean(np.argmax(heads["head"], -1) == val_ds.labels))
+  assert evaluate.evaluate(model, val_ds.images, val_ds.labels)["top1"] == pytest.approx(result["top1"])
+
+
+def test_kd_student_moves_toward_a_different_architecture_teacher(folder, tmp_path):
+  from jaxft import models, surgery
+  teacher = surgery.replace_head(models.create_model("cifar_resnet20", jax.random.key(3)), 2, seed=3)
+  checkpoint.save_model(tmp_path / "teacher", teacher)
+  cfg = tiny_config(folder, tmp_path, **{
+      "distill.teacher": str(tmp_path / "teacher"), "distill.temperature": 1.0, "loss.ce": 0.0,
+      "loss.kd": 1.0, "train.num_steps": 16, "optim.lr": 0.05, "optim.name": "adamw",
+      "optim.weight_decay": 0.0, "data.crop_padding": 0, "data.flip": False,
+      "train.eval_every": 0, "train.checkpoint_every": 0})
+  train.train_and_evaluate(cfg, tmp_path / "run")
+  kl = [r["loss_kd"] for r in train_records(tmp_path / "run")]
+  assert len(kl) == 16 and all(np.isfinite(kl))
+  assert np.mean(kl[-4:]) < 0.5 * np.mean(kl[:4]), kl
+
+
+def test_distillation_config_errors(folder, tmp_path):
+  with pytest.raises(train.TrainError, match="need a teacher"):
+    train.train_and_evaluate(tiny_config(folder, tmp_path, **{"loss.kd": 1.0}), tmp_path / "a")
+  with pytest.raises(train.TrainError, match="loss.kd and loss.feature are 0"):
+    train.train_and_evaluate(tiny_config(folder, tmp_path, **{"distill.teacher": "base"}),
+                             tmp_path / "b")
+  bad_task = dict(COARSE_TASK, label_map={"blue": "cold"})
+  with pytest.raises(train.TrainError, match=r"missing \['red'\]"):
+    train.train_and_evaluate(tiny_config(folder, tmp_path, **{"tasks": (bad_task,)}), tmp_path / "c")
