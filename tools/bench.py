@@ -228,6 +228,7 @@ class TorchWorker:
     self.torch = torch
     torch.manual_seed(0)
     self.dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cudnn.benchmark = True  # what a tuned torch GPU run uses
     if hasattr(torchvision.models, w["model"]):
       model = getattr(torchvision.models, w["model"])(num_classes=w["num_classes"])
     else:
@@ -366,6 +367,8 @@ class Worker:
 def bench_workload(w: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
   """Both frameworks on one model × size × dtype; returns one record per mode."""
   env = dict(os.environ)
+  # On GPU both workers share the device: jax must not grab 75% of its memory up front.
+  env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   env["PYTHONPATH"] = os.pathsep.join(
       [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env.get("PYTHONPATH", "")])
   frameworks = ["jaxft"] + ([] if args.no_torch else ["torch"])
@@ -459,8 +462,10 @@ def main(argv: list[str]) -> int:
   sizes = [int(s) for s in args.sizes.split(",") if s]
   dtypes = [d for d in args.dtype.split(",") if d]
   started = time.strftime("%Y-%m-%d %H:%M:%S")
+  load = os.getloadavg()
   print(f"# {started}  {platform.node()}  {platform.processor() or platform.machine()}  "
-        f"{os.cpu_count()} CPUs  python {platform.python_version()}", flush=True)
+        f"{os.cpu_count()} CPUs  python {platform.python_version()}  load average {load[0]:.1f}",
+        flush=True)
   records = []
   for dtype in dtypes:
     for size in sizes:
@@ -490,7 +495,9 @@ def main(argv: list[str]) -> int:
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"started": started, "argv": argv, "host": platform.node(),
-                 "cpus": os.cpu_count(), "records": records}, f, indent=2)
+                 "cpus": os.cpu_count(), "load_average_start": load,
+                 "load_average_end": os.getloadavg(), "records": records}, f, indent=2)
+  print(f"\nload average at the end: {os.getloadavg()[0]:.1f} (on {os.cpu_count()} CPUs)")
   print("\njaxft/torch images/s ratios:")
   for r in records:
     if "ratio" in r:
