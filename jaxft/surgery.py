@@ -33,7 +33,7 @@ import numpy as np
 
 from jaxft import paths
 from jaxft.models.layers import activation as _check_activation
-from jaxft.models.model import Model
+from jaxft.models.model import Model, init_flat
 from jaxft.models.network import Network, head_module_name
 from jaxft.models.spec import BlockSpec, HeadSpec, ModelSpec
 from jaxft.paths import PathError
@@ -196,27 +196,9 @@ def _abstract(spec: ModelSpec) -> dict[str, jax.ShapeDtypeStruct]:
 
 
 def _init_leaves(spec: ModelSpec, seed: int, wanted: Sequence[str]) -> dict[str, jax.Array]:
-  """Initial values of the leaves ``wanted`` of ``Network(spec)`` under ``seed``.
-
-  Only the wanted leaves leave the jitted init, so XLA drops the rest of the init and the forward pass:
-  initialising a whole ResNet-50 eagerly to keep a 10-class head costs seconds.
-  """
-  net = Network(spec)
-  x = jnp.zeros((1, _INIT_SIZE, _INIT_SIZE, 3), jnp.float32)
-  wanted = list(wanted)
-
-  def init(rng: jax.Array) -> dict[str, jax.Array]:
-    flat = paths.flatten({k: dict(v) for k, v in net.init(rng, x, train=False).items()})
-    return {p: flat[p] for p in wanted}
-
-  lowered = jax.jit(init).lower(jax.random.key(seed))
-  # Init runs once, so code quality is irrelevant; on CPU, LLVM optimisation of the threefry kernels
-  # otherwise dominates (tens of seconds for a handful of convs).
-  try:
-    compiled = lowered.compile(compiler_options={"xla_backend_optimization_level": 0})
-  except (RuntimeError, ValueError, TypeError):  # an XLA build without that debug option
-    compiled = lowered.compile()
-  return compiled(jax.random.key(seed))
+  """Initial values of the leaves ``wanted`` of ``Network(spec)`` under ``seed`` (only those are computed:
+  initialising a whole ResNet-50 to keep a 10-class head would cost seconds)."""
+  return init_flat(spec, jax.random.key(seed), list(wanted), input_size=_INIT_SIZE)
 
 
 def _module_of(leaf_path: str) -> str:
