@@ -9,7 +9,9 @@ Conversion is strict: every source tensor must be consumed, every target leaf fi
 must agree. All problems are collected and raised together as one :class:`ConversionError` with a hint
 about which architecture the file looks like. See ``docs/weights.md`` for the tables.
 
-``torch`` is imported lazily and only for torch pickles; ``.safetensors`` files need no torch.
+No torch is needed for ``.safetensors`` files nor for torch files that hold only tensors in
+dicts/lists (most state dicts): those are read by a restricted unpickler (:func:`read_torch_file`).
+``torch`` is imported lazily, only for pickles that need more (e.g. a pickled ``argparse.Namespace``).
 """
 
 from __future__ import annotations
@@ -475,7 +477,8 @@ def _load_torch(path: Path) -> Any:
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """Reads a ``.pth/.pt/.th`` (through torch) or ``.safetensors`` (no torch needed) file.
+  """Reads a ``.pth/.pt/.th`` (without torch when it holds only tensors, else through torch) or
+  ``.safetensors`` (no torch needed) file.
 
   Args:
     path: the file.
