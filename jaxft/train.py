@@ -247,6 +247,9 @@ def build_objective(config: ml_collections.ConfigDict, base: Model, model: Model
   if teacher is not None and not distil:
     raise TrainError(f"distill.teacher is {config.distill.teacher!r} but loss.kd and loss.feature are "
                      "0: give one a weight, or unset the teacher")
+  if not (any(weights.values()) or any(t.weight for t in tasks)):
+    raise TrainError("every loss weight is 0 (loss.ce, loss.kd, loss.feature, tasks[].weight): "
+                     "nothing to train")
   if teacher is None:
     return Objective(ce=weights["ce"], tasks=tasks), None, None
   if weights["kd"] and teacher.spec.num_classes != model.spec.num_classes:
@@ -372,7 +375,8 @@ def make_train_step(net: Any, tx: optax.GradientTransformation, schedule: Callab
   augmented, mixed batch inside the same compiled step.
 
   Metrics: ``loss`` (the weighted sum), ``loss_<term>`` (each term unweighted), ``top1`` (and
-  ``top1_<task>``) against the unmixed labels, ``grad_norm``, ``param_norm``, ``lr``.
+  ``top1_<task>``) against the unmixed labels, ``teacher_agreement`` (share of the batch where student
+  and teacher predict the same class), ``grad_norm``, ``param_norm``, ``lr``.
   """
   base_key = jax.random.key(seed)
   num_classes = net.spec.num_classes
@@ -387,14 +391,15 @@ def make_train_step(net: Any, tx: optax.GradientTransformation, schedule: Callab
     aug_key, drop_key = jax.random.split(step_key)
     mix_key, erase_key = jax.random.split(jax.random.fold_in(step_key, 1))
 
-    # --- Inputs: augmentation, mixup/cutmix, random erasing; targets mixed alike. ---
+    # --- Inputs: augmentation, random erasing (per image, as timm), then mixup/cutmix of the batch
+    # with its reverse; the targets of every head are mixed with the same lam. ---
     x = data_lib.augment(aug_key, batch["image"], crop_padding=sc.crop_padding, flip=sc.flip,
                          out_size=sc.out_size, mean=sc.mean, std=sc.std)
     labels = batch["label"]
     task_labels = {t.name: jnp.asarray(t.label_table, jnp.int32)[labels] for t in obj.tasks}
+    x = losses.random_erasing(erase_key, x, sc.random_erasing)
     x, lam = losses.mix_batch(mix_key, x, mixup_alpha=sc.mixup_alpha, cutmix_alpha=sc.cutmix_alpha,
                               prob=sc.mix_prob, switch_prob=sc.mix_switch_prob)
-    x = losses.random_erasing(erase_key, x, sc.random_erasing)
     targets = {"ce": losses.mix_targets(
         losses.one_hot_targets(labels, num_classes, sc.label_smoothing), lam)}
     for t in obj.tasks:
@@ -967,9 +972,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       result["ema"].update({f"top1_{n}": m["top1"] for n, m in val["ema"].get("tasks", {}).items()})
   if surgery_report is not None:
     result["surgery"] = surgery_report.to_dict()
-    if jax.process_index() == 0:
-      report.plot_confusion(val["confusion"], val_ds.class_names, workdir / "confusion_matrix.png")
-      (workdir / "final_metrics.json").write_text(json.dumps(result, indent=2))
+  if val_ds is not None and not interrupted and jax.process_index() == 0:
+    report.plot_confusion(val["confusion"], val_ds.class_names, workdir / "confusion_matrix.png")
+    (workdir / "final_metrics.json").write_text(json.dumps(result, indent=2))
   writer.close()
   if jax.process_index() == 0:
     report.plot_curves(report.read_metrics(workdir), workdir / "curves.png")
