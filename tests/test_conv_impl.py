@@ -30,7 +30,7 @@ def _matmul(x, w, stride, groups):
 CASES = [
     (1, 1, 1, 4, 6, 5), (1, 2, 1, 4, 6, 5), (3, 1, 1, 4, 6, 5), (3, 2, 1, 4, 6, 6),
     (3, 2, 1, 3, 5, 2), (3, 1, 1, 3, 5, 1), (7, 2, 1, 3, 8, 9), (3, 1, 4, 4, 4, 5),
-    (5, 2, 6, 6, 6, 7), (3, 2, 2, 4, 6, 5),
+    (5, 2, 6, 6, 6, 7), (3, 2, 4, 4, 4, 6), (3, 2, 2, 4, 6, 5),
 ]
 
 
@@ -87,6 +87,7 @@ def test_auto_resolution_and_errors():
   if jax.default_backend() == "cpu":
     assert conv.resolve_impl("auto", conv.SMALL_MAP_PIXELS) == "matmul"
     assert conv.resolve_impl("auto", conv.SMALL_MAP_PIXELS + 1) == "lax"
+    assert conv.resolve_impl("auto", conv.SMALL_MAP_PIXELS + 1, depthwise=True) == "matmul"
   with conv.impl_scope("matmul"):
     assert conv.resolve_impl("auto", 10**6) == "matmul"
     assert conv.resolve_impl("lax", 1) == "lax"  # an explicit choice beats the scope

@@ -23,6 +23,7 @@ implementation. ``impl="auto"`` picks the matmul formulation when the default ba
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 from typing import Iterator, Sequence
@@ -38,7 +39,8 @@ IMPLS = ("auto", "lax", "matmul")
 # pixels (H·W) and ``lax.conv`` above it: XLA:CPU's convolution is pathological on tiny maps (a 3×3
 # 512→512 stride-2 conv on a 2×2 map, batch 128: 1.29 s fwd+bwd vs 33 ms as a matmul) but beats the
 # im2col GEMM on large ones (56×56×64, batch 8: 148 ms vs 370 ms), where the k²-times larger patch
-# matrix costs more memory traffic than it saves. Measured by tools/bench.py; see docs/benchmarks.md.
+# matrix costs more memory traffic than it saves. Depthwise convolutions use shifted products at every
+# size: XLA:CPU's depthwise conv is ~100× slower in the forward pass. See docs/benchmarks.md.
 SMALL_MAP_PIXELS = 16
 
 # YNNPACK fusions (on by default in recent jaxlib) slow ResNet training on CPU: 13% at 32 px, 2.2× at
@@ -68,10 +70,10 @@ def impl_scope(impl: str) -> Iterator[None]:
     _scope.impl = prev
 
 
-def resolve_impl(impl: str, pixels: int | None = None) -> str:
+def resolve_impl(impl: str, pixels: int | None = None, depthwise: bool = False) -> str:
   """Maps ``auto`` to the enclosing :func:`impl_scope`; else, on a CPU default backend, to ``matmul``
-  when the input has at most :data:`SMALL_MAP_PIXELS` pixels (or ``pixels`` is None) and ``lax``
-  otherwise; on other backends to ``lax``.
+  for depthwise convolutions and for inputs of at most :data:`SMALL_MAP_PIXELS` pixels (or ``pixels``
+  None), ``lax`` otherwise; on other backends to ``lax``.
 
   Raises:
     ValueError: for an unknown implementation name.
@@ -83,7 +85,8 @@ def resolve_impl(impl: str, pixels: int | None = None) -> str:
   if impl == "auto":
     if jax.default_backend() != "cpu":
       return "lax"
-    return "matmul" if pixels is None or pixels <= SMALL_MAP_PIXELS else "lax"
+    small = pixels is None or pixels <= SMALL_MAP_PIXELS
+    return "matmul" if small or depthwise else "lax"
   return impl
 
 
@@ -135,6 +138,54 @@ def _taps(x: jax.Array, kernel_hw: tuple[int, int], strides: tuple[int, int]
   return taps, (ho, wo)
 
 
+def _shifted_sum(x: jax.Array, kernel: jax.Array, strides: tuple[int, int]) -> jax.Array:
+  """Depthwise correlation of a padded NHWC ``x`` with ``kernel [kh, kw, C]``: Σ_taps window · tap."""
+  kh, kw, c = kernel.shape
+  taps, _ = _taps(x, (kh, kw), strides)
+  k = kernel.reshape(kh * kw, c)
+  y = taps[0] * k[0]
+  for t in range(1, kh * kw):
+    y = y + taps[t] * k[t]
+  return y
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def depthwise(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
+              padding: tuple[tuple[int, int], ...]) -> jax.Array:
+  """Depthwise NHWC convolution (``kernel [kh, kw, C]``) as a sum of k² shifted products.
+
+  XLA:CPU's depthwise ``lax.conv`` is ~100× slower in the forward pass. The gradients are written by
+  hand: autodiff of the slices would materialise k² padded copies of the output gradient, while the
+  input gradient is itself a stride-1 depthwise correlation of the (dilated, padded) output gradient
+  with the flipped kernel, and the kernel gradient k² fused reductions.
+  """
+  return _shifted_sum(_pad_hw(x, padding), kernel, strides)
+
+
+def _depthwise_fwd(x, kernel, strides, padding):
+  return depthwise(x, kernel, strides, padding), (x, kernel)
+
+
+def _depthwise_bwd(strides, padding, res, dy):
+  x, kernel = res
+  kh, kw, _ = kernel.shape
+  (sh, sw), ((lh, _), (lw, _)) = strides, padding
+  h, w = x.shape[1:3]
+  ho, wo = dy.shape[1:3]
+  # dx[q] = Σ_i dilate(dy)[q + lo - i] k[i]: a valid correlation of the dilated dy, padded by k-1-lo in
+  # front, with the flipped kernel.
+  dyp = lax.pad(dy, jnp.zeros((), dy.dtype),
+                ((0, 0, 0), (kh - 1 - lh, h + lh - (ho - 1) * sh - 1, sh - 1),
+                 (kw - 1 - lw, w + lw - (wo - 1) * sw - 1, sw - 1), (0, 0, 0)))
+  dx = _shifted_sum(dyp, kernel[::-1, ::-1], (1, 1))
+  taps, _ = _taps(_pad_hw(x, padding), (kh, kw), strides)
+  dk = jnp.stack([jnp.sum(t * dy, axis=(0, 1, 2), dtype=jnp.float32) for t in taps])
+  return dx.astype(x.dtype), dk.reshape(kernel.shape).astype(kernel.dtype)
+
+
+depthwise.defvjp(_depthwise_fwd, _depthwise_bwd)
+
+
 def conv_matmul(x: jax.Array, kernel: jax.Array, strides: tuple[int, int] = (1, 1),
                 padding: Sequence[tuple[int, int]] = ((0, 0), (0, 0)), groups: int = 1
                 ) -> jax.Array:
@@ -152,14 +203,9 @@ def conv_matmul(x: jax.Array, kernel: jax.Array, strides: tuple[int, int] = (1, 
     return lax.conv_general_dilated(x, kernel, strides, padding,
                                     dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                     feature_group_count=groups)
+  if groups != 1:
+    return depthwise(x, kernel.reshape(kh, kw, cout), strides, padding)
   x = _pad_hw(x, padding)
-  if groups != 1:  # depthwise: Σ_taps window · kernel[tap]
-    taps, _ = _taps(x, (kh, kw), strides)
-    k = kernel.reshape(kh * kw, cout)
-    y = taps[0] * k[0]
-    for t in range(1, kh * kw):
-      y = y + taps[t] * k[t]
-    return y
   if (kh, kw) == (1, 1):
     cols = x if strides == (1, 1) else x[:, ::strides[0], ::strides[1], :]
   else:
@@ -180,7 +226,9 @@ class Conv(nn.Conv):
 
   @nn.compact
   def __call__(self, inputs: jax.Array) -> jax.Array:
-    impl = resolve_impl(self.impl, inputs.shape[-3] * inputs.shape[-2] if inputs.ndim == 4 else None)
+    g = self.feature_group_count
+    impl = resolve_impl(self.impl, inputs.shape[-3] * inputs.shape[-2] if inputs.ndim == 4 else None,
+                        depthwise=g > 1 and g == inputs.shape[-1] == self.features)
     plain = (isinstance(self.padding, str) or self.input_dilation not in (None, 1)
              or self.kernel_dilation not in (None, 1) or inputs.ndim != 4 or self.mask is not None
              or len(self.kernel_size) != 2)
