@@ -5,6 +5,14 @@
 ``train_and_evaluate(config, workdir)`` does all the work and is what tests call; ``main`` only parses
 flags. Rerunning with the same workdir resumes from the latest checkpoint, exactly: the data order and
 every random number are functions of (seed, step), so k steps + resume + k steps equals 2k steps.
+
+Fine-tuning techniques, all set in the config (see ``configs/cifar10.py``): the loss is a weighted sum
+of named terms (``config.loss``; each logged as ``loss_<term>``) — cross-entropy of the main head and of
+extra task heads (``config.tasks``: heads grafted by surgery, labels mapped from the main classes),
+knowledge distillation from a frozen teacher run in eval mode inside the same jitted step
+(``config.distill``: logits KL at a temperature, pooled-feature matching); an EMA of the weights
+(``config.ema``) evaluated and checkpointed beside them (item ``ema``, :func:`load_ema_model`); mixup /
+cutmix (``config.mix``), random erasing, label smoothing and dropout before the head, on device.
 """
 
 from __future__ import annotations
