@@ -9,6 +9,7 @@ import pytest
 from jax import lax
 
 from jaxft.models import conv, layers
+from jaxft.models.model import create
 from jaxft.models.network import Network
 from jaxft.models.resnet import cifar_resnet_spec
 
@@ -65,7 +66,7 @@ def test_network_same_logits_and_grads_under_every_impl():
   spec = cifar_resnet_spec(8, 3)
   x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 8, 8, 3)), jnp.float32)
   net = Network(spec)
-  variables = net.init(jax.random.key(0), x)
+  variables = create(spec, jax.random.key(0), input_size=8).variables
 
   def loss(params):
     logits, _ = net.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
@@ -73,12 +74,14 @@ def test_network_same_logits_and_grads_under_every_impl():
     return jnp.sum(logits ** 2), logits
 
   out = {}
-  for impl in ("lax", "matmul", "auto"):
+  for impl in ("lax", "auto"):  # auto on CPU: lax.conv on the 8×8 maps, matmul on the 2×2 ones
     with conv.impl_scope(impl):  # fixed at trace time: a fresh jit per impl
-      out[impl] = jax.jit(jax.grad(loss, has_aux=True))(variables["params"])
-  for impl in ("matmul", "auto"):
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-4),
-                 out[impl], out["lax"])
+      lowered = jax.jit(jax.grad(loss, has_aux=True)).lower(variables["params"])
+    # Code quality is irrelevant for a one-off check; skipping LLVM optimisation saves most of the time.
+    compiled = lowered.compile(compiler_options={"xla_backend_optimization_level": 0})
+    out[impl] = compiled(variables["params"])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-4),
+               out["auto"], out["lax"])
 
 
 def test_auto_resolution_and_errors():
