@@ -737,7 +737,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   Raises:
     TrainError: bad weights/data/workdir, or a non-finite loss (the last good checkpoint is kept).
   """
-  workdir = Path(workdir)
+  workdir = Path(workdir).absolute()  # orbax refuses relative checkpoint paths
   workdir.mkdir(parents=True, exist_ok=True)
   if config.distributed:
     jax.distributed.initialize()

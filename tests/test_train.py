@@ -112,6 +112,12 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(folder, tmp_path):
   assert all(np.isfinite(np.asarray(v)).all() for v in paths.flatten(model.params).values())
 
 
+def test_relative_workdir_checkpoints(folder, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # orbax refuses relative checkpoint paths; the loop must absolutise
+  result = train.train_and_evaluate(tiny_config(folder, tmp_path, **{"train.num_steps": 2}), "rel/run")
+  assert result["step"] == 2 and (tmp_path / "rel" / "run" / "checkpoints" / "2").is_dir()
+
+
 def test_missing_data_is_one_clear_error(tmp_path):
   cfg = tiny_config(tmp_path / "nope", tmp_path)
   with pytest.raises(Exception, match="nope"):
