@@ -399,7 +399,7 @@ def bench_workload(w: dict[str, Any], args: argparse.Namespace) -> list[dict[str
         rec["ratio"] = rec["jaxft_images_per_s"] / rec["torch_images_per_s"]
       records.append(rec)
       print(f"  {w['model']:>20} {w['size']:>3}px {w['dtype']:>8} {mode:>5} b{rec['batch']:<4} "
-            + "  ".join(f"{f} {rec[f'{f}_images_per_s']:8.1f} img/s (compile {rec[f'{f}_compile_s']:.1f}s)"
+            + "  ".join(f"{f} {rec[f'{f}_images_per_s']:8.4g} img/s (compile {rec[f'{f}_compile_s']:.1f}s)"
                         for f in frameworks)
             + (f"  ratio {rec['ratio']:.2f}" if "ratio" in rec else ""), flush=True)
     peaks = {f: wk.ask(op="peak") for f, wk in workers.items()}
@@ -484,12 +484,12 @@ def main(argv: list[str]) -> int:
         "compile s (jaxft/torch) | peak MB (jaxft/torch) |")
   print("|---|---|---|---|---|---|---|---|---|---|")
   for r in records:
-    torch_ips = f"{r['torch_images_per_s']:.1f}" if "torch_images_per_s" in r else "—"
+    torch_ips = f"{r['torch_images_per_s']:.4g}" if "torch_images_per_s" in r else "—"
     ratio = f"**{r['ratio']:.2f}**" if "ratio" in r else "—"
     mem = lambda f: (f"{r[f + '_peak_mb'].get('device', r[f + '_peak_mb']['rss']):.0f}"
                      if f + "_peak_mb" in r else "—")
     print(f"| {r['model']} | {r['size']} | {r['dtype']} | {r['mode']} | {r['batch']} | "
-          f"{r['jaxft_images_per_s']:.1f} | {torch_ips} | {ratio} | "
+          f"{r['jaxft_images_per_s']:.4g} | {torch_ips} | {ratio} | "
           f"{r['jaxft_compile_s']:.1f} / {r.get('torch_compile_s', float('nan')):.1f} | "
           f"{mem('jaxft')} / {mem('torch')} |")
   if args.json:
