@@ -1,5 +1,14 @@
 """jaxft: fine-tune pretrained vision models in JAX/Flax; evolve their structure with pure transforms."""
 
+import os as _os
+
+# XLA reads XLA_FLAGS once, when its first backend starts, so CPU tuning can only happen here, before
+# any array exists. Only when the user has set no XLA_FLAGS at all; JAXFT_CPU_FLAGS=0 opts out.
+# See jaxft.models.conv.configure_cpu and docs/benchmarks.md (+34% ResNet-50 training at 224 px).
+if "XLA_FLAGS" not in _os.environ and _os.environ.get("JAXFT_CPU_FLAGS", "1") != "0":
+  from jaxft.models import conv as _conv
+  _conv.configure_cpu()
+
 from jaxft.models import Model, ModelSpec, Network, create_model, get_spec, list_archs
 from jaxft.checkpoint import load_model, load_pretrained, save_model
 from jaxft.convert import convert_file

@@ -17,8 +17,8 @@ the machine hits both alike. Images/s is ``batch / median step time``; compile (
 reported apart; peak memory is the worker's peak RSS on CPU, the device's peak bytes in use on GPU.
 The jaxft/torch ratios are printed last.
 
-XLA:CPU flags: unless ``--no-cpu-flags``, the jaxft worker calls ``jaxft.models.conv.configure_cpu()``
-before jax starts (see ``docs/benchmarks.md``).
+XLA:CPU flags: ``import jaxft`` sets ``jaxft.models.conv.CPU_XLA_FLAGS`` when ``XLA_FLAGS`` is unset;
+``--no-cpu-flags`` turns that off in the jaxft worker (see ``docs/benchmarks.md``).
 """
 
 from __future__ import annotations
@@ -372,6 +372,8 @@ def bench_workload(w: dict[str, Any], args: argparse.Namespace) -> list[dict[str
   env["PYTHONPATH"] = os.pathsep.join(
       [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env.get("PYTHONPATH", "")])
   frameworks = ["jaxft"] + ([] if args.no_torch else ["torch"])
+  if args.no_cpu_flags:
+    env["JAXFT_CPU_FLAGS"] = "0"  # `import jaxft` would otherwise set them (jaxft/__init__.py)
   workers = {f: Worker(f, env) for f in frameworks}
   records = []
   try:
@@ -438,7 +440,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   p.add_argument("--conv-impl", default="auto", choices=("auto", "lax", "matmul"),
                  help="jaxft convolution implementation (auto: matmul on CPU, lax.conv elsewhere)")
   p.add_argument("--no-cpu-flags", action="store_true",
-                 help="do not set jaxft.models.conv.CPU_XLA_FLAGS in the jaxft worker")
+                 help="jaxft worker without jaxft.models.conv.CPU_XLA_FLAGS (sets JAXFT_CPU_FLAGS=0)")
   p.add_argument("--torch-compile", action="store_true", help="torch.compile the torch model")
   p.add_argument("--no-torch", action="store_true", help="jaxft only")
   p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's)")
