@@ -287,7 +287,12 @@ def test_distill_config_prunes_a_third_of_the_flops(resnet56_th):
   base, student = train.build_model(c, jax.random.key(0))
   rep = surgery.report(base, student, 32)
   assert rep.flops_after <= 0.7 * rep.flops_before, str(rep)
-  assert c.distill.teacher == "base" and student.spec.feature_width == base.spec.feature_width
+  assert student.spec.feature_width == base.spec.feature_width
+  # The variants: distil from the pretrained model as is, the no-teacher control, the teacher run.
+  assert cifar10_distill.get_config("base").distill.teacher == "base"
+  control = cifar10_distill.get_config("control")
+  assert not control.distill.teacher and control.loss.kd == 0 and control.surgery == c.surgery
+  assert cifar10_distill.get_config("teacher").surgery == []
 
 
 @pytest.mark.slow
