@@ -515,3 +515,14 @@ def test_resnet50_scenario():
   assert jax.tree.structure(again.variables) == jax.tree.structure(m.variables)
   for p, v in paths.flatten(m.variables).items():
     np.testing.assert_array_equal(paths.get(again.variables, p), v, err_msg=p)
+
+  # The evolved model still saves as a checkpoint (with its history) and evaluates with jaxft.evaluate.
+  import tempfile  # pylint: disable=g-import-not-at-top
+  from jaxft import checkpoint, evaluate  # pylint: disable=g-import-not-at-top
+  with tempfile.TemporaryDirectory() as tmp:
+    checkpoint.save_model(f"{tmp}/evolved", m.replace(meta={**m.meta, "input_size": 32}))
+    loaded = checkpoint.load_model(f"{tmp}/evolved")
+  assert loaded.spec == m.spec and list(loaded.history) == json.loads(json.dumps(list(m.history)))
+  images = np.random.RandomState(0).randint(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+  out = evaluate.evaluate(loaded, images, np.array([0, 1, 2]), batch_size=2)
+  assert out["n"] == 3 and out["logits"].shape == (3, 10)
