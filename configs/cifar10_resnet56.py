@@ -31,9 +31,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.schedule.kind = "warmup_cosine"
   c.optim.schedule.warmup_steps = 20
   c.train.batch_size = 100
-  c.train.num_steps = 300
-  c.train.eval_every = 100
+  c.train.num_steps = 100
+  c.train.eval_every = 50
   c.train.eval_batch_size = 500
-  c.train.checkpoint_every = 100
+  c.train.checkpoint_every = 50
   c.train.log_every = 20
   return c

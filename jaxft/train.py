@@ -389,7 +389,8 @@ def make_train_step(net: Any, tx: optax.GradientTransformation, schedule: Callab
   augmented, mixed batch inside the same compiled step.
 
   Metrics: ``loss`` (the weighted sum), ``loss_<term>`` (each term unweighted), ``top1`` (and
-  ``top1_<task>``) against the unmixed labels, ``teacher_agreement`` (share of the batch where student
+  ``top1_<task>``) against the label of the image that dominates each mixed one,
+  ``teacher_agreement`` (share of the batch where student
   and teacher predict the same class), ``grad_norm``, ``param_norm``, ``lr``.
   """
   base_key = jax.random.key(seed)
@@ -464,16 +465,19 @@ def make_train_step(net: Any, tx: optax.GradientTransformation, schedule: Callab
       new_state["ema"] = losses.ema_update(state["ema"], {"params": params,
                                                           "batch_stats": batch_stats}, decay)
 
+    # Under mixup/cutmix the right answer for an image is the label of whichever image dominates it.
+    dominant = lambda y: jnp.where(lam >= 0.5, y, y[::-1])
     metrics = {
         "loss": loss,
-        "top1": jnp.mean(jnp.argmax(out["logits"], -1) == labels),
+        "top1": jnp.mean(jnp.argmax(out["logits"], -1) == dominant(labels)),
         "grad_norm": optax.tree.norm(grads),
         "param_norm": optax.tree.norm(params),
         "lr": schedule(step // accumulate_steps),  # the schedule counts optimizer steps
     }
     metrics.update({f"loss_{k}": v for k, v in terms.items()})
     for t in obj.tasks:
-      metrics[f"top1_{t.name}"] = jnp.mean(jnp.argmax(out["heads"][t.name], -1) == task_labels[t.name])
+      metrics[f"top1_{t.name}"] = jnp.mean(
+          jnp.argmax(out["heads"][t.name], -1) == dominant(task_labels[t.name]))
     if t_out is not None:
       metrics["teacher_agreement"] = jnp.mean(
           jnp.argmax(out["logits"], -1) == jnp.argmax(t_out["logits"], -1))
