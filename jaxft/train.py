@@ -808,8 +808,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   total_steps = config.train.num_steps or config.train.epochs * steps_per_epoch
   # Steps count batches; with gradient accumulation the optimizer (and its schedule) steps less often.
   opt_steps = max(1, total_steps // config.optim.accumulate_steps)
-  opt = optim.build_optimizer(config.optim, model.params, spec=model.spec, total_steps=opt_steps,
-                              anchor=base.params, new_leaf_mask=new_leaf_mask(base, model))
+  try:
+    opt = optim.build_optimizer(config.optim, model.params, spec=model.spec, total_steps=opt_steps,
+                                anchor=base.params, new_leaf_mask=new_leaf_mask(base, model))
+  except (ValueError, KeyError) as e:  # bad rules, schedule or optimizer settings: name them
+    raise TrainError(f"config.optim: {e}") from e
   trainable, frozen = optim.partition(model.params, opt.trainable_mask)
   dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
   net = models.Network(model.spec, dtype=dtype, frozen_bn=tuple(opt.frozen_bn))

@@ -309,3 +309,10 @@ def test_multitask_config_runs_on_real_cifar(cifar_folder, resnet56_th, tmp_path
   assert result["top1"] > 0.7
   assert set(result["tasks"]["coarse"]["per_class"]) == {"animal", "vehicle"}
   assert 0.0 <= result["ema"]["top1_coarse"] <= 1.0
+
+
+def test_bad_optimizer_setting_is_one_clear_error(folder, tmp_path):
+  cfg = tiny_config(folder, tmp_path, **{"optim.schedule.kind": "warmup_cosine",
+                                         "optim.schedule.warmup_steps": 20})
+  with pytest.raises(train.TrainError, match=r"config.optim: .*warmup_steps \(20\) < total_steps \(4\)"):
+    train.train_and_evaluate(cfg, tmp_path / "run")
