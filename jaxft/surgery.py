@@ -117,12 +117,15 @@ def block_names(spec: ModelSpec) -> list[str]:
   return [f"{st.name}/{b.name}" for st in spec.stages for b in st.blocks]
 
 
+def _index(names: Sequence[str], name: str, what: str) -> int:
+  """Position of ``name`` in ``names``; raises PathError naming the nearest valid ``what``s."""
+  if name in names:
+    return list(names).index(name)
+  raise PathError(f"no {what} {name!r}; nearest valid {what}s: {paths.nearest(name, names)}")
+
+
 def _stage_index(spec: ModelSpec, stage: str) -> int:
-  for i, st in enumerate(spec.stages):
-    if st.name == stage:
-      return i
-  names = [st.name for st in spec.stages]
-  raise PathError(f"no stage {stage!r}; nearest valid stages: {paths.nearest(stage, names)}")
+  return _index([st.name for st in spec.stages], stage, "stage")
 
 
 def _block_index(spec: ModelSpec, block: str) -> tuple[int, int]:
@@ -141,11 +144,7 @@ def _select_blocks(spec: ModelSpec, blocks: str, expect: int | None) -> list[tup
 
 
 def _head_index(spec: ModelSpec, head: str) -> int:
-  for i, h in enumerate(spec.heads):
-    if h.name == head:
-      return i
-  names = [h.name for h in spec.heads]
-  raise PathError(f"no head {head!r}; nearest valid heads: {paths.nearest(head, names)}")
+  return _index([h.name for h in spec.heads], head, "head")
 
 
 def _block_inputs(spec: ModelSpec) -> dict[str, int]:

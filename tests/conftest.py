@@ -32,6 +32,17 @@ def extract_cifar_subset(dest: Path, per_class: int) -> Path:
   return dest
 
 
+def override(config, **dotted):
+  """Sets ``config.a.b = v`` for each ``"a.b": v`` in ``dotted`` and returns ``config`` (tests only)."""
+  for key, value in dotted.items():
+    node = config
+    *parents, last = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[last] = value
+  return config
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
   """``../shared``; the test is skipped where it does not exist."""

@@ -10,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 
+from conftest import override
 from jaxft import optim, paths
 from jaxft.models import BlockSpec, HeadSpec, ModelSpec, Network, StageSpec, StemSpec, create_model
 
@@ -22,13 +23,7 @@ def config(**kw):
   """An optim config: plain SGD (no momentum), constant lr, everything else off, then ``kw``."""
   c = optim.default_config()
   c.momentum = 0.0
-  for k, v in kw.items():
-    node = c
-    *parents, last = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[last] = v
-  return c
+  return override(c, **kw)
 
 
 def one_step(cfg, params, grads, **kw):

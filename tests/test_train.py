@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import override
 from configs import tiny
 from jaxft import checkpoint, paths, train
 
@@ -41,13 +42,7 @@ def tiny_config(folder: Path, tmp: Path, **overrides):
   c = tiny.get_config()
   c.data.source = f"folder:{folder}"
   c.data.cache_dir = str(tmp / "cache")
-  for k, v in overrides.items():
-    node = c
-    *parents, last = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[last] = v
-  return c
+  return override(c, **overrides)
 
 
 def final_params(workdir: Path) -> dict[str, np.ndarray]:
