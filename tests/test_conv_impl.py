@@ -21,22 +21,26 @@ def _lax(x, w, stride, groups):
                                   feature_group_count=groups)
 
 
-def _matmul(x, w, stride, groups):
+def _matmul(x, w, stride, groups, lax_forward=False):
   p = w.shape[0] // 2
-  return conv.conv_matmul(x, w, (stride, stride), ((p, p), (p, p)), groups)
+  return conv.conv_matmul(x, w, (stride, stride), ((p, p), (p, p)), groups, lax_forward=lax_forward)
 
 
 # (kernel, stride, groups, cin, cout, size): 1×1 / 3×3 / 7×7, strides 1 and 2, odd and even maps,
-# a 1×1 map, depthwise, and a grouped conv that falls back to lax.conv.
+# a 1×1 map (centre tap only), 2×2 maps (stride 2: four live taps; stride 1: the dense-matrix
+# formulation, also for 5×5), depthwise, and a grouped conv that falls back to lax.conv.
 CASES = [
     (1, 1, 1, 4, 6, 5), (1, 2, 1, 4, 6, 5), (3, 1, 1, 4, 6, 5), (3, 2, 1, 4, 6, 6),
-    (3, 2, 1, 3, 5, 2), (3, 1, 1, 3, 5, 1), (7, 2, 1, 3, 8, 9), (3, 1, 4, 4, 4, 5),
-    (5, 2, 6, 6, 6, 7), (3, 2, 4, 4, 4, 6), (3, 2, 2, 4, 6, 5),
+    (3, 2, 1, 3, 5, 2), (3, 1, 1, 3, 5, 1), (3, 1, 1, 3, 5, 2), (5, 1, 1, 2, 3, 2),
+    (7, 2, 1, 3, 8, 9), (3, 1, 4, 4, 4, 5), (5, 2, 6, 6, 6, 7), (3, 2, 4, 4, 4, 6),
+    (3, 2, 2, 4, 6, 5),
 ]
 
 
+@pytest.mark.parametrize("lax_forward", [False, True], ids=["matmul", "hybrid"])
 @pytest.mark.parametrize("k,stride,groups,cin,cout,size", CASES)
-def test_matmul_conv_matches_lax_forward_and_gradients(k, stride, groups, cin, cout, size):
+def test_matmul_conv_matches_lax_forward_and_gradients(k, stride, groups, cin, cout, size,
+                                                       lax_forward):
   r = np.random.default_rng(k * 100 + stride * 10 + groups)
   x = jnp.asarray(r.normal(size=(2, size, size, cin)), jnp.float32)
   w = jnp.asarray(r.normal(size=(k, k, cin // groups, cout)), jnp.float32)
@@ -46,8 +50,18 @@ def test_matmul_conv_matches_lax_forward_and_gradients(k, stride, groups, cin, c
     y, pull = jax.vjp(lambda x, w: f(x, w, stride, groups), x, w)
     return (y, *pull(ct))
 
-  for got, want in zip(jax.jit(lambda: vjp(_matmul))(), jax.jit(lambda: vjp(_lax))()):
+  fast = lambda x, w, s, g: _matmul(x, w, s, g, lax_forward)
+  for got, want in zip(jax.jit(lambda: vjp(fast))(), jax.jit(lambda: vjp(_lax))()):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_dead_taps_and_dense_formulation_are_chosen_where_cheaper():
+  assert conv._live_taps(1, 3, 1, (1, 1)) == (1, 2)  # 1×1 map: the centre tap only
+  assert conv._live_taps(2, 3, 2, (1, 1)) == (1, 3)  # 2×2, stride 2: taps 1 and 2
+  assert conv._live_taps(8, 3, 1, (1, 1)) == (0, 3)
+  assert conv._dense_index((2, 2, 2, 4), (3, 3, 4, 4), (1, 1), ((1, 1), (1, 1))) is not None
+  assert conv._dense_index((2, 4, 4, 4), (3, 3, 4, 4), (1, 1), ((1, 1), (1, 1))) is None
+  assert conv._dense_index((2, 2, 2, 4), (3, 3, 4, 4), (2, 2), ((1, 1), (1, 1))) is None  # 4 = 4 taps
 
 
 def test_conv_module_keeps_nn_conv_params_and_values():
@@ -74,7 +88,7 @@ def test_network_same_logits_and_grads_under_every_impl():
     return jnp.sum(logits ** 2), logits
 
   out = {}
-  for impl in ("lax", "auto"):  # auto on CPU: lax.conv on the 8×8 maps, matmul on the 2×2 ones
+  for impl in ("lax", "auto"):  # auto on CPU: hybrid on the 8×8 maps, matmul on the 2×2 ones
     with conv.impl_scope(impl):  # fixed at trace time: a fresh jit per impl
       lowered = jax.jit(jax.grad(loss, has_aux=True)).lower(variables["params"])
     # Code quality is irrelevant for a one-off check; skipping LLVM optimisation saves most of the time.
@@ -89,12 +103,13 @@ def test_auto_resolution_and_errors():
   assert conv.resolve_impl("matmul", 10**6) == "matmul"
   if jax.default_backend() == "cpu":
     assert conv.resolve_impl("auto", conv.SMALL_MAP_PIXELS) == "matmul"
-    assert conv.resolve_impl("auto", conv.SMALL_MAP_PIXELS + 1) == "lax"
+    assert conv.resolve_impl("auto", conv.SMALL_MAP_PIXELS + 1) == "hybrid"
     assert conv.resolve_impl("auto", conv.SMALL_MAP_PIXELS + 1, depthwise=True) == "matmul"
+  assert conv.resolve_impl("hybrid", 4, depthwise=True) == "matmul"
   with conv.impl_scope("matmul"):
     assert conv.resolve_impl("auto", 10**6) == "matmul"
     assert conv.resolve_impl("lax", 1) == "lax"  # an explicit choice beats the scope
-  with pytest.raises(ValueError, match="unknown conv impl 'fft'; valid: auto, lax, matmul"):
+  with pytest.raises(ValueError, match="unknown conv impl 'fft'; valid: auto, lax, matmul, hybrid"):
     conv.resolve_impl("fft")
 
 
@@ -103,3 +118,54 @@ def test_configure_cpu_is_a_no_op_once_the_backend_runs(monkeypatch):
   monkeypatch.setenv("XLA_FLAGS", "--xla_foo=1")
   assert not conv.configure_cpu()
   assert os.environ["XLA_FLAGS"] == "--xla_foo=1"
+
+
+def _bn_plain(x, scale, bias, eps=1e-5):
+  mean = jnp.mean(x, (0, 1, 2))
+  var = jnp.mean(jnp.square(x - mean), (0, 1, 2))
+  return (x - mean) * jax.lax.rsqrt(var + eps) * scale + bias, mean, var
+
+
+@pytest.mark.parametrize("gemv", [True, False])
+def test_batch_norm_train_matches_autodiff_of_the_plain_formula(gemv):
+  r = np.random.default_rng(3)
+  x = jnp.asarray(r.normal(2.0, 3.0, size=(4, 3, 3, 5)), jnp.float32)
+  scale, bias = (jnp.asarray(r.normal(size=5), jnp.float32) for _ in range(2))
+  cts = tuple(jnp.asarray(r.normal(size=s), jnp.float32) for s in (x.shape, (5,), (5,)))
+  fast = lambda x, s, b: layers.batch_norm_train(x, s, b, 1e-5, gemv)
+  got_y, got_pull = jax.vjp(fast, x, scale, bias)
+  want_y, want_pull = jax.vjp(_bn_plain, x, scale, bias)
+  for got, want in zip((*got_y, *got_pull(cts)), (*want_y, *want_pull(cts))):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_channel_affine_gradients():
+  r = np.random.default_rng(4)
+  x, ct = (jnp.asarray(r.normal(size=(3, 2, 2, 4)), jnp.float32) for _ in range(2))
+  mul, shift = (jnp.asarray(r.normal(size=4), jnp.float32) for _ in range(2))
+  _, got = jax.vjp(lambda *a: layers.channel_affine(*a, True), x, mul, shift)
+  _, want = jax.vjp(lambda x, m, s: x * m + s, x, mul, shift)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), got(ct), want(ct))
+
+
+def test_batchnorm_module_same_outputs_and_stats_under_both_impls():
+  x = jnp.asarray(np.random.default_rng(5).normal(size=(4, 3, 3, 6)), jnp.float32)
+  out = {}
+  for impl in ("lax", "matmul"):
+    bn = layers.BatchNorm(impl=impl)
+    v = bn.init(jax.random.key(0), x, use_running_average=False)
+    y, upd = bn.apply(v, x, use_running_average=False, mutable=["batch_stats"])
+    out[impl] = (y, upd, bn.apply({**v, **upd}, x, use_running_average=True))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+               out["matmul"], out["lax"])
+
+
+def test_max_pool_matches_reduce_window_values_and_gradients_with_ties():
+  r = np.random.default_rng(6)
+  # post-ReLU-like input: many exact ties (zeros), which must send the gradient to the first maximum
+  x = jnp.asarray(np.maximum(r.normal(size=(2, 7, 6, 3)), 0.0).round(1), jnp.float32)
+  ct = jnp.asarray(r.normal(size=(2, 4, 3, 3)), jnp.float32)
+  got_y, got_pull = jax.vjp(lambda x: layers.max_pool_3x3_s2(x, impl="matmul"), x)
+  want_y, want_pull = jax.vjp(lambda x: layers.max_pool_3x3_s2(x, impl="lax"), x)
+  np.testing.assert_array_equal(got_y, want_y)
+  np.testing.assert_allclose(got_pull(ct)[0], want_pull(ct)[0], rtol=1e-6, atol=1e-6)

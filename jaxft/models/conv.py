@@ -31,9 +31,10 @@ from typing import Iterator, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-IMPLS = ("auto", "lax", "matmul")
+IMPLS = ("auto", "lax", "matmul", "hybrid")
 
 # On CPU, ``auto`` uses the matmul formulation for k×k convolutions whose input has at most this many
 # pixels (H·W) and ``lax.conv`` above it: XLA:CPU's convolution is pathological on tiny maps (a 3×3
@@ -43,9 +44,11 @@ IMPLS = ("auto", "lax", "matmul")
 # size: XLA:CPU's depthwise conv is ~100× slower in the forward pass. See docs/benchmarks.md.
 SMALL_MAP_PIXELS = 16
 
-# YNNPACK fusions (on by default in recent jaxlib) slow ResNet training on CPU: 13% at 32 px, 2.2× at
-# 224 px on a 2-core Zen3 (docs/benchmarks.md). An empty value disables them.
-CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=",)
+# XLA:CPU's YNNPACK integration: its GEMM kernels ("individual_dot": each dot on its own) run the
+# matmul-formulated convolutions ~20% faster than XLA's Eigen dots on a 2-core Zen3, while its
+# convolution and fused element-wise/reduce kernels are slower here (13% at 32 px, 2.2× at 224 px with
+# lax.conv). See docs/benchmarks.md.
+CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=individual_dot",)
 
 
 _scope = threading.local()
@@ -71,9 +74,11 @@ def impl_scope(impl: str) -> Iterator[None]:
 
 
 def resolve_impl(impl: str, pixels: int | None = None, depthwise: bool = False) -> str:
-  """Maps ``auto`` to the enclosing :func:`impl_scope`; else, on a CPU default backend, to ``matmul``
-  for depthwise convolutions and for inputs of at most :data:`SMALL_MAP_PIXELS` pixels (or ``pixels``
-  None), ``lax`` otherwise; on other backends to ``lax``.
+  """Maps ``auto`` to the enclosing :func:`impl_scope`, else to the best implementation here.
+
+  On a CPU default backend ``auto`` is ``matmul`` (GEMMs forward and backward) for depthwise
+  convolutions and for inputs of at most :data:`SMALL_MAP_PIXELS` pixels (or ``pixels`` None), and
+  ``hybrid`` (``lax.conv`` forward, GEMM gradients) above; on other backends it is ``lax``.
 
   Raises:
     ValueError: for an unknown implementation name.
@@ -86,7 +91,9 @@ def resolve_impl(impl: str, pixels: int | None = None, depthwise: bool = False) 
     if jax.default_backend() != "cpu":
       return "lax"
     small = pixels is None or pixels <= SMALL_MAP_PIXELS
-    return "matmul" if small or depthwise else "lax"
+    return "matmul" if small or depthwise else "hybrid"
+  if impl == "hybrid" and depthwise:
+    return "matmul"
   return impl
 
 
@@ -186,12 +193,160 @@ def _depthwise_bwd(strides, padding, res, dy):
 depthwise.defvjp(_depthwise_fwd, _depthwise_bwd)
 
 
+def _live_taps(size: int, k: int, stride: int, pad: tuple[int, int]) -> tuple[int, int]:
+  """The range ``[first, last + 1)`` of kernel taps (along one axis) that touch the unpadded input.
+
+  A tap that only ever reads padding contributes zeros; dropping it saves its share of the GEMM (a
+  3×3 convolution on a 1×1 map is a 1×1 convolution with the centre tap; on a 2×2 map with stride 2,
+  four of the nine taps). Live taps are always contiguous.
+  """
+  out = (size + pad[0] + pad[1] - k) // stride + 1
+  live = [i for i in range(k) if any(0 <= o * stride + i - pad[0] < size for o in range(out))]
+  return (live[0], live[-1] + 1) if live else (0, 1)
+
+
+def _im2col(x: jax.Array, kernel_hw: tuple[int, int], strides: tuple[int, int],
+            padding: tuple[tuple[int, int], ...], rows: tuple[int, int], cols: tuple[int, int]
+            ) -> tuple[jax.Array, tuple[int, int, int]]:
+  """Patches ``[N·Ho·Wo, taps·C]`` of NHWC ``x`` over the live taps ``rows × cols`` (row-major, then
+  channel: the row order of an HWIO kernel slice reshaped to 2-D), and ``(N, Ho, Wo)``."""
+  n, h, w, c = x.shape
+  (kh, kw), (sh, sw) = kernel_hw, strides
+  (lh, hh), (lw, hw) = padding
+  ho, wo = (h + lh + hh - kh) // sh + 1, (w + lw + hw - kw) // sw + 1
+  if (kh, kw) == (1, 1) and not any((lh, hh, lw, hw)):
+    p = x if (sh, sw) == (1, 1) else x[:, ::sh, ::sw, :]
+    return p.reshape(n * ho * wo, c), (n, ho, wo)
+  xp = _pad_hw(x, padding)
+  taps = [lax.slice(xp, (0, i, j, 0), (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c),
+                    (1, sh, sw, 1))
+          for i in range(*rows) for j in range(*cols)]
+  p = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
+  return p.reshape(n * ho * wo, -1), (n, ho, wo)
+
+
+def _live(x_shape: Sequence[int], kernel_shape: Sequence[int], strides: tuple[int, int],
+          padding: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int], tuple[int, int]]:
+  return (_live_taps(x_shape[1], kernel_shape[0], strides[0], padding[0]),
+          _live_taps(x_shape[2], kernel_shape[1], strides[1], padding[1]))
+
+
+def _dense_index(x_shape: Sequence[int], kernel_shape: Sequence[int], strides: tuple[int, int],
+                 padding: tuple[tuple[int, int], ...]) -> np.ndarray | None:
+  """For a map so small that the convolution is cheaper as one dense ``[H·W·Cin, Ho·Wo·Cout]`` matrix
+  than as patches (``H·W`` below the number of live taps, e.g. 3×3 stride 1 on 2×2: 16 blocks instead
+  of 36), the kernel tap feeding each (input pixel, output pixel) pair (``kh·kw`` = none); else None."""
+  _, h, w, _ = x_shape
+  kh, kw = kernel_shape[:2]
+  (sh, sw), ((lh, hh), (lw, hw)) = strides, padding
+  ho, wo = (h + lh + hh - kh) // sh + 1, (w + lw + hw - kw) // sw + 1
+  rows, cols = _live(x_shape, kernel_shape, strides, padding)
+  if h * w >= (rows[1] - rows[0]) * (cols[1] - cols[0]):
+    return None
+  idx = np.full((h, w, ho, wo), kh * kw, np.int32)
+  for a, b, i, j in np.ndindex(h, w, ho, wo):
+    ti, tj = a - i * sh + lh, b - j * sw + lw
+    if 0 <= ti < kh and 0 <= tj < kw:
+      idx[a, b, i, j] = ti * kw + tj
+  return idx
+
+
+def _dense_matrix(kernel: jax.Array, idx: np.ndarray) -> jax.Array:
+  kh, kw, cin, cout = kernel.shape
+  h, w, ho, wo = idx.shape
+  taps = jnp.concatenate([kernel.reshape(kh * kw, cin, cout), jnp.zeros((1, cin, cout), kernel.dtype)])
+  big = taps[idx]  # [h, w, ho, wo, cin, cout]
+  return big.transpose(0, 1, 4, 2, 3, 5).reshape(h * w * cin, ho * wo * cout)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def gemm_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
+              padding: tuple[tuple[int, int], ...], lax_forward: bool = False) -> jax.Array:
+  """Dense NHWC × HWIO convolution as one 2-D GEMM over the live taps (see :func:`conv_matmul`).
+
+  The VJP is written by hand so that each pass is one 2-D GEMM with no transposed copies: the
+  kernel gradient is ``patchesᵀ · dy`` (patches recomputed, not stored: k² times the input would
+  dominate the memory of a 224 px step) and the input gradient ``dy · Wᵀ`` folded back onto the
+  input grid by k² padded adds that XLA fuses into one loop.
+  """
+  if lax_forward:
+    return _lax_conv(x, kernel.astype(x.dtype), strides, padding)
+  idx = _dense_index(x.shape, kernel.shape, strides, padding)
+  if idx is not None:
+    n, (_, _, ho, wo) = x.shape[0], idx.shape
+    y = lax.dot(x.reshape(n, -1), _dense_matrix(kernel.astype(x.dtype), idx))
+    return y.reshape(n, ho, wo, -1)
+  rows, cols = _live(x.shape, kernel.shape, strides, padding)
+  p, (n, ho, wo) = _im2col(x, kernel.shape[:2], strides, padding, rows, cols)
+  wm = kernel[rows[0]:rows[1], cols[0]:cols[1]].reshape(-1, kernel.shape[-1])
+  return lax.dot(p, wm.astype(p.dtype)).reshape(n, ho, wo, -1)
+
+
+def _gemm_conv_fwd(x, kernel, strides, padding, lax_forward):
+  return gemm_conv(x, kernel, strides, padding, lax_forward), (x, kernel)
+
+
+def _gemm_conv_bwd(strides, padding, lax_forward, res, dy):
+  del lax_forward
+  x, kernel = res
+  kh, kw, cin, cout = kernel.shape
+  n, h, w, _ = x.shape
+  idx = _dense_index(x.shape, kernel.shape, strides, padding)
+  if idx is not None:
+    dy2 = dy.reshape(n, -1)
+    big, fold = jax.vjp(lambda k: _dense_matrix(k, idx), kernel.astype(jnp.float32))
+    dbig = lax.dot_general(x.reshape(n, -1), dy2, (((0,), (0,)), ((), ())),
+                           preferred_element_type=jnp.float32)
+    dx = lax.dot_general(dy2, big.astype(dy.dtype), (((1,), (1,)), ((), ())))
+    return dx.reshape(x.shape).astype(x.dtype), fold(dbig)[0].astype(kernel.dtype)
+  (sh, sw), ((lh, hh), (lw, hw)) = strides, padding
+  rows, cols = _live(x.shape, kernel.shape, strides, padding)
+  p, (_, ho, wo) = _im2col(x, (kh, kw), strides, padding, rows, cols)
+  dy2 = dy.reshape(-1, cout)
+  nr, nc = rows[1] - rows[0], cols[1] - cols[0]
+  dwl = lax.dot_general(p, dy2, (((0,), (0,)), ((), ())),
+                        preferred_element_type=jnp.float32).reshape(nr, nc, cin, cout)
+  dw = jnp.pad(dwl, ((rows[0], kh - rows[1]), (cols[0], kw - cols[1]), (0, 0), (0, 0)))
+  wm = kernel[rows[0]:rows[1], cols[0]:cols[1]].reshape(-1, cout).astype(dy.dtype)
+  dp = lax.dot_general(dy2, wm, (((1,), (1,)), ((), ())))  # [N·Ho·Wo, taps·Cin]
+  if (kh, kw) == (1, 1) and not any((lh, hh, lw, hw)):
+    dx = dp.reshape(n, ho, wo, cin)
+    if (sh, sw) != (1, 1):
+      dx = lax.pad(dx, jnp.zeros((), dx.dtype),
+                   ((0, 0, 0), (0, h - (ho - 1) * sh - 1, sh - 1), (0, w - (wo - 1) * sw - 1, sw - 1),
+                    (0, 0, 0)))
+    return dx.astype(x.dtype), dw.astype(kernel.dtype)
+  dp = dp.reshape(n, ho, wo, nr * nc, cin)
+  hp, wp = h + lh + hh, w + lw + hw
+  dxp = None
+  for t, (i, j) in enumerate((i, j) for i in range(*rows) for j in range(*cols)):
+    # the transpose of tap (i, j)'s strided window: dilate by the stride, shift to (i, j)
+    g = lax.pad(dp[:, :, :, t, :], jnp.zeros((), dp.dtype),
+                ((0, 0, 0), (i, hp - i - (ho - 1) * sh - 1, sh - 1),
+                 (j, wp - j - (wo - 1) * sw - 1, sw - 1), (0, 0, 0)))
+    dxp = g if dxp is None else dxp + g
+  dx = dxp[:, lh:lh + h, lw:lw + w, :]
+  return dx.astype(x.dtype), dw.astype(kernel.dtype)
+
+
+gemm_conv.defvjp(_gemm_conv_fwd, _gemm_conv_bwd)
+
+
+def _lax_conv(x, kernel, strides, padding, groups=1):
+  return lax.conv_general_dilated(x, kernel, strides, padding,
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                  feature_group_count=groups)
+
+
+
+
 def conv_matmul(x: jax.Array, kernel: jax.Array, strides: tuple[int, int] = (1, 1),
-                padding: Sequence[tuple[int, int]] = ((0, 0), (0, 0)), groups: int = 1
-                ) -> jax.Array:
+                padding: Sequence[tuple[int, int]] = ((0, 0), (0, 0)), groups: int = 1,
+                lax_forward: bool = False) -> jax.Array:
   """NHWC × HWIO convolution computed as one GEMM (or shifted products when depthwise).
 
-  Same result as ``lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=('NHWC',
+  ``lax_forward`` computes the forward pass of a dense convolution with ``lax.conv`` and only the
+  gradients as GEMMs (the ``hybrid`` implementation). Same result as ``lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=('NHWC',
   'HWIO', 'NHWC'), feature_group_count=groups)``; grouped convolutions that are not depthwise (channel
   multiplier 1) are computed by exactly that call. Neither input is mutated.
   """
@@ -205,13 +360,7 @@ def conv_matmul(x: jax.Array, kernel: jax.Array, strides: tuple[int, int] = (1, 
                                     feature_group_count=groups)
   if groups != 1:
     return depthwise(x, kernel.reshape(kh, kw, cout), strides, padding)
-  x = _pad_hw(x, padding)
-  if (kh, kw) == (1, 1):
-    cols = x if strides == (1, 1) else x[:, ::strides[0], ::strides[1], :]
-  else:
-    taps, _ = _taps(x, (kh, kw), strides)
-    cols = jnp.concatenate(taps, axis=-1)
-  return lax.dot_general(cols, kernel.reshape(kh * kw * cin_g, cout), (((3,), (0,)), ((), ())))
+  return gemm_conv(x, kernel, strides, padding, lax_forward)
 
 
 class Conv(nn.Conv):
@@ -244,7 +393,8 @@ class Conv(nn.Conv):
     inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
     strides = (self.strides,) * 2 if isinstance(self.strides, int) else tuple(self.strides or (1, 1))
     padding = tuple((p, p) if isinstance(p, int) else tuple(p) for p in self.padding)
-    y = conv_matmul(inputs, kernel, strides, padding, self.feature_group_count)
+    y = conv_matmul(inputs, kernel, strides, padding, self.feature_group_count,
+                    lax_forward=impl == "hybrid")
     if bias is not None:
       y = y + bias
     return y
