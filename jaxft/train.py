@@ -470,8 +470,8 @@ def make_train_step(net: Any, tx: optax.GradientTransformation, schedule: Callab
     metrics = {
         "loss": loss,
         "top1": jnp.mean(jnp.argmax(out["logits"], -1) == dominant(labels)),
-        "grad_norm": optax.tree.norm(grads),
-        "param_norm": optax.tree.norm(params),
+        "grad_norm": optim.global_norm(grads),
+        "param_norm": optim.global_norm(params),
         "lr": schedule(step // accumulate_steps),  # the schedule counts optimizer steps
     }
     metrics.update({f"loss_{k}": v for k, v in terms.items()})
