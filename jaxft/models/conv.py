@@ -1,23 +1,29 @@
-"""Convolutions written as matrix products, for backends where ``lax.conv`` is slow (XLA:CPU).
+"""Convolutions as matrix products, for backends where ``lax.conv`` is slow (XLA:CPU).
 
-XLA:CPU's convolution kernels are far from the machine's GEMM peak on small feature maps (a 3×3
-512→512 convolution on a 2×2 map took 450 ms where torch takes 7 ms), while its dot is close to it. So
-on CPU every convolution is re-expressed as one GEMM:
+XLA:CPU's convolutions are far from the machine's GEMM peak on small feature maps (a 3×3 512→512
+convolution on a 2×2 map took 450 ms where torch takes 7 ms) and in some gradient passes on large
+ones (1×1 kernel gradients, stride-2 input gradients), while its dot — YNNPACK's GEMM with
+:data:`CPU_XLA_FLAGS` — runs near the machine's peak. So on CPU each pass picks its formulation:
 
-* 1×1 convolutions: (strided slice +) ``dot_general`` over the channel axis;
-* k×k convolutions: symmetric padding + k² strided slices concatenated along channels (im2col in
-  NHWC, order ``(i, j, c)``, which is exactly the row order of the HWIO kernel reshaped to
-  ``[k·k·Cin, Cout]``) feeding one ``dot_general``;
+* ``matmul`` (maps of at most :data:`SMALL_MAP_PIXELS` pixels): every pass is one 2-D GEMM — 1×1
+  convolutions directly; k×k ones over patches (symmetric padding + strided slices of the *live*
+  taps concatenated along channels, which is the row order of the HWIO kernel reshaped to 2-D; taps
+  that only ever read padding are dropped, so a 3×3 convolution on a 1×1 map is a 1×1 one); and where
+  the map has fewer pixels than live taps (3×3 stride 1 on 2×2), one dense ``[H·W·Cin, Ho·Wo·Cout]``
+  matrix built from the kernel, 2.25× fewer FLOPs than patches.
+* ``hybrid`` (larger maps): ``lax.conv`` forward; kernel gradient by ``lax.conv`` for k×k kernels and
+  one GEMM for 1×1; input gradient by ``lax.conv`` at stride 1 and a GEMM folded back onto the input
+  grid (k² padded adds that XLA fuses) at stride 2 (:func:`_grad_plan`).
 * depthwise convolutions: a sum of k² shifted slices times one kernel tap each (no GEMM at all);
-* any other grouped convolution falls back to ``lax.conv_general_dilated``.
+* any other grouped convolution: ``lax.conv_general_dilated``.
 
-Gradients are plain autodiff of these formulations: the input gradient is one GEMM plus the transpose
-of the slicing (pads and adds that XLA fuses), the kernel gradient one GEMM.
+The VJPs are written by hand (:func:`gemm_conv`, :func:`depthwise`) so that each pass is exactly the
+chosen computation, without the transposed copies autodiff would add.
 
 :class:`Conv` is a drop-in for ``flax.linen.Conv`` (it subclasses it) with the same parameter tree —
 ``kernel`` HWIO and optional ``bias`` — so checkpoints and weight conversion do not depend on the
-implementation. ``impl="auto"`` picks the matmul formulation when the default backend is CPU and
-``lax.conv`` elsewhere (cuDNN is already fast). :func:`configure_cpu` sets XLA flags that help on CPU.
+implementation. ``impl="auto"`` picks as above when the default backend is CPU and ``lax.conv``
+elsewhere (cuDNN is already fast). :func:`configure_cpu` sets XLA flags that help on CPU.
 """
 
 from __future__ import annotations
@@ -36,12 +42,12 @@ from jax import lax
 
 IMPLS = ("auto", "lax", "matmul", "hybrid")
 
-# On CPU, ``auto`` uses the matmul formulation for k×k convolutions whose input has at most this many
-# pixels (H·W) and ``lax.conv`` above it: XLA:CPU's convolution is pathological on tiny maps (a 3×3
-# 512→512 stride-2 conv on a 2×2 map, batch 128: 1.29 s fwd+bwd vs 33 ms as a matmul) but beats the
-# im2col GEMM on large ones (56×56×64, batch 8: 148 ms vs 370 ms), where the k²-times larger patch
-# matrix costs more memory traffic than it saves. Depthwise convolutions use shifted products at every
-# size: XLA:CPU's depthwise conv is ~100× slower in the forward pass. See docs/benchmarks.md.
+# On CPU, ``auto`` is ``matmul`` for convolutions whose input has at most this many pixels (H·W) and
+# ``hybrid`` above: XLA:CPU's convolution is pathological on tiny maps (a 3×3 512→512 stride-2 conv on a
+# 2×2 map, batch 128: 1.29 s fwd+bwd vs 33 ms as a matmul), while on large maps its forward pass beats
+# the patch GEMM (56×56×64 3×3, batch 32: 177 vs 39 GFLOP/s), whose k²-times larger patch matrix costs
+# more memory traffic than it saves. Depthwise convolutions use shifted products at every size:
+# XLA:CPU's depthwise conv is ~100× slower in the forward pass. See docs/benchmarks.md.
 SMALL_MAP_PIXELS = 16
 
 # XLA:CPU's YNNPACK integration: its GEMM kernels ("individual_dot": each dot on its own) run the
@@ -262,12 +268,13 @@ def _dense_matrix(kernel: jax.Array, idx: np.ndarray) -> jax.Array:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def gemm_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
               padding: tuple[tuple[int, int], ...], lax_forward: bool = False) -> jax.Array:
-  """Dense NHWC × HWIO convolution as one 2-D GEMM over the live taps (see :func:`conv_matmul`).
+  """Dense NHWC × HWIO convolution as 2-D GEMMs (see the module docstring); ``lax_forward`` is the
+  ``hybrid`` implementation. Same values as ``lax.conv``; neither input is mutated.
 
-  The VJP is written by hand so that each pass is one 2-D GEMM with no transposed copies: the
-  kernel gradient is ``patchesᵀ · dy`` (patches recomputed, not stored: k² times the input would
-  dominate the memory of a 224 px step) and the input gradient ``dy · Wᵀ`` folded back onto the
-  input grid by k² padded adds that XLA fuses into one loop.
+  The VJP is written by hand: GEMM passes are single 2-D GEMMs with no transposed copies — the kernel
+  gradient ``patchesᵀ · dy`` (patches recomputed, not stored: k² times the input would dominate the
+  memory of a 224 px step), the input gradient ``dy · Wᵀ`` folded back onto the input grid by k²
+  padded adds that XLA fuses into one loop; ``lax`` passes are XLA's own convolution gradients.
   """
   if lax_forward:
     return _lax_conv(x, kernel.astype(x.dtype), strides, padding)
@@ -286,29 +293,53 @@ def _gemm_conv_fwd(x, kernel, strides, padding, lax_forward):
   return gemm_conv(x, kernel, strides, padding, lax_forward), (x, kernel)
 
 
+def _grad_plan(kernel_hw: tuple[int, int], strides: tuple[int, int], lax_forward: bool
+               ) -> tuple[str, str]:
+  """How the ``hybrid`` implementation computes (kernel gradient, input gradient) on large maps.
+
+  Measured on a 2-core Zen3 at 224 px (GFLOP/s): XLA's own kernel-gradient convolution is fast for
+  k×k kernels (100–210) but slow for 1×1 ones (38–46, where one GEMM needs no patches); its input
+  gradient is fast at stride 1 (170–200) but slow at stride 2 (47, a dilated convolution). The patch
+  GEMMs lose on large maps, where k²-times larger patch matrices cost more memory traffic than they
+  save. Everything else uses GEMMs.
+  """
+  if not lax_forward:
+    return "gemm", "gemm"
+  return ("gemm" if kernel_hw == (1, 1) else "lax"), ("lax" if strides == (1, 1) else "gemm")
+
+
 def _gemm_conv_bwd(strides, padding, lax_forward, res, dy):
-  del lax_forward
   x, kernel = res
   kh, kw, cin, cout = kernel.shape
   n, h, w, _ = x.shape
   idx = _dense_index(x.shape, kernel.shape, strides, padding)
-  if idx is not None:
+  if idx is not None and not lax_forward:
     dy2 = dy.reshape(n, -1)
     big, fold = jax.vjp(lambda k: _dense_matrix(k, idx), kernel.astype(jnp.float32))
     dbig = lax.dot_general(x.reshape(n, -1), dy2, (((0,), (0,)), ((), ())),
                            preferred_element_type=jnp.float32)
     dx = lax.dot_general(dy2, big.astype(dy.dtype), (((1,), (1,)), ((), ())))
     return dx.reshape(x.shape).astype(x.dtype), fold(dbig)[0].astype(kernel.dtype)
+  plan_dw, plan_dx = _grad_plan((kh, kw), strides, lax_forward)
   (sh, sw), ((lh, hh), (lw, hw)) = strides, padding
+  conv_of = lambda x, k: _lax_conv(x, k.astype(x.dtype), strides, padding)
+  if plan_dw == "lax":
+    dw = jax.vjp(lambda k: conv_of(x, k), kernel)[1](dy)[0]
+  else:
+    rows, cols = _live(x.shape, kernel.shape, strides, padding)
+    p, _ = _im2col(x, (kh, kw), strides, padding, rows, cols)
+    dwl = lax.dot_general(p, dy.reshape(-1, cout), (((0,), (0,)), ((), ())),
+                          preferred_element_type=jnp.float32)
+    dw = jnp.pad(dwl.reshape(rows[1] - rows[0], cols[1] - cols[0], cin, cout),
+                 ((rows[0], kh - rows[1]), (cols[0], kw - cols[1]), (0, 0), (0, 0)))
+  if plan_dx == "lax":
+    dx = jax.vjp(lambda x: conv_of(x, kernel), x)[1](dy)[0]
+    return dx.astype(x.dtype), dw.astype(kernel.dtype)
   rows, cols = _live(x.shape, kernel.shape, strides, padding)
-  p, (_, ho, wo) = _im2col(x, (kh, kw), strides, padding, rows, cols)
-  dy2 = dy.reshape(-1, cout)
+  ho, wo = dy.shape[1:3]
   nr, nc = rows[1] - rows[0], cols[1] - cols[0]
-  dwl = lax.dot_general(p, dy2, (((0,), (0,)), ((), ())),
-                        preferred_element_type=jnp.float32).reshape(nr, nc, cin, cout)
-  dw = jnp.pad(dwl, ((rows[0], kh - rows[1]), (cols[0], kw - cols[1]), (0, 0), (0, 0)))
   wm = kernel[rows[0]:rows[1], cols[0]:cols[1]].reshape(-1, cout).astype(dy.dtype)
-  dp = lax.dot_general(dy2, wm, (((1,), (1,)), ((), ())))  # [N·Ho·Wo, taps·Cin]
+  dp = lax.dot_general(dy.reshape(-1, cout), wm, (((1,), (1,)), ((), ())))  # [N·Ho·Wo, taps·Cin]
   if (kh, kw) == (1, 1) and not any((lh, hh, lw, hw)):
     dx = dp.reshape(n, ho, wo, cin)
     if (sh, sw) != (1, 1):
