@@ -257,12 +257,19 @@ def _dense_index(x_shape: Sequence[int], kernel_shape: Sequence[int], strides: t
   return idx
 
 
-def _dense_matrix(kernel: jax.Array, idx: np.ndarray) -> jax.Array:
+def _dense_matrix(kernel: jax.Array, idx: np.ndarray, strides: tuple[int, int],
+                  padding: tuple[tuple[int, int], ...]) -> jax.Array:
+  """The ``[H·W·Cin, Ho·Wo·Cout]`` matrix of :func:`_dense_index`. Output pixel ``(i, j)`` reads input
+  ``(a, b)`` through tap ``(a - i·s + pad, b - j·s + pad)``, so its column block is one contiguous
+  window of the zero-padded kernel."""
   kh, kw, cin, cout = kernel.shape
   h, w, ho, wo = idx.shape
-  taps = jnp.concatenate([kernel.reshape(kh * kw, cin, cout), jnp.zeros((1, cin, cout), kernel.dtype)])
-  big = taps[idx]  # [h, w, ho, wo, cin, cout]
-  return big.transpose(0, 1, 4, 2, 3, 5).reshape(h * w * cin, ho * wo * cout)
+  (sh, sw), ((lh, _), (lw, _)) = strides, padding
+  kp = jnp.pad(kernel, ((h, h), (w, w), (0, 0), (0, 0)))
+  cols = [lax.slice(kp, (lh - i * sh + h, lw - j * sw + w, 0, 0),
+                    (lh - i * sh + 2 * h, lw - j * sw + 2 * w, cin, cout)).reshape(h * w * cin, cout)
+          for i in range(ho) for j in range(wo)]
+  return jnp.concatenate(cols, axis=1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -281,7 +288,7 @@ def gemm_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
   idx = _dense_index(x.shape, kernel.shape, strides, padding)
   if idx is not None:
     n, (_, _, ho, wo) = x.shape[0], idx.shape
-    y = lax.dot(x.reshape(n, -1), _dense_matrix(kernel.astype(x.dtype), idx))
+    y = lax.dot(x.reshape(n, -1), _dense_matrix(kernel.astype(x.dtype), idx, strides, padding))
     return y.reshape(n, ho, wo, -1)
   rows, cols = _live(x.shape, kernel.shape, strides, padding)
   p, (n, ho, wo) = _im2col(x, kernel.shape[:2], strides, padding, rows, cols)
@@ -315,7 +322,7 @@ def _gemm_conv_bwd(strides, padding, lax_forward, res, dy):
   idx = _dense_index(x.shape, kernel.shape, strides, padding)
   if idx is not None and not lax_forward:
     dy2 = dy.reshape(n, -1)
-    big, fold = jax.vjp(lambda k: _dense_matrix(k, idx), kernel.astype(jnp.float32))
+    big, fold = jax.vjp(lambda k: _dense_matrix(k, idx, strides, padding), kernel.astype(jnp.float32))
     dbig = lax.dot_general(x.reshape(n, -1), dy2, (((0,), (0,)), ((), ())),
                            preferred_element_type=jnp.float32)
     dx = lax.dot_general(dy2, big.astype(dy.dtype), (((1,), (1,)), ((), ())))
