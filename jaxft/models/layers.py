@@ -122,10 +122,13 @@ def _channel_sum(a: jax.Array, gemv: bool) -> jax.Array:
   c = a.shape[-1]
   if not gemv:
     return jnp.sum(a.reshape(-1, c), 0, dtype=jnp.float32)
-  for k in a.shape[:-1]:
+  axes = [k for k in a.shape[:-1] if k > 1]
+  if len(axes) > 2 and axes[1] * axes[2] <= 1024:  # e.g. [N, H·W]: two stages are precise enough
+    axes = [axes[0], axes[1] * axes[2], *axes[3:]]
+  for k in axes:
     ones = jnp.ones((1, k), a.dtype)
     a = lax.dot(ones, a.reshape(k, -1), preferred_element_type=jnp.float32)[0]
-  return a
+  return a.reshape(c)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
