@@ -226,7 +226,7 @@ class BatchNorm(nn.Module):
     ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
     ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
     impl = conv_lib.resolve_impl(self.impl)
-    gemv = impl == "matmul"
+    gemv = impl != "lax"
     if use_running_average:
       mul = scale * lax.rsqrt(ra_var.value + self.epsilon)
       if impl == "lax":
