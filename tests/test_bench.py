@@ -1,0 +1,42 @@
+"""The benchmark tools run end to end on a tiny workload and describe the real networks."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+
+import bench_conv_passes  # noqa: E402  pylint: disable=wrong-import-position
+
+
+def test_resnet50_conv_list_matches_torchvision_flops():
+  convs = bench_conv_passes.resnet50_convs(224)
+  assert sum(n for *_, n in convs) == 53  # 1 stem + 16 blocks × 3 + 4 downsamples
+  macs = sum(n * ((h + 2 * (k // 2) - k) // s + 1) ** 2 * cin * cout * k * k
+             for h, cin, cout, k, s, n in convs)
+  assert abs(macs / 4.087e9 - 1) < 0.01  # torchvision ResNet-50: 4.09 GMACs in its convolutions
+
+
+@pytest.mark.parametrize("with_torch", [False, True])
+def test_bench_runs_and_writes_ratios(tmp_path, with_torch):
+  if with_torch:
+    pytest.importorskip("torch")
+  out = tmp_path / "b.json"
+  cmd = [sys.executable, os.path.join(ROOT, "tools", "bench.py"), "--models", "cifar_resnet8",
+         "--sizes", "32", "--batch", "8", "--steps", "2", "--warmup", "1", "--json", str(out)]
+  if not with_torch:
+    cmd.append("--no-torch")
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  data = json.loads(out.read_text())
+  recs = data if isinstance(data, list) else data["records"]
+  assert {r["mode"] for r in recs} == {"train", "eval"}
+  for r in recs:
+    assert r["jaxft_images_per_s"] > 0
+    assert ("ratio" in r) == with_torch
+  if with_torch:
+    assert "jaxft/torch images/s ratios" in proc.stdout
