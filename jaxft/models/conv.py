@@ -62,7 +62,8 @@ _scope = threading.local()
 
 @contextlib.contextmanager
 def impl_scope(impl: str) -> Iterator[None]:
-  """Within this context, convolutions built with ``impl="auto"`` use ``impl`` instead.
+  """Within this context, convolutions (and BatchNorm / max-pool layers) built with ``impl="auto"``
+  use ``impl`` instead.
 
   The choice is made when a function is traced, so wrap the first call of a jitted function (the
   one that compiles), e.g. to compare implementations on the same model::
@@ -402,11 +403,12 @@ def conv_matmul(x: jax.Array, kernel: jax.Array, strides: tuple[int, int] = (1, 
 
 
 class Conv(nn.Conv):
-  """``flax.linen.Conv`` whose computation is chosen by ``impl`` (``auto``, ``lax``, ``matmul``).
+  """``flax.linen.Conv`` whose computation is chosen by ``impl`` (``auto``, ``lax``, ``matmul``,
+  ``hybrid``; see the module docstring and :func:`resolve_impl`).
 
   Parameters (``kernel`` HWIO, ``bias``) are created exactly as ``nn.Conv`` creates them, with the same
-  names, shapes and initial values, whatever ``impl``. The matmul path supports NHWC inputs with
-  explicit padding and no dilation; anything else runs ``nn.Conv`` itself.
+  names, shapes and initial values, whatever ``impl``. The matmul and hybrid paths support NHWC inputs
+  with explicit padding and no dilation; anything else runs ``nn.Conv`` itself.
   """
 
   impl: str = "auto"
