@@ -59,9 +59,9 @@ def test_dead_taps_and_dense_formulation_are_chosen_where_cheaper():
   assert conv._live_taps(1, 3, 1, (1, 1)) == (1, 2)  # 1×1 map: the centre tap only
   assert conv._live_taps(2, 3, 2, (1, 1)) == (1, 3)  # 2×2, stride 2: taps 1 and 2
   assert conv._live_taps(8, 3, 1, (1, 1)) == (0, 3)
-  assert conv._dense_index((2, 2, 2, 4), (3, 3, 4, 4), (1, 1), ((1, 1), (1, 1))) is not None
-  assert conv._dense_index((2, 4, 4, 4), (3, 3, 4, 4), (1, 1), ((1, 1), (1, 1))) is None
-  assert conv._dense_index((2, 2, 2, 4), (3, 3, 4, 4), (2, 2), ((1, 1), (1, 1))) is None  # 4 = 4 taps
+  assert conv._dense_out_hw((2, 2, 2, 4), (3, 3, 4, 4), (1, 1), ((1, 1), (1, 1))) == (2, 2)
+  assert conv._dense_out_hw((2, 4, 4, 4), (3, 3, 4, 4), (1, 1), ((1, 1), (1, 1))) is None
+  assert conv._dense_out_hw((2, 2, 2, 4), (3, 3, 4, 4), (2, 2), ((1, 1), (1, 1))) is None  # 4 = 4 taps
 
 
 def test_conv_module_keeps_nn_conv_params_and_values():

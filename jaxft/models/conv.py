@@ -37,7 +37,6 @@ from typing import Iterator, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 IMPLS = ("auto", "lax", "matmul", "hybrid")
@@ -140,16 +139,40 @@ def _pad_hw(x: jax.Array, padding: Sequence[tuple[int, int]]) -> jax.Array:
   return jnp.pad(x, ((0, 0), *padding, (0, 0)))
 
 
+def windows(xp: jax.Array, rows: tuple[int, int], cols: tuple[int, int], strides: tuple[int, int],
+            out_hw: tuple[int, int]) -> list[jax.Array]:
+  """The strided windows ``[N, Ho, Wo, C]`` of an already padded NHWC ``xp`` for the kernel taps
+  ``rows × cols`` (``[first, last + 1)`` ranges), row-major over the taps. ``xp`` is not mutated."""
+  n, _, _, c = xp.shape
+  (sh, sw), (ho, wo) = strides, out_hw
+  return [lax.slice(xp, (0, i, j, 0), (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c),
+                    (1, sh, sw, 1))
+          for i in range(*rows) for j in range(*cols)]
+
+
+def fold_windows(grads: Sequence[jax.Array], taps: Sequence[tuple[int, int]],
+                 strides: tuple[int, int], padded_hw: tuple[int, int]) -> jax.Array:
+  """The transpose of :func:`windows`: each ``grads[t]`` (``[N, Ho, Wo, C]``) dilated by the stride and
+  placed at its tap ``taps[t] = (i, j)`` on the padded ``[N, Hp, Wp, C]`` grid, summed (k² pads and
+  adds that XLA fuses into one loop)."""
+  (sh, sw), (hp, wp) = strides, padded_hw
+  out = None
+  for g, (i, j) in zip(grads, taps):
+    ho, wo = g.shape[1:3]
+    g = lax.pad(g, jnp.zeros((), g.dtype),
+                ((0, 0, 0), (i, hp - i - (ho - 1) * sh - 1, sh - 1),
+                 (j, wp - j - (wo - 1) * sw - 1, sw - 1), (0, 0, 0)))
+    out = g if out is None else out + g
+  return out
+
+
 def _taps(x: jax.Array, kernel_hw: tuple[int, int], strides: tuple[int, int]
           ) -> tuple[list[jax.Array], tuple[int, int]]:
   """The k·k strided windows of an already padded NHWC ``x``, row-major over the kernel taps."""
-  n, h, w, c = x.shape
+  _, h, w, _ = x.shape
   (kh, kw), (sh, sw) = kernel_hw, strides
   ho, wo = (h - kh) // sh + 1, (w - kw) // sw + 1
-  taps = [lax.slice(x, (0, i, j, 0), (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c),
-                    (1, sh, sw, 1))
-          for i in range(kh) for j in range(kw)]
-  return taps, (ho, wo)
+  return windows(x, (0, kh), (0, kw), strides, (ho, wo)), (ho, wo)
 
 
 def _shifted_sum(x: jax.Array, kernel: jax.Array, strides: tuple[int, int]) -> jax.Array:
@@ -217,17 +240,11 @@ def _im2col(x: jax.Array, kernel_hw: tuple[int, int], strides: tuple[int, int],
             ) -> tuple[jax.Array, tuple[int, int, int]]:
   """Patches ``[N·Ho·Wo, taps·C]`` of NHWC ``x`` over the live taps ``rows × cols`` (row-major, then
   channel: the row order of an HWIO kernel slice reshaped to 2-D), and ``(N, Ho, Wo)``."""
-  n, h, w, c = x.shape
+  n, h, w, _ = x.shape
   (kh, kw), (sh, sw) = kernel_hw, strides
   (lh, hh), (lw, hw) = padding
   ho, wo = (h + lh + hh - kh) // sh + 1, (w + lw + hw - kw) // sw + 1
-  if (kh, kw) == (1, 1) and not any((lh, hh, lw, hw)):
-    p = x if (sh, sw) == (1, 1) else x[:, ::sh, ::sw, :]
-    return p.reshape(n * ho * wo, c), (n, ho, wo)
-  xp = _pad_hw(x, padding)
-  taps = [lax.slice(xp, (0, i, j, 0), (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c),
-                    (1, sh, sw, 1))
-          for i in range(*rows) for j in range(*cols)]
+  taps = windows(_pad_hw(x, padding), rows, cols, strides, (ho, wo))
   p = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
   return p.reshape(n * ho * wo, -1), (n, ho, wo)
 
@@ -238,33 +255,27 @@ def _live(x_shape: Sequence[int], kernel_shape: Sequence[int], strides: tuple[in
           _live_taps(x_shape[2], kernel_shape[1], strides[1], padding[1]))
 
 
-def _dense_index(x_shape: Sequence[int], kernel_shape: Sequence[int], strides: tuple[int, int],
-                 padding: tuple[tuple[int, int], ...]) -> np.ndarray | None:
-  """For a map so small that the convolution is cheaper as one dense ``[H·W·Cin, Ho·Wo·Cout]`` matrix
-  than as patches (``H·W`` below the number of live taps, e.g. 3×3 stride 1 on 2×2: 16 blocks instead
-  of 36), the kernel tap feeding each (input pixel, output pixel) pair (``kh·kw`` = none); else None."""
+def _dense_out_hw(x_shape: Sequence[int], kernel_shape: Sequence[int], strides: tuple[int, int],
+                  padding: tuple[tuple[int, int], ...]) -> tuple[int, int] | None:
+  """``(Ho, Wo)`` when the map is so small that the convolution is cheaper as one dense
+  ``[H·W·Cin, Ho·Wo·Cout]`` matrix than as patches (``H·W`` below the number of live taps, e.g. 3×3
+  stride 1 on 2×2: 16 blocks instead of 36); else None."""
   _, h, w, _ = x_shape
   kh, kw = kernel_shape[:2]
   (sh, sw), ((lh, hh), (lw, hw)) = strides, padding
-  ho, wo = (h + lh + hh - kh) // sh + 1, (w + lw + hw - kw) // sw + 1
   rows, cols = _live(x_shape, kernel_shape, strides, padding)
   if h * w >= (rows[1] - rows[0]) * (cols[1] - cols[0]):
     return None
-  idx = np.full((h, w, ho, wo), kh * kw, np.int32)
-  for a, b, i, j in np.ndindex(h, w, ho, wo):
-    ti, tj = a - i * sh + lh, b - j * sw + lw
-    if 0 <= ti < kh and 0 <= tj < kw:
-      idx[a, b, i, j] = ti * kw + tj
-  return idx
+  return (h + lh + hh - kh) // sh + 1, (w + lw + hw - kw) // sw + 1
 
 
-def _dense_matrix(kernel: jax.Array, idx: np.ndarray, strides: tuple[int, int],
-                  padding: tuple[tuple[int, int], ...]) -> jax.Array:
-  """The ``[H·W·Cin, Ho·Wo·Cout]`` matrix of :func:`_dense_index`. Output pixel ``(i, j)`` reads input
-  ``(a, b)`` through tap ``(a - i·s + pad, b - j·s + pad)``, so its column block is one contiguous
-  window of the zero-padded kernel."""
-  kh, kw, cin, cout = kernel.shape
-  h, w, ho, wo = idx.shape
+def _dense_matrix(kernel: jax.Array, in_hw: tuple[int, int], out_hw: tuple[int, int],
+                  strides: tuple[int, int], padding: tuple[tuple[int, int], ...]) -> jax.Array:
+  """The ``[H·W·Cin, Ho·Wo·Cout]`` matrix of the convolution on an ``H×W`` map. Output pixel
+  ``(i, j)`` reads input ``(a, b)`` through tap ``(a - i·s + pad, b - j·s + pad)`` (zero outside the
+  kernel), so its column block is one contiguous window of the zero-padded kernel."""
+  _, _, cin, cout = kernel.shape
+  (h, w), (ho, wo) = in_hw, out_hw
   (sh, sw), ((lh, _), (lw, _)) = strides, padding
   kp = jnp.pad(kernel, ((h, h), (w, w), (0, 0), (0, 0)))
   cols = [lax.slice(kp, (lh - i * sh + h, lw - j * sw + w, 0, 0),
@@ -286,11 +297,11 @@ def gemm_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
   """
   if lax_forward:
     return _lax_conv(x, kernel.astype(x.dtype), strides, padding)
-  idx = _dense_index(x.shape, kernel.shape, strides, padding)
-  if idx is not None:
-    n, (_, _, ho, wo) = x.shape[0], idx.shape
-    y = lax.dot(x.reshape(n, -1), _dense_matrix(kernel.astype(x.dtype), idx, strides, padding))
-    return y.reshape(n, ho, wo, -1)
+  out_hw = _dense_out_hw(x.shape, kernel.shape, strides, padding)
+  if out_hw is not None:
+    n = x.shape[0]
+    big = _dense_matrix(kernel.astype(x.dtype), x.shape[1:3], out_hw, strides, padding)
+    return lax.dot(x.reshape(n, -1), big).reshape(n, *out_hw, -1)
   rows, cols = _live(x.shape, kernel.shape, strides, padding)
   p, (n, ho, wo) = _im2col(x, kernel.shape[:2], strides, padding, rows, cols)
   wm = kernel[rows[0]:rows[1], cols[0]:cols[1]].reshape(-1, kernel.shape[-1])
@@ -320,16 +331,17 @@ def _gemm_conv_bwd(strides, padding, lax_forward, res, dy):
   x, kernel = res
   kh, kw, cin, cout = kernel.shape
   n, h, w, _ = x.shape
-  idx = _dense_index(x.shape, kernel.shape, strides, padding)
-  if idx is not None and not lax_forward:
+  out_hw = _dense_out_hw(x.shape, kernel.shape, strides, padding)
+  if out_hw is not None and not lax_forward:
     dy2 = dy.reshape(n, -1)
-    big, fold = jax.vjp(lambda k: _dense_matrix(k, idx, strides, padding), kernel.astype(jnp.float32))
+    big, fold = jax.vjp(lambda k: _dense_matrix(k, (h, w), out_hw, strides, padding),
+                        kernel.astype(jnp.float32))
     dbig = lax.dot_general(x.reshape(n, -1), dy2, (((0,), (0,)), ((), ())),
                            preferred_element_type=jnp.float32)
     dx = lax.dot_general(dy2, big.astype(dy.dtype), (((1,), (1,)), ((), ())))
     return dx.reshape(x.shape).astype(x.dtype), fold(dbig)[0].astype(kernel.dtype)
   plan_dw, plan_dx = _grad_plan((kh, kw), strides, lax_forward)
-  (sh, sw), ((lh, hh), (lw, hw)) = strides, padding
+  (lh, hh), (lw, hw) = padding
   conv_of = lambda x, k: _lax_conv(x, k.astype(x.dtype), strides, padding)
   if plan_dw == "lax":
     dw = jax.vjp(lambda k: conv_of(x, k), kernel)[1](dy)[0]
@@ -345,25 +357,12 @@ def _gemm_conv_bwd(strides, padding, lax_forward, res, dy):
     return dx.astype(x.dtype), dw.astype(kernel.dtype)
   rows, cols = _live(x.shape, kernel.shape, strides, padding)
   ho, wo = dy.shape[1:3]
-  nr, nc = rows[1] - rows[0], cols[1] - cols[0]
   wm = kernel[rows[0]:rows[1], cols[0]:cols[1]].reshape(-1, cout).astype(dy.dtype)
   dp = lax.dot_general(dy.reshape(-1, cout), wm, (((1,), (1,)), ((), ())))  # [N·Ho·Wo, taps·Cin]
-  if (kh, kw) == (1, 1) and not any((lh, hh, lw, hw)):
-    dx = dp.reshape(n, ho, wo, cin)
-    if (sh, sw) != (1, 1):
-      dx = lax.pad(dx, jnp.zeros((), dx.dtype),
-                   ((0, 0, 0), (0, h - (ho - 1) * sh - 1, sh - 1), (0, w - (wo - 1) * sw - 1, sw - 1),
-                    (0, 0, 0)))
-    return dx.astype(x.dtype), dw.astype(kernel.dtype)
-  dp = dp.reshape(n, ho, wo, nr * nc, cin)
-  hp, wp = h + lh + hh, w + lw + hw
-  dxp = None
-  for t, (i, j) in enumerate((i, j) for i in range(*rows) for j in range(*cols)):
-    # the transpose of tap (i, j)'s strided window: dilate by the stride, shift to (i, j)
-    g = lax.pad(dp[:, :, :, t, :], jnp.zeros((), dp.dtype),
-                ((0, 0, 0), (i, hp - i - (ho - 1) * sh - 1, sh - 1),
-                 (j, wp - j - (wo - 1) * sw - 1, sw - 1), (0, 0, 0)))
-    dxp = g if dxp is None else dxp + g
+  taps = [(i, j) for i in range(*rows) for j in range(*cols)]
+  dp = dp.reshape(n, ho, wo, len(taps), cin)
+  dxp = fold_windows([dp[:, :, :, t, :] for t in range(len(taps))], taps, strides,
+                     (h + lh + hh, w + lw + hw))
   dx = dxp[:, lh:lh + h, lw:lw + w, :]
   return dx.astype(x.dtype), dw.astype(kernel.dtype)
 
@@ -377,16 +376,15 @@ def _lax_conv(x, kernel, strides, padding, groups=1):
                                   feature_group_count=groups)
 
 
-
-
 def conv_matmul(x: jax.Array, kernel: jax.Array, strides: tuple[int, int] = (1, 1),
                 padding: Sequence[tuple[int, int]] = ((0, 0), (0, 0)), groups: int = 1,
                 lax_forward: bool = False) -> jax.Array:
   """NHWC × HWIO convolution computed as one GEMM (or shifted products when depthwise).
 
-  ``lax_forward`` computes the forward pass of a dense convolution with ``lax.conv`` and only the
-  gradients as GEMMs (the ``hybrid`` implementation). Same result as ``lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=('NHWC',
-  'HWIO', 'NHWC'), feature_group_count=groups)``; grouped convolutions that are not depthwise (channel
+  ``lax_forward`` computes the forward pass of a dense convolution with ``lax.conv`` and plans the
+  gradients per pass (the ``hybrid`` implementation). Same result as
+  ``lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+  feature_group_count=groups)``; grouped convolutions that are not depthwise (channel
   multiplier 1) are computed by exactly that call. Neither input is mutated.
   """
   kh, kw, cin_g, cout = kernel.shape
@@ -394,9 +392,7 @@ def conv_matmul(x: jax.Array, kernel: jax.Array, strides: tuple[int, int] = (1, 
   strides = tuple(strides)
   padding = tuple(tuple(p) for p in padding)
   if groups != 1 and not (groups == cin == cout and cin_g == 1):
-    return lax.conv_general_dilated(x, kernel, strides, padding,
-                                    dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                    feature_group_count=groups)
+    return _lax_conv(x, kernel, strides, padding, groups)
   if groups != 1:
     return depthwise(x, kernel.reshape(kh, kw, cout), strides, padding)
   return gemm_conv(x, kernel, strides, padding, lax_forward)
