@@ -255,6 +255,11 @@ def _live(x_shape: Sequence[int], kernel_shape: Sequence[int], strides: tuple[in
           _live_taps(x_shape[2], kernel_shape[1], strides[1], padding[1]))
 
 
+def _live_matrix(kernel: jax.Array, rows: tuple[int, int], cols: tuple[int, int]) -> jax.Array:
+  """The live taps of an HWIO kernel as the ``[taps·Cin, Cout]`` matrix matching :func:`_im2col`."""
+  return kernel[rows[0]:rows[1], cols[0]:cols[1]].reshape(-1, kernel.shape[-1])
+
+
 def _dense_out_hw(x_shape: Sequence[int], kernel_shape: Sequence[int], strides: tuple[int, int],
                   padding: tuple[tuple[int, int], ...]) -> tuple[int, int] | None:
   """``(Ho, Wo)`` when the map is so small that the convolution is cheaper as one dense
@@ -304,8 +309,7 @@ def gemm_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
     return lax.dot(x.reshape(n, -1), big).reshape(n, *out_hw, -1)
   rows, cols = _live(x.shape, kernel.shape, strides, padding)
   p, (n, ho, wo) = _im2col(x, kernel.shape[:2], strides, padding, rows, cols)
-  wm = kernel[rows[0]:rows[1], cols[0]:cols[1]].reshape(-1, kernel.shape[-1])
-  return lax.dot(p, wm.astype(p.dtype)).reshape(n, ho, wo, -1)
+  return lax.dot(p, _live_matrix(kernel, rows, cols).astype(p.dtype)).reshape(n, ho, wo, -1)
 
 
 def _gemm_conv_fwd(x, kernel, strides, padding, lax_forward):
@@ -342,11 +346,11 @@ def _gemm_conv_bwd(strides, padding, lax_forward, res, dy):
     return dx.reshape(x.shape).astype(x.dtype), fold(dbig)[0].astype(kernel.dtype)
   plan_dw, plan_dx = _grad_plan((kh, kw), strides, lax_forward)
   (lh, hh), (lw, hw) = padding
+  rows, cols = _live(x.shape, kernel.shape, strides, padding)
   conv_of = lambda x, k: _lax_conv(x, k.astype(x.dtype), strides, padding)
   if plan_dw == "lax":
     dw = jax.vjp(lambda k: conv_of(x, k), kernel)[1](dy)[0]
   else:
-    rows, cols = _live(x.shape, kernel.shape, strides, padding)
     p, _ = _im2col(x, (kh, kw), strides, padding, rows, cols)
     dwl = lax.dot_general(p, dy.reshape(-1, cout), (((0,), (0,)), ((), ())),
                           preferred_element_type=jnp.float32)
@@ -355,9 +359,8 @@ def _gemm_conv_bwd(strides, padding, lax_forward, res, dy):
   if plan_dx == "lax":
     dx = jax.vjp(lambda x: conv_of(x, kernel), x)[1](dy)[0]
     return dx.astype(x.dtype), dw.astype(kernel.dtype)
-  rows, cols = _live(x.shape, kernel.shape, strides, padding)
   ho, wo = dy.shape[1:3]
-  wm = kernel[rows[0]:rows[1], cols[0]:cols[1]].reshape(-1, cout).astype(dy.dtype)
+  wm = _live_matrix(kernel, rows, cols).astype(dy.dtype)
   dp = lax.dot_general(dy.reshape(-1, cout), wm, (((1,), (1,)), ((), ())))  # [N·Ho·Wo, taps·Cin]
   taps = [(i, j) for i in range(*rows) for j in range(*cols)]
   dp = dp.reshape(n, ho, wo, len(taps), cin)
