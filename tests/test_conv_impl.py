@@ -55,6 +55,21 @@ def test_matmul_conv_matches_lax_forward_and_gradients(k, stride, groups, cin, c
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+def test_dense_formulation_on_a_map_taller_than_the_kernel():
+  # 3×3 stride 1 on a 4×2 map: 9 live taps > 8 pixels, so the dense matrix is used, and the column
+  # windows of the top and bottom output rows reach past the kernel (zero-padded blocks).
+  r = np.random.default_rng(7)
+  x = jnp.asarray(r.normal(size=(2, 4, 2, 3)), jnp.float32)
+  w = jnp.asarray(r.normal(size=(3, 3, 3, 5)), jnp.float32)
+  assert conv._dense_out_hw(x.shape, w.shape, (1, 1), ((1, 1), (1, 1))) == (4, 2)
+  ct = jnp.asarray(r.normal(size=(2, 4, 2, 5)), jnp.float32)
+  got = jax.vjp(lambda x, w: _matmul(x, w, 1, 1), x, w)
+  want = jax.vjp(lambda x, w: _lax(x, w, 1, 1), x, w)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-4, atol=1e-4)
+  for g, e in zip(got[1](ct), want[1](ct)):
+    np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)
+
+
 def test_dead_taps_and_dense_formulation_are_chosen_where_cheaper():
   assert conv._live_taps(1, 3, 1, (1, 1)) == (1, 2)  # 1×1 map: the centre tap only
   assert conv._live_taps(2, 3, 2, (1, 1)) == (1, 3)  # 2×2, stride 2: taps 1 and 2

@@ -244,9 +244,18 @@ def _im2col(x: jax.Array, kernel_hw: tuple[int, int], strides: tuple[int, int],
   (kh, kw), (sh, sw) = kernel_hw, strides
   (lh, hh), (lw, hw) = padding
   ho, wo = (h + lh + hh - kh) // sh + 1, (w + lw + hw - kw) // sw + 1
+  if _patches_are_input(x.shape, (ho, wo), rows, cols):
+    return x.reshape(n, -1), (n, ho, wo)
   taps = windows(_pad_hw(x, padding), rows, cols, strides, (ho, wo))
   p = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
   return p.reshape(n * ho * wo, -1), (n, ho, wo)
+
+
+def _patches_are_input(x_shape: Sequence[int], out_hw: tuple[int, int], rows: tuple[int, int],
+                       cols: tuple[int, int]) -> bool:
+  """Whether the patch matrix is the input itself, reshaped: one output pixel whose live taps read
+  every input pixel once, in order (3×3 stride 2 on a 2×2 map) — then no copy is needed."""
+  return out_hw == (1, 1) and (rows[1] - rows[0], cols[1] - cols[0]) == tuple(x_shape[1:3])
 
 
 def _live(x_shape: Sequence[int], kernel_shape: Sequence[int], strides: tuple[int, int],
@@ -278,14 +287,25 @@ def _dense_matrix(kernel: jax.Array, in_hw: tuple[int, int], out_hw: tuple[int, 
                   strides: tuple[int, int], padding: tuple[tuple[int, int], ...]) -> jax.Array:
   """The ``[H·W·Cin, Ho·Wo·Cout]`` matrix of the convolution on an ``H×W`` map. Output pixel
   ``(i, j)`` reads input ``(a, b)`` through tap ``(a - i·s + pad, b - j·s + pad)`` (zero outside the
-  kernel), so its column block is one contiguous window of the zero-padded kernel."""
-  _, _, cin, cout = kernel.shape
+  kernel), so its column block is one window of the kernel, zero-padded only where the window leaves
+  the kernel; XLA fuses the windows into the concatenation (one pass)."""
+  kh, kw, cin, cout = kernel.shape
   (h, w), (ho, wo) = in_hw, out_hw
   (sh, sw), ((lh, _), (lw, _)) = strides, padding
-  kp = jnp.pad(kernel, ((h, h), (w, w), (0, 0), (0, 0)))
-  cols = [lax.slice(kp, (lh - i * sh + h, lw - j * sw + w, 0, 0),
-                    (lh - i * sh + 2 * h, lw - j * sw + 2 * w, cin, cout)).reshape(h * w * cin, cout)
-          for i in range(ho) for j in range(wo)]
+
+  def window(start: int, size: int, k: int) -> tuple[int, int, int, int]:
+    lo, hi = max(start, 0), min(start + size, k)  # kernel taps inside the window
+    return lo, max(hi, lo), lo - start, size - (max(hi, lo) - start)
+
+  cols = []
+  for i in range(ho):
+    r0, r1, rpad_lo, rpad_hi = window(lh - i * sh, h, kh)
+    for j in range(wo):
+      c0, c1, cpad_lo, cpad_hi = window(lw - j * sw, w, kw)
+      blk = kernel[r0:r1, c0:c1]
+      if rpad_lo or rpad_hi or cpad_lo or cpad_hi:
+        blk = jnp.pad(blk, ((rpad_lo, rpad_hi), (cpad_lo, cpad_hi), (0, 0), (0, 0)))
+      cols.append(blk.reshape(h * w * cin, cout))
   return jnp.concatenate(cols, axis=1)
 
 
@@ -363,6 +383,8 @@ def _gemm_conv_bwd(strides, padding, lax_forward, res, dy):
   wm = _live_matrix(kernel, rows, cols).astype(dy.dtype)
   dp = lax.dot_general(dy.reshape(-1, cout), wm, (((1,), (1,)), ((), ())))  # [N·Ho·Wo, taps·Cin]
   taps = [(i, j) for i in range(*rows) for j in range(*cols)]
+  if _patches_are_input(x.shape, (ho, wo), rows, cols):
+    return dp.reshape(x.shape).astype(x.dtype), dw.astype(kernel.dtype)
   dp = dp.reshape(n, ho, wo, len(taps), cin)
   dxp = fold_windows([dp[:, :, :, t, :] for t in range(len(taps))], taps, strides,
                      (h + lh + hh, w + lw + hw))
