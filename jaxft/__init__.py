@@ -9,6 +9,12 @@ if "XLA_FLAGS" not in _os.environ and _os.environ.get("JAXFT_CPU_FLAGS", "1") !=
   from jaxft.models import conv as _conv
   _conv.configure_cpu()
 
+# XLA:CPU frees and re-allocates hundreds of MB of temporaries per step; keep glibc from handing them
+# back to the kernel between steps (jaxft.runtime.retain_freed_memory). JAXFT_MALLOC_TUNING=0 opts out.
+if _os.environ.get("JAXFT_MALLOC_TUNING", "1") != "0":
+  from jaxft import runtime as _runtime
+  _runtime.retain_freed_memory()
+
 from jaxft.models import Model, ModelSpec, Network, create_model, get_spec, list_archs
 from jaxft.checkpoint import load_model, load_pretrained, save_model
 from jaxft.convert import convert_file
