@@ -18,7 +18,10 @@ reported apart; peak memory is the worker's peak RSS on CPU, the device's peak b
 The jaxft/torch ratios are printed last.
 
 XLA:CPU flags: ``import jaxft`` sets ``jaxft.models.conv.CPU_XLA_FLAGS`` when ``XLA_FLAGS`` is unset;
-``--no-cpu-flags`` turns that off in the jaxft worker (see ``docs/benchmarks.md``).
+``--no-cpu-flags`` turns that off in the jaxft worker. ``import jaxft`` also tunes glibc's malloc
+(``jaxft.runtime.retain_freed_memory``); ``--no-malloc-tuning`` turns that off in the jaxft worker,
+and the torch worker runs with stock malloc unless ``--torch-malloc-tuning`` (see
+``docs/benchmarks.md``).
 """
 
 from __future__ import annotations
@@ -374,7 +377,12 @@ def bench_workload(w: dict[str, Any], args: argparse.Namespace) -> list[dict[str
   frameworks = ["jaxft"] + ([] if args.no_torch else ["torch"])
   if args.no_cpu_flags:
     env["JAXFT_CPU_FLAGS"] = "0"  # `import jaxft` would otherwise set them (jaxft/__init__.py)
-  workers = {f: Worker(f, env) for f in frameworks}
+  if args.no_malloc_tuning:
+    env["JAXFT_MALLOC_TUNING"] = "0"
+  # The torch worker imports jaxft only for model specs; it runs as stock PyTorch does, with glibc's
+  # default malloc, unless --torch-malloc-tuning gives it jaxft's runtime tuning too.
+  torch_env = dict(env, JAXFT_MALLOC_TUNING="1" if args.torch_malloc_tuning else "0")
+  workers = {f: Worker(f, torch_env if f == "torch" else env) for f in frameworks}
   records = []
   try:
     devices = {f: wk.ask(op="setup", **w)["device"] for f, wk in workers.items()}
@@ -441,6 +449,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                  help="jaxft convolution implementation (auto: matmul on CPU, lax.conv elsewhere)")
   p.add_argument("--no-cpu-flags", action="store_true",
                  help="jaxft worker without jaxft.models.conv.CPU_XLA_FLAGS (sets JAXFT_CPU_FLAGS=0)")
+  p.add_argument("--no-malloc-tuning", action="store_true",
+                 help="jaxft worker without jaxft.runtime.retain_freed_memory (JAXFT_MALLOC_TUNING=0)")
+  p.add_argument("--torch-malloc-tuning", action="store_true",
+                 help="apply jaxft.runtime.retain_freed_memory to the torch worker too")
   p.add_argument("--torch-compile", action="store_true", help="torch.compile the torch model")
   p.add_argument("--no-torch", action="store_true", help="jaxft only")
   p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's)")
