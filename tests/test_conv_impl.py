@@ -184,3 +184,13 @@ def test_max_pool_matches_reduce_window_values_and_gradients_with_ties():
   want_y, want_pull = jax.vjp(lambda x: layers.max_pool_3x3_s2(x, impl="lax"), x)
   np.testing.assert_array_equal(got_y, want_y)
   np.testing.assert_allclose(got_pull(ct)[0], want_pull(ct)[0], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("w", [1.0, -2.0, 0.0, float("nan"), float("inf")])
+def test_fusion_barrier_returns_its_input_and_stays_a_conditional(w):
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 3, 4)), jnp.float32)
+  witness = jnp.full((3, 3, 4, 5), w, jnp.float32)
+  f = jax.jit(conv._fusion_barrier)
+  np.testing.assert_array_equal(f(x, witness), x)
+  # The point of it: XLA keeps the conditional (a fusion boundary) instead of folding it away.
+  assert "conditional(" in f.lower(x, witness).compile().as_text()
