@@ -294,8 +294,9 @@ def _dense_matrix(kernel: jax.Array, in_hw: tuple[int, int], out_hw: tuple[int, 
   (sh, sw), ((lh, _), (lw, _)) = strides, padding
 
   def window(start: int, size: int, k: int) -> tuple[int, int, int, int]:
-    lo, hi = max(start, 0), min(start + size, k)  # kernel taps inside the window
-    return lo, max(hi, lo), lo - start, size - (max(hi, lo) - start)
+    lo = max(start, 0)
+    hi = max(min(start + size, k), lo)  # kernel taps [lo, hi) inside the window
+    return lo, hi, lo - start, size - (hi - start)
 
   cols = []
   for i in range(ho):
@@ -402,13 +403,14 @@ def _gemm_conv_bwd(strides, padding, lax_forward, res, dy):
   ho, wo = dy.shape[1:3]
   wm = _live_matrix(kernel, rows, cols).astype(dy.dtype)
   dp = lax.dot_general(dy.reshape(-1, cout), wm, (((1,), (1,)), ((), ())))  # [N·Ho·Wo, taps·Cin]
-  taps = [(i, j) for i in range(*rows) for j in range(*cols)]
   if _patches_are_input(x.shape, (ho, wo), rows, cols):
-    return dp.reshape(x.shape).astype(x.dtype), dw.astype(kernel.dtype)
-  dp = dp.reshape(n, ho, wo, len(taps), cin)
-  dxp = fold_windows([dp[:, :, :, t, :] for t in range(len(taps))], taps, strides,
-                     (h + lh + hh, w + lw + hw))
-  dx = dxp[:, lh:lh + h, lw:lw + w, :]
+    dx = dp.reshape(x.shape)
+  else:
+    taps = [(i, j) for i in range(*rows) for j in range(*cols)]
+    dp = dp.reshape(n, ho, wo, len(taps), cin)
+    dxp = fold_windows([dp[:, :, :, t, :] for t in range(len(taps))], taps, strides,
+                       (h + lh + hh, w + lw + hw))
+    dx = dxp[:, lh:lh + h, lw:lw + w, :]
   return dx.astype(x.dtype), dw.astype(kernel.dtype)
 
 
