@@ -40,3 +40,27 @@ def test_bench_runs_and_writes_ratios(tmp_path, with_torch):
     assert ("ratio" in r) == with_torch
   if with_torch:
     assert "jaxft/torch images/s ratios" in proc.stdout
+
+
+@pytest.mark.parametrize("h,cin,cout,k,s", [(6, 3, 8, 7, 2), (5, 8, 4, 3, 2), (18, 4, 6, 3, 1),
+                                            (18, 8, 16, 1, 2)])
+def test_conv_passes_versus_torch_times_the_same_gradients(h, cin, cout, k, s):
+  pytest.importorskip("torch")
+  import jax  # pylint: disable=g-import-not-at-top
+  p = k // 2
+  ho = (h + 2 * p - k) // s + 1
+  kx, kw, kd = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(kx, (2, h, h, cin))
+  w = jax.random.normal(kw, (k, k, cin, cout))
+  dy = jax.random.normal(kd, (2, ho, ho, cout))
+  calls = []
+
+  def timed(f, *a):
+    calls.append(f)
+    jax.block_until_ready(f(*a))
+    return 0.5
+
+  t_jax, t_torch, err = bench_conv_passes._versus_torch(  # pylint: disable=protected-access
+      x, w, dy, (s, s), ((p, p), (p, p)), timed)
+  assert (t_jax, t_torch, len(calls)) == (0.5, 0.5, 2)
+  assert err < 1e-5

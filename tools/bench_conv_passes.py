@@ -3,13 +3,17 @@
     python tools/bench_conv_passes.py                 # ResNet-50 convs at 224 px, batch 32: GFLOP/s
     python tools/bench_conv_passes.py --size 32 --batch 128
     python tools/bench_conv_passes.py --floor         # the same convs as bare GEMMs: the step's floor
+    python tools/bench_conv_passes.py --torch         # jaxft's automatic plan vs torch, per conv
 
 For every distinct convolution of torchvision's ResNet-50 at the given image size it times, in
 GFLOP/s: ``lax.conv`` forward, the patch-GEMM forward, XLA's kernel gradient and input gradient, and
 the GEMM gradients (``jaxft.models.conv._gemm_conv_bwd``). ``--floor`` instead times the three GEMMs
 of every convolution (forward, kernel gradient, input gradient; live taps only) as plain 2-D dots and
 prints their sum over the network, i.e. the least time any GEMM formulation of one training step can
-take with this machine's dot. XLA flags are :data:`jaxft.models.conv.CPU_XLA_FLAGS` unless
+take with this machine's dot. ``--torch`` times each convolution's forward pass plus both gradients
+with jaxft's automatic choice (``impl="auto"``) and with a channels-last ``torch.nn.Conv2d`` in the same
+process, and prints the torch/jaxft time ratio per convolution and for the whole network (> 1: jaxft
+faster). XLA flags are :data:`jaxft.models.conv.CPU_XLA_FLAGS` unless
 ``XLA_FLAGS`` is set.
 """
 
@@ -49,6 +53,8 @@ def main() -> None:
   ap.add_argument("--batch", type=int, default=32)
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--floor", action="store_true", help="time the bare GEMMs of one training step")
+  ap.add_argument("--torch", action="store_true",
+                  help="jaxft's automatic plan against torch's channels-last conv, fwd + both grads")
   args = ap.parse_args()
 
   from jaxft.models import conv  # pylint: disable=g-import-not-at-top
@@ -93,6 +99,13 @@ def main() -> None:
     x = jax.random.normal(key, (args.batch, h, h, cin))
     w = jax.random.normal(key, (k, k, cin, cout)) * 0.05
     dy = jax.random.normal(key, (args.batch, ho, ho, cout))
+    if args.torch:
+      t_jax, t_torch, err = _versus_torch(x, w, dy, strides, pad, timed)
+      total["jaxft"] = total.get("jaxft", 0.0) + t_jax * n
+      total["torch"] = total.get("torch", 0.0) + t_torch * n
+      print(f"{name:<34} ms (fwd + grads): jaxft {t_jax * 1e3:7.1f}  torch {t_torch * 1e3:7.1f}"
+            f"  torch/jaxft {t_torch / t_jax:.2f}  (gradients differ by {err:.1e})", flush=True)
+      continue
     gf = 2 * args.batch * ho * ho * cin * cout * k * k / 1e9
     f = lambda x, w: conv._lax_conv(x, w, strides, pad)  # pylint: disable=protected-access
     t = [timed(jax.jit(f), x, w),
@@ -104,9 +117,51 @@ def main() -> None:
     rate = [gf / t[0], gf / t[1], gf / t[2], gf / t[3], 2 * gf / t[4]]
     print(f"{name:<34} GFLOP/s: lax fwd {rate[0]:4.0f}  gemm fwd {rate[1]:4.0f}  lax dW {rate[2]:4.0f}"
           f"  lax dX {rate[3]:4.0f}  gemm dW+dX {rate[4]:4.0f}", flush=True)
+  if args.torch:
+    print(f"all convolutions of one training step: jaxft {total['jaxft'] * 1e3:.0f} ms, torch "
+          f"{total['torch'] * 1e3:.0f} ms, torch/jaxft {total['torch'] / total['jaxft']:.2f}")
   if args.floor:
     print("per training step (ms): " + "  ".join(f"{k} {v * 1e3:.1f}" for k, v in total.items())
           + f"  sum {sum(total.values()) * 1e3:.1f}")
+
+
+def _versus_torch(x, w, dy, strides, pad, timed) -> tuple[float, float, float]:
+  """Median seconds of forward + gradients (jaxft ``impl="auto"``, then torch channels-last) and the
+  largest relative difference between their gradients (a check that both compute the same thing).
+  The image's gradient is skipped when ``cin == 3``, as in a network. Inputs are not mutated."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  from jaxft.models import conv  # pylint: disable=g-import-not-at-top
+
+  h, cin = x.shape[1], x.shape[-1]
+  k, cout = w.shape[0], w.shape[-1]
+  impl = conv.resolve_impl("auto", h * h)
+  f = (lambda x, w: conv._lax_conv(x, w, strides, pad)) if impl == "lax" else (  # pylint: disable=protected-access
+      lambda x, w: conv.conv_matmul(x, w, strides, pad, lax_forward=impl == "hybrid"))
+  first = 1 if cin == 3 else 0
+  step = jax.jit(lambda x, w, dy: jax.vjp(f, x, w)[1](dy)[first:])
+  t_jax = timed(step, x, w, dy)
+
+  torch.set_num_threads(len(os.sched_getaffinity(0)))
+  xt = torch.from_numpy(np.array(x)).permute(0, 3, 1, 2).requires_grad_(cin != 3)  # channels-last
+  layer = torch.nn.Conv2d(cin, cout, k, strides[0], pad[0][0], bias=False)
+  with torch.no_grad():
+    layer.weight.copy_(torch.from_numpy(np.array(w)).permute(3, 2, 0, 1))
+  layer = layer.to(memory_format=torch.channels_last)
+  dyt = torch.from_numpy(np.array(dy)).permute(0, 3, 1, 2)
+
+  def torch_step() -> None:
+    layer.zero_grad(set_to_none=True)
+    xt.grad = None
+    layer(xt).backward(dyt)
+
+  t_torch = timed(lambda: torch_step() or np.zeros(()))
+  ours = [np.asarray(g) for g in step(x, w, dy)]
+  theirs = ([] if cin == 3 else [xt.grad.permute(0, 2, 3, 1).numpy()]) + [
+      layer.weight.grad.permute(2, 3, 1, 0).numpy()]
+  err = max(float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-30)) for a, b in zip(ours, theirs))
+  return t_jax, t_torch, err
 
 
 if __name__ == "__main__":
