@@ -39,7 +39,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxft import checkpoint as ckpt_lib
 from jaxft import data as data_lib
-from jaxft import losses, models, optim, paths, report, surgery
+from jaxft import losses, models, optim, paths, report, runtime, surgery
 from jaxft.models.model import Model
 
 Array = jax.Array
@@ -820,6 +820,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   # --- Devices: batch sharded over every device, state replicated. ---
   devices = np.array(jax.devices())
   mesh = Mesh(devices, ("data",))
+  logging.info("%d × %s device(s); C allocator: %s", len(devices), devices[0].device_kind,
+               runtime.loaded_allocator())
   batch_sharding = NamedSharding(mesh, P("data"))
   replicated = NamedSharding(mesh, P())
   if batch_size % len(devices):
@@ -1037,6 +1039,8 @@ def _define_flags() -> None:
 
 
 if __name__ == "__main__":
+  # Under tcmalloc when the machine has it (JAXFT_TCMALLOC=0 opts out): see jaxft.runtime.
+  runtime.relaunch_with_tcmalloc([sys.executable, "-m", "jaxft.train", *sys.argv[1:]])
   from absl import app  # pylint: disable=g-import-not-at-top
   _define_flags()
   app.run(main)

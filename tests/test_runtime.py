@@ -47,3 +47,55 @@ def test_freed_blocks_are_reused_instead_of_faulted_in_again(size):
   # tuned: only the first round touches new memory; later rounds reuse the freed heap block.
   assert tuned[0] > pages // 2, tuned
   assert max(tuned[1:]) < pages // 20, tuned
+
+
+# --- tcmalloc for the command-line entry points ----------------------------------------------------
+
+_RELAUNCH = r"""
+import os, sys
+from jaxft import runtime
+runtime.relaunch_with_tcmalloc([sys.executable, *sys.argv])  # this script, same arguments
+print(runtime.loaded_allocator(), os.environ.get("LD_PRELOAD", ""), *sys.argv[1:])
+"""
+
+
+def _relaunched(tmp_path, env: dict[str, str]) -> list[str]:
+  script = tmp_path / "relaunch.py"
+  script.write_text(_RELAUNCH)
+  inherited = {k: v for k, v in os.environ.items()
+               if k not in ("LD_PRELOAD", "JAXFT_TCMALLOC", "JAXFT_TCMALLOC_RELAUNCHED")}
+  env = {**inherited, **env}
+  out = subprocess.run([sys.executable, str(script), "arg1", "--flag=2"], env=env,
+                       capture_output=True, text=True, check=True, timeout=120)
+  return out.stdout.split()
+
+
+def test_tcmalloc_env_prepends_once_and_leaves_the_input_alone():
+  from jaxft import runtime
+  env = {"LD_PRELOAD": "/a/other.so:/t/libtcmalloc.so", "X": "1"}
+  out = runtime.tcmalloc_env(env, "/t/libtcmalloc.so")
+  assert out == {"LD_PRELOAD": "/t/libtcmalloc.so:/a/other.so", "X": "1"}
+  assert env == {"LD_PRELOAD": "/a/other.so:/t/libtcmalloc.so", "X": "1"}
+  assert runtime.tcmalloc_env({}, "/t/libtcmalloc.so") == {"LD_PRELOAD": "/t/libtcmalloc.so"}
+
+
+def test_find_tcmalloc_obeys_the_environment(tmp_path):
+  from jaxft import runtime
+  assert runtime.find_tcmalloc({"JAXFT_TCMALLOC": "0"}) is None
+  assert runtime.find_tcmalloc({"JAXFT_TCMALLOC": str(tmp_path / "missing.so")}) is None
+  lib = tmp_path / "libtcmalloc_minimal.so.4"
+  lib.write_bytes(b"")
+  expected = str(lib) if platform.system() == "Linux" else None
+  assert runtime.find_tcmalloc({"JAXFT_TCMALLOC": str(lib)}) == expected
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="LD_PRELOAD: Linux only")
+def test_relaunch_runs_the_same_command_under_tcmalloc_or_not_at_all(tmp_path):
+  from jaxft import runtime
+  # Opted out: the script runs once, in place, with glibc's malloc.
+  assert _relaunched(tmp_path, {"JAXFT_TCMALLOC": "0"}) == ["glibc", "arg1", "--flag=2"]
+  library = runtime.find_tcmalloc({})
+  if library is None:
+    pytest.skip("no tcmalloc on this machine (.ci/run installs libtcmalloc-minimal4)")
+  # Relaunched once (no loop), same arguments, tcmalloc mapped in.
+  assert _relaunched(tmp_path, {}) == ["tcmalloc", library, "arg1", "--flag=2"]

@@ -21,7 +21,9 @@ XLA:CPU flags: ``import jaxft`` sets ``jaxft.models.conv.CPU_XLA_FLAGS`` when ``
 ``--no-cpu-flags`` turns that off in the jaxft worker. ``import jaxft`` also tunes glibc's malloc
 (``jaxft.runtime.retain_freed_memory``); ``--no-malloc-tuning`` turns that off in the jaxft worker,
 and the torch worker runs with stock malloc unless ``--torch-malloc-tuning`` (see
-``docs/benchmarks.md``).
+``docs/benchmarks.md``). Where tcmalloc is installed, the jaxft worker runs under it, as ``python -m
+jaxft.train`` does (``jaxft.runtime.relaunch_with_tcmalloc``; ``--no-tcmalloc`` turns that off);
+``--torch-tcmalloc`` runs the torch worker under it too. Each record names both workers' allocators.
 """
 
 from __future__ import annotations
@@ -319,7 +321,8 @@ def worker_main(framework: str) -> None:
           from jaxft.models import conv  # pylint: disable=g-import-not-at-top
           conv.configure_cpu()
         worker = (JaxWorker if framework == "jaxft" else TorchWorker)(cmd)
-        reply: Any = {"device": worker.device}
+        from jaxft import runtime  # pylint: disable=g-import-not-at-top
+        reply: Any = {"device": worker.device, "allocator": runtime.loaded_allocator()}
       elif cmd["op"] == "compile":
         reply = worker.compile(cmd["mode"])
       elif cmd["op"] == "run":
@@ -382,10 +385,19 @@ def bench_workload(w: dict[str, Any], args: argparse.Namespace) -> list[dict[str
   # The torch worker imports jaxft only for model specs; it runs as stock PyTorch does, with glibc's
   # default malloc, unless --torch-malloc-tuning gives it jaxft's runtime tuning too.
   torch_env = dict(env, JAXFT_MALLOC_TUNING="1" if args.torch_malloc_tuning else "0")
+  # The jaxft worker runs under tcmalloc when the machine has it, as `python -m jaxft.train` does
+  # (jaxft.runtime.relaunch_with_tcmalloc); the torch worker only with --torch-tcmalloc.
+  from jaxft import runtime  # pylint: disable=g-import-not-at-top
+  tcmalloc = runtime.find_tcmalloc()
+  if tcmalloc and not args.no_tcmalloc:
+    env = runtime.tcmalloc_env(env, tcmalloc)
+  if tcmalloc and args.torch_tcmalloc:
+    torch_env = runtime.tcmalloc_env(torch_env, tcmalloc)
   workers = {f: Worker(f, torch_env if f == "torch" else env) for f in frameworks}
   records = []
   try:
-    devices = {f: wk.ask(op="setup", **w)["device"] for f, wk in workers.items()}
+    setups = {f: wk.ask(op="setup", **w) for f, wk in workers.items()}
+    devices = {f: s["device"] for f, s in setups.items()}
     for mode in args.modes:
       rec: dict[str, Any] = dict(w, mode=mode, batch=w["batch"] if mode == "train" else w["eval_batch"])
       times: dict[str, list[float]] = {f: [] for f in frameworks}
@@ -405,6 +417,7 @@ def bench_workload(w: dict[str, Any], args: argparse.Namespace) -> list[dict[str
         rec[f"{f}_images_per_s"] = rec["batch"] / med
         rec[f"{f}_step_spread"] = (max(times[f]) - min(times[f])) / med
         rec[f"{f}_device"] = devices[f]
+        rec[f"{f}_allocator"] = setups[f]["allocator"]
       if "torch" in frameworks:
         rec["ratio"] = rec["jaxft_images_per_s"] / rec["torch_images_per_s"]
       records.append(rec)
@@ -453,6 +466,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                  help="jaxft worker without jaxft.runtime.retain_freed_memory (JAXFT_MALLOC_TUNING=0)")
   p.add_argument("--torch-malloc-tuning", action="store_true",
                  help="apply jaxft.runtime.retain_freed_memory to the torch worker too")
+  p.add_argument("--no-tcmalloc", action="store_true",
+                 help="jaxft worker with glibc malloc even where tcmalloc is installed")
+  p.add_argument("--torch-tcmalloc", action="store_true",
+                 help="run the torch worker under tcmalloc too (where installed)")
   p.add_argument("--torch-compile", action="store_true", help="torch.compile the torch model")
   p.add_argument("--no-torch", action="store_true", help="jaxft only")
   p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's)")
