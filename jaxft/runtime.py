@@ -131,9 +131,10 @@ def relaunch_with_tcmalloc(argv: Sequence[str]) -> None:
   Why: XLA:CPU's convolutions call oneDNN's GEMM, which allocates a workspace on every call, and XLA
   frees and re-allocates each step's temporaries; tcmalloc serves both from per-thread caches where
   glibc walks the bins of one large heap. Measured in interleaved A/B runs (docs/benchmarks.md):
-  ResNet-50 training at 32 px +12–19%, compilation 33–45% faster; at 224 px within noise (+2%).
+  ResNet-50 training at 32 px +12–19%, compilation 33–45% faster; at 224 px +2% and +8% in two runs.
+  If the relaunch itself fails (``argv[0]`` not executable), this process goes on with its allocator.
   """
-  if os.environ.get(_RELAUNCHED_ENV) or loaded_allocator() == "tcmalloc":
+  if not argv or not argv[0] or os.environ.get(_RELAUNCHED_ENV) or loaded_allocator() == "tcmalloc":
     return
   library = find_tcmalloc()
   if library is None:
@@ -142,4 +143,7 @@ def relaunch_with_tcmalloc(argv: Sequence[str]) -> None:
   env[_RELAUNCHED_ENV] = "1"
   sys.stdout.flush()
   sys.stderr.flush()
-  os.execve(argv[0], list(argv), env)
+  try:
+    os.execve(argv[0], list(argv), env)
+  except OSError:
+    return

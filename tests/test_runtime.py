@@ -99,3 +99,14 @@ def test_relaunch_runs_the_same_command_under_tcmalloc_or_not_at_all(tmp_path):
     pytest.skip("no tcmalloc on this machine (.ci/run installs libtcmalloc-minimal4)")
   # Relaunched once (no loop), same arguments, tcmalloc mapped in.
   assert _relaunched(tmp_path, {}) == ["tcmalloc", library, "arg1", "--flag=2"]
+
+
+def test_relaunch_that_cannot_start_returns_instead(tmp_path, monkeypatch):
+  from jaxft import runtime
+  lib = tmp_path / "libtcmalloc_minimal.so.4"
+  lib.write_bytes(b"")
+  monkeypatch.setenv("JAXFT_TCMALLOC", str(lib))
+  monkeypatch.delenv("JAXFT_TCMALLOC_RELAUNCHED", raising=False)
+  runtime.relaunch_with_tcmalloc([str(tmp_path / "no-such-python"), "-c", "pass"])  # returns
+  runtime.relaunch_with_tcmalloc([])
+  assert "JAXFT_TCMALLOC_RELAUNCHED" not in os.environ
