@@ -57,6 +57,33 @@ def test_matmul_conv_matches_lax_forward_and_gradients(k, stride, groups, cin, c
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("size", [12, 13, 32, 33])
+def test_hybrid_winograd_maps_match_lax_forward_and_gradients(size):
+  # 12…32: forward and input gradient by Winograd F(2×2, 3×3) (odd maps padded to whole tiles);
+  # 33: outside the window, XLA's convolution.
+  r = np.random.default_rng(size)
+  x = jnp.asarray(r.normal(size=(2, size, size, 6)), jnp.float32)
+  w = jnp.asarray(r.normal(size=(3, 3, 6, 5)), jnp.float32)
+  ct = jnp.asarray(r.normal(size=(2, size, size, 5)), jnp.float32)
+  assert conv._use_winograd(x, w.shape, (1, 1), ((1, 1), (1, 1))) == (size <= 32)
+  got = jax.vjp(lambda x, w: _matmul(x, w, 1, 1, lax_forward=True), x, w)
+  want = jax.vjp(lambda x, w: _lax(x, w, 1, 1), x, w)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-4, atol=1e-4)
+  for g, e in zip(got[1](ct), want[1](ct)):
+    np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)
+
+
+def test_winograd_is_only_for_float32_3x3_stride1_same():
+  x = jnp.zeros((1, 16, 16, 4), jnp.float32)
+  same = ((1, 1), (1, 1))
+  assert conv._use_winograd(x, (3, 3, 4, 4), (1, 1), same)
+  assert not conv._use_winograd(x, (3, 3, 4, 4), (2, 2), same)
+  assert not conv._use_winograd(x, (1, 1, 4, 4), (1, 1), ((0, 0), (0, 0)))
+  assert not conv._use_winograd(x, (3, 3, 4, 4), (1, 1), ((0, 0), (0, 0)))
+  assert not conv._use_winograd(x.astype(jnp.bfloat16), (3, 3, 4, 4), (1, 1), same)
+  assert not conv._use_winograd(jnp.zeros((1, 8, 8, 4)), (3, 3, 4, 4), (1, 1), same)
+
+
 def test_dense_formulation_on_a_map_taller_than_the_kernel():
   # 3×3 stride 1 on a 4×2 map: 9 live taps > 8 pixels, so the dense matrix is used, and the column
   # windows of the top and bottom output rows reach past the kernel (zero-padded blocks).

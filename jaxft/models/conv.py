@@ -13,7 +13,10 @@ ones (1×1 kernel gradients, stride-2 input gradients), while its dot — YNNPAC
   matrix built from the kernel, 2.25× fewer FLOPs than patches.
 * ``hybrid`` (larger maps): ``lax.conv`` forward; kernel gradient by ``lax.conv`` for k×k kernels and
   one GEMM for 1×1; input gradient by ``lax.conv`` at stride 1 and a GEMM folded back onto the input
-  grid (k² padded adds that XLA fuses) at stride 2 (:func:`_grad_plan`).
+  grid (k² padded adds that XLA fuses) at stride 2 (:func:`_grad_plan`). 3×3 stride-1 convolutions
+  on maps of :data:`WINOGRAD_MAP_SIZES` run their forward and input-gradient passes as Winograd
+  F(2×2, 3×3) (:func:`winograd_3x3`); 1×1 kernel gradients with more than 64 input channels write the
+  transposed input out for a plain GEMM (:func:`_transposed_lhs_dot`).
 * depthwise convolutions: a sum of k² shifted slices times one kernel tap each (no GEMM at all);
 * any other grouped convolution: ``lax.conv_general_dilated``.
 
@@ -322,6 +325,8 @@ def gemm_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
   padded adds that XLA fuses into one loop; ``lax`` passes are XLA's own convolution gradients.
   """
   if lax_forward:
+    if _use_winograd(x, kernel.shape, strides, padding):
+      return winograd_3x3(x, kernel.astype(x.dtype))
     return _lax_conv(x, kernel.astype(x.dtype), strides, padding)
   out_hw = _dense_out_hw(x.shape, kernel.shape, strides, padding)
   if out_hw is not None:
@@ -347,6 +352,56 @@ def _fusion_barrier(x: jax.Array, witness: jax.Array) -> jax.Array:
   """
   w = witness.reshape(-1)[0]
   return lax.cond((w == w) | (w != w), lambda v: v, jnp.zeros_like, x)
+
+
+# 3×3 stride-1 convolutions on maps of this many rows and columns (inclusive) run their forward and
+# input-gradient passes as Winograd F(2×2, 3×3) in the hybrid implementation (see winograd_3x3).
+WINOGRAD_MAP_SIZES = (12, 32)
+
+
+def _use_winograd(x: jax.Array, kernel_shape: Sequence[int], strides: tuple[int, int],
+                  padding: tuple[tuple[int, int], ...]) -> bool:
+  lo, hi = WINOGRAD_MAP_SIZES
+  return (tuple(kernel_shape[:2]) == (3, 3) and tuple(strides) == (1, 1)
+          and tuple(map(tuple, padding)) == ((1, 1), (1, 1)) and x.dtype == jnp.float32
+          and lo <= x.shape[1] <= hi and lo <= x.shape[2] <= hi)
+
+
+# Winograd F(2×2, 3×3) kernel transform G (Lavin & Gray, 2016); the input and output transforms
+# Bᵀ = [[1,0,-1,0],[0,1,1,0],[0,-1,1,0],[0,1,0,-1]] and Aᵀ = [[1,1,1,0],[0,1,-1,-1]] are written out
+# as additions in winograd_3x3.
+_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+
+
+def winograd_3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """3×3 stride-1 'same' convolution (padding 1) of NHWC ``x`` with HWIO ``kernel`` by Winograd
+  F(2×2, 3×3): 2.25× fewer multiplications than the direct convolution, as one batched GEMM of 16 ×
+  ``[tiles, Cin] · [Cin, Cout]`` between additions-only transforms of 4×4 input tiles (strided slices
+  that XLA fuses) and of the 2×2 output tiles. Same values as ``lax.conv`` to float32 rounding
+  (relative error ~1e-6); neither input is mutated.
+
+  Measured on the 2-core Zen 4 VM, batch 32, forward pass: 31.6 vs 38.2 ms (28×28×128), 27.0 vs
+  35.7 ms (14×14×256), a tie on 56×56×64 and a loss on 7×7×512 (the map is padded to 8×8), hence
+  :data:`WINOGRAD_MAP_SIZES`; ResNet-50 training at 224 px +1.2% in two interleaved A/B runs.
+  """
+  n, h, w, c = x.shape
+  co = kernel.shape[-1]
+  th, tw = (h + 1) // 2, (w + 1) // 2
+  xp = jnp.pad(x, ((0, 0), (1, 2 * th + 1 - h), (1, 2 * tw + 1 - w), (0, 0)))
+  r = [xp[:, i:i + 2 * th:2] for i in range(4)]
+  t = [r[0] - r[2], r[1] + r[2], r[2] - r[1], r[1] - r[3]]
+  v = []
+  for ta in t:
+    cc = [ta[:, :, j:j + 2 * tw:2] for j in range(4)]
+    v += [cc[0] - cc[2], cc[1] + cc[2], cc[2] - cc[1], cc[1] - cc[3]]
+  v = jnp.stack(v, 0).reshape(16, n * th * tw, c)
+  g = jnp.asarray(_G, jnp.float32)
+  u = jnp.einsum("ai,ijco,bj->abco", g, kernel.astype(jnp.float32), g).reshape(16, c, co)
+  m = lax.dot_general(v, u.astype(v.dtype), (((2,), (1,)), ((0,), (0,)))).reshape(4, 4, n, th, tw, co)
+  pr = [m[0] + m[1] + m[2], m[1] - m[2] - m[3]]
+  y = [[pa[0] + pa[1] + pa[2], pa[1] - pa[2] - pa[3]] for pa in pr]
+  y = jnp.stack([jnp.stack(ya, 3) for ya in y], 2)
+  return y.reshape(n, 2 * th, 2 * tw, co)[:, :h, :w]
 
 
 def _gemm_conv_fwd(x, kernel, strides, padding, lax_forward):
@@ -419,6 +474,11 @@ def _gemm_conv_bwd(strides, padding, lax_forward, res, dy):
            lax.dot_general(p, dy2, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32))
     dw = jnp.pad(dwl.reshape(rows[1] - rows[0], cols[1] - cols[0], cin, cout),
                  ((rows[0], kh - rows[1]), (cols[0], kw - cols[1]), (0, 0), (0, 0)))
+  if plan_dx == "lax" and _use_winograd(dy, kernel.shape, strides, padding):
+    # The input gradient of a 3×3 'same' convolution is the same convolution of dy with the kernel
+    # flipped in space and transposed in channels.
+    flipped = jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2))
+    return winograd_3x3(dy, flipped.astype(dy.dtype)).astype(x.dtype), dw.astype(kernel.dtype)
   if plan_dx == "lax":
     dx = jax.vjp(lambda x: conv_of(x, kernel), x)[1](dy)[0]
     return dx.astype(x.dtype), dw.astype(kernel.dtype)
