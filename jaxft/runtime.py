@@ -89,13 +89,23 @@ def find_tcmalloc(env: Mapping[str, str] | None = None) -> str | None:
   if choice == "0" or platform.system() != "Linux":
     return None
   if choice:
-    return os.path.abspath(choice) if os.path.isfile(choice) else None
+    return os.path.abspath(choice) if _is_elf(choice) else None
   for d in (os.path.join(sys.prefix, "lib"), os.path.join(sys.base_prefix, "lib"), *_LIB_DIRS):
     for pattern in _TCMALLOC_NAMES:
-      hits = sorted(glob.glob(os.path.join(d, pattern)))
+      hits = [h for h in sorted(glob.glob(os.path.join(d, pattern))) if _is_elf(h)]
       if hits:
         return hits[0]
   return None
+
+
+def _is_elf(path: str) -> bool:
+  """Whether ``path`` is a file that starts like a shared library (so ``ld.so`` will not print an
+  error for it in this process and every child that inherits ``LD_PRELOAD``)."""
+  try:
+    with open(path, "rb") as f:
+      return f.read(4) == b"\x7fELF"
+  except OSError:
+    return False
 
 
 def loaded_allocator() -> str:
@@ -120,13 +130,29 @@ def tcmalloc_env(env: Mapping[str, str], library: str) -> dict[str, str]:
   return out
 
 
-def relaunch_with_tcmalloc(argv: Sequence[str]) -> None:
+def without_tcmalloc(env: Mapping[str, str]) -> dict[str, str]:
+  """A copy of ``env`` whose ``LD_PRELOAD`` names no tcmalloc library; ``env`` is not mutated."""
+  out = dict(env)
+  rest = [p for p in out.get("LD_PRELOAD", "").replace(" ", ":").split(":")
+          if p and "tcmalloc" not in os.path.basename(p)]
+  if rest:
+    out["LD_PRELOAD"] = ":".join(rest)
+  else:
+    out.pop("LD_PRELOAD", None)
+  return out
+
+
+def relaunch_with_tcmalloc(argv: Sequence[str] | None = None) -> None:
   """Replaces this process with ``argv`` (an ``execv`` argument list) run under tcmalloc.
 
-  Does nothing, and returns, when tcmalloc is already loaded, when :func:`find_tcmalloc` finds none
-  (or ``JAXFT_TCMALLOC=0``), or when this process is itself such a relaunch. Otherwise it does not
-  return: the new process starts from scratch with the same arguments and environment, plus
-  ``LD_PRELOAD``. Call it first thing in a ``__main__`` block, before any output or threads.
+  ``argv`` defaults to this process's own command line (``sys.executable`` followed by
+  ``sys.orig_argv[1:]``), so interpreter options and wrappers (``python -X dev -m …``, ``python -m
+  cProfile … -m …``, ``coverage run -m …``) survive the relaunch. Does nothing, and returns, when
+  this process already runs another allocator than glibc's (tcmalloc, or a user's jemalloc), when
+  :func:`find_tcmalloc` finds none (or ``JAXFT_TCMALLOC=0``), or when this process is itself such a
+  relaunch. Otherwise it does not return: the new process starts from scratch with the same
+  arguments and environment, plus ``LD_PRELOAD``. Call it first thing in a ``__main__`` block, before
+  any output or threads.
 
   Why: XLA:CPU's convolutions call oneDNN's GEMM, which allocates a workspace on every call, and XLA
   frees and re-allocates each step's temporaries; tcmalloc serves both from per-thread caches where
@@ -134,7 +160,10 @@ def relaunch_with_tcmalloc(argv: Sequence[str]) -> None:
   ResNet-50 training at 32 px +12–19%, compilation 33–45% faster; at 224 px +2% and +8% in two runs.
   If the relaunch itself fails (``argv[0]`` not executable), this process goes on with its allocator.
   """
-  if not argv or not argv[0] or os.environ.get(_RELAUNCHED_ENV) or loaded_allocator() == "tcmalloc":
+  if argv is None:
+    argv = [sys.executable, *getattr(sys, "orig_argv", sys.argv)[1:]]
+  if (not argv or not argv[0] or os.environ.get(_RELAUNCHED_ENV) == "1"
+      or loaded_allocator() != "glibc"):
     return
   library = find_tcmalloc()
   if library is None:

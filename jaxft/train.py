@@ -1040,7 +1040,7 @@ def _define_flags() -> None:
 
 if __name__ == "__main__":
   # Under tcmalloc when the machine has it (JAXFT_TCMALLOC=0 opts out): see jaxft.runtime.
-  runtime.relaunch_with_tcmalloc([sys.executable, "-m", "jaxft.train", *sys.argv[1:]])
+  runtime.relaunch_with_tcmalloc()
   from absl import app  # pylint: disable=g-import-not-at-top
   _define_flags()
   app.run(main)

@@ -54,7 +54,9 @@ def test_freed_blocks_are_reused_instead_of_faulted_in_again(size):
 _RELAUNCH = r"""
 import os, sys
 from jaxft import runtime
-runtime.relaunch_with_tcmalloc([sys.executable, *sys.argv])  # this script, same arguments
+runtime.relaunch_with_tcmalloc()  # this script, same interpreter options and arguments
+import sys
+assert sys.flags.dont_write_bytecode  # -B survived the relaunch
 print(runtime.loaded_allocator(), os.environ.get("LD_PRELOAD", ""), *sys.argv[1:])
 """
 
@@ -65,7 +67,7 @@ def _relaunched(tmp_path, env: dict[str, str]) -> list[str]:
   inherited = {k: v for k, v in os.environ.items()
                if k not in ("LD_PRELOAD", "JAXFT_TCMALLOC", "JAXFT_TCMALLOC_RELAUNCHED")}
   env = {**inherited, **env}
-  out = subprocess.run([sys.executable, str(script), "arg1", "--flag=2"], env=env,
+  out = subprocess.run([sys.executable, "-B", str(script), "arg1", "--flag=2"], env=env,
                        capture_output=True, text=True, check=True, timeout=120)
   return out.stdout.split()
 
@@ -77,14 +79,20 @@ def test_tcmalloc_env_prepends_once_and_leaves_the_input_alone():
   assert out == {"LD_PRELOAD": "/t/libtcmalloc.so:/a/other.so", "X": "1"}
   assert env == {"LD_PRELOAD": "/a/other.so:/t/libtcmalloc.so", "X": "1"}
   assert runtime.tcmalloc_env({}, "/t/libtcmalloc.so") == {"LD_PRELOAD": "/t/libtcmalloc.so"}
+  assert runtime.without_tcmalloc(out) == {"LD_PRELOAD": "/a/other.so", "X": "1"}
+  assert runtime.without_tcmalloc({"LD_PRELOAD": "/t/libtcmalloc_minimal.so.4"}) == {}
+  assert out == {"LD_PRELOAD": "/t/libtcmalloc.so:/a/other.so", "X": "1"}
 
 
 def test_find_tcmalloc_obeys_the_environment(tmp_path):
   from jaxft import runtime
   assert runtime.find_tcmalloc({"JAXFT_TCMALLOC": "0"}) is None
   assert runtime.find_tcmalloc({"JAXFT_TCMALLOC": str(tmp_path / "missing.so")}) is None
+  not_a_library = tmp_path / "notes.txt"
+  not_a_library.write_text("hello")  # ld.so would print an error for it in every child process
+  assert runtime.find_tcmalloc({"JAXFT_TCMALLOC": str(not_a_library)}) is None
   lib = tmp_path / "libtcmalloc_minimal.so.4"
-  lib.write_bytes(b"")
+  lib.write_bytes(b"\x7fELF" + bytes(60))
   expected = str(lib) if platform.system() == "Linux" else None
   assert runtime.find_tcmalloc({"JAXFT_TCMALLOC": str(lib)}) == expected
 
@@ -104,7 +112,7 @@ def test_relaunch_runs_the_same_command_under_tcmalloc_or_not_at_all(tmp_path):
 def test_relaunch_that_cannot_start_returns_instead(tmp_path, monkeypatch):
   from jaxft import runtime
   lib = tmp_path / "libtcmalloc_minimal.so.4"
-  lib.write_bytes(b"")
+  lib.write_bytes(b"\x7fELF" + bytes(60))
   monkeypatch.setenv("JAXFT_TCMALLOC", str(lib))
   monkeypatch.delenv("JAXFT_TCMALLOC_RELAUNCHED", raising=False)
   runtime.relaunch_with_tcmalloc([str(tmp_path / "no-such-python"), "-c", "pass"])  # returns

@@ -389,6 +389,8 @@ def bench_workload(w: dict[str, Any], args: argparse.Namespace) -> list[dict[str
   # (jaxft.runtime.relaunch_with_tcmalloc); the torch worker only with --torch-tcmalloc.
   from jaxft import runtime  # pylint: disable=g-import-not-at-top
   tcmalloc = runtime.find_tcmalloc()
+  # A tcmalloc already in this process's LD_PRELOAD goes only to the workers that want it.
+  env, torch_env = runtime.without_tcmalloc(env), runtime.without_tcmalloc(torch_env)
   if tcmalloc and not args.no_tcmalloc:
     env = runtime.tcmalloc_env(env, tcmalloc)
   if tcmalloc and args.torch_tcmalloc:

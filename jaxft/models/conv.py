@@ -345,8 +345,9 @@ def _fusion_barrier(x: jax.Array, witness: jax.Array) -> jax.Array:
   XLA:CPU fuses cheap element-wise producers into every consumer, so the transposed copies that feed
   its kernel-gradient convolutions recompute a saved activation's BatchNorm + residual add + ReLU
   chain — back through several blocks — instead of reading the tensor the forward pass already wrote
-  (CIFAR ResNet-56: 57–64% of a training step). ``lax.optimization_barrier`` is removed by XLA:CPU
-  before fusion; a conditional is a fusion boundary that stays. Its predicate ``w == w or w != w`` (on
+  (CIFAR ResNet-56: 57–64% of a training step). ``lax.optimization_barrier`` does not stop that
+  (XLA:CPU still fused the producers into those copies; it does keep a transpose from being folded
+  into a dot, which :func:`_transposed_lhs_dot` uses); a conditional is a fusion boundary that stays. Its predicate ``w == w or w != w`` (on
   one element of ``witness``) is true for every value, NaN included, but XLA does not fold it; the
   other branch (zeros, needed so that XLA does not merge identical branches) is never taken.
   """
@@ -437,7 +438,9 @@ def _transposed_lhs_dot(a: jax.Array, b: jax.Array) -> jax.Array:
   which runs these long-K products at 80–120 GFLOP/s. For ``M`` > 64 it pays to write ``aᵀ`` out
   and give YNNPACK a plain GEMM: ResNet-50's 1×1 kernel gradients at 224 px, batch 32, take 897
   instead of 1,050 ms per step when timed alone (+1% for the whole training step in two interleaved
-  A/B runs). The optimization barrier keeps XLA from folding the transpose back into the dot.
+  A/B runs). The optimization barrier keeps XLA from folding the transpose back into the dot (in the
+  compiled HLO the transpose stays a copy fusion feeding YNNPACK's GEMM; without the barrier the dot
+  reads ``a`` with its contracting dimension first and goes to Eigen).
   Inputs are not mutated.
   """
   if a.shape[1] < _TRANSPOSE_MIN_COLS:
