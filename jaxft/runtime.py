@@ -48,7 +48,7 @@ def retain_freed_memory() -> bool:
   global _applied
   if _applied:
     return True
-  if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" or loaded_allocator() != "glibc":
+  if platform.system() != "Linux" or loaded_allocator() != "glibc":
     return False
   try:
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -122,19 +122,22 @@ def loaded_allocator() -> str:
   return "glibc" if platform.libc_ver()[0] == "glibc" else "system"
 
 
+def _preloads(env: Mapping[str, str]) -> list[str]:
+  """The entries of ``env``'s ``LD_PRELOAD`` (colon- or space-separated, as ``ld.so`` reads it)."""
+  return [p for p in env.get("LD_PRELOAD", "").replace(" ", ":").split(":") if p]
+
+
 def tcmalloc_env(env: Mapping[str, str], library: str) -> dict[str, str]:
   """A copy of ``env`` whose ``LD_PRELOAD`` starts with ``library`` (once); ``env`` is not mutated."""
   out = dict(env)
-  rest = [p for p in out.get("LD_PRELOAD", "").replace(" ", ":").split(":") if p and p != library]
-  out["LD_PRELOAD"] = ":".join([library, *rest])
+  out["LD_PRELOAD"] = ":".join([library, *(p for p in _preloads(env) if p != library)])
   return out
 
 
 def without_tcmalloc(env: Mapping[str, str]) -> dict[str, str]:
   """A copy of ``env`` whose ``LD_PRELOAD`` names no tcmalloc library; ``env`` is not mutated."""
   out = dict(env)
-  rest = [p for p in out.get("LD_PRELOAD", "").replace(" ", ":").split(":")
-          if p and "tcmalloc" not in os.path.basename(p)]
+  rest = [p for p in _preloads(env) if "tcmalloc" not in os.path.basename(p)]
   if rest:
     out["LD_PRELOAD"] = ":".join(rest)
   else:

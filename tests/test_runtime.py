@@ -55,7 +55,6 @@ _RELAUNCH = r"""
 import os, sys
 from jaxft import runtime
 runtime.relaunch_with_tcmalloc()  # this script, same interpreter options and arguments
-import sys
 assert sys.flags.dont_write_bytecode  # -B survived the relaunch
 print(runtime.loaded_allocator(), os.environ.get("LD_PRELOAD", ""), *sys.argv[1:])
 """

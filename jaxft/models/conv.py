@@ -347,9 +347,10 @@ def _fusion_barrier(x: jax.Array, witness: jax.Array) -> jax.Array:
   chain — back through several blocks — instead of reading the tensor the forward pass already wrote
   (CIFAR ResNet-56: 57–64% of a training step). ``lax.optimization_barrier`` does not stop that
   (XLA:CPU still fused the producers into those copies; it does keep a transpose from being folded
-  into a dot, which :func:`_transposed_lhs_dot` uses); a conditional is a fusion boundary that stays. Its predicate ``w == w or w != w`` (on
-  one element of ``witness``) is true for every value, NaN included, but XLA does not fold it; the
-  other branch (zeros, needed so that XLA does not merge identical branches) is never taken.
+  into a dot, which :func:`_transposed_lhs_dot` uses); a conditional is a fusion boundary that stays.
+  Its predicate ``w == w or w != w`` (on one element of ``witness``) is true for every value, NaN
+  included, but XLA does not fold it; the other branch (zeros, needed so that XLA does not merge
+  identical branches) is never taken.
   """
   w = witness.reshape(-1)[0]
   return lax.cond((w == w) | (w != w), lambda v: v, jnp.zeros_like, x)
@@ -431,8 +432,12 @@ def _grad_plan(kernel_hw: tuple[int, int], strides: tuple[int, int], lax_forward
 _TRANSPOSE_MIN_COLS = 65  # see _transposed_lhs_dot
 
 
-def _transposed_lhs_dot(a: jax.Array, b: jax.Array) -> jax.Array:
+def _transposed_lhs_dot(a: jax.Array, b: jax.Array, write_transpose: bool) -> jax.Array:
   """``aᵀ · b`` in float32 for ``a [K, M]``, ``b [K, N]`` (the kernel gradient ``patchesᵀ · dy``).
+
+  ``write_transpose`` allows writing ``aᵀ`` out (below); only where ``a`` is materialised already —
+  elsewhere XLA would fuse ``a``'s producers into that copy and recompute them in transposed order
+  (ResNet-50 at 32 px: -18% when applied to every kernel gradient).
 
   XLA:CPU hands a dot with a transposed left operand to Eigen (YNNPACK takes only row-major ones),
   which runs these long-K products at 80–120 GFLOP/s. For ``M`` > 64 it pays to write ``aᵀ`` out
@@ -443,7 +448,7 @@ def _transposed_lhs_dot(a: jax.Array, b: jax.Array) -> jax.Array:
   reads ``a`` with its contracting dimension first and goes to Eigen).
   Inputs are not mutated.
   """
-  if a.shape[1] < _TRANSPOSE_MIN_COLS:
+  if not write_transpose or a.shape[1] < _TRANSPOSE_MIN_COLS:
     return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
   return lax.dot(lax.optimization_barrier(a.T), b, preferred_element_type=jnp.float32)
 
@@ -469,21 +474,19 @@ def _gemm_conv_bwd(strides, padding, lax_forward, res, dy):
     dw = jax.vjp(lambda k: conv_of(x, k), kernel)[1](dy)[0]
   else:
     p, _ = _im2col(x, (kh, kw), strides, padding, rows, cols)
-    dy2 = dy.reshape(-1, cout)
-    # hybrid 1×1: p is the saved input (or its strided slice), materialised behind the fusion barrier,
-    # so its transposed copy is a plain copy. Elsewhere XLA would fuse the producers' BN + ReLU chain
-    # into that copy and recompute it transposed (ResNet-50 at 32 px: -18% when applied to all).
-    dwl = (_transposed_lhs_dot(p, dy2) if lax_forward and (kh, kw) == (1, 1) else
-           lax.dot_general(p, dy2, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32))
+    # hybrid 1×1: p is the saved input (or its strided slice), materialised behind the fusion barrier.
+    dwl = _transposed_lhs_dot(p, dy.reshape(-1, cout),
+                              write_transpose=lax_forward and (kh, kw) == (1, 1))
     dw = jnp.pad(dwl.reshape(rows[1] - rows[0], cols[1] - cols[0], cin, cout),
                  ((rows[0], kh - rows[1]), (cols[0], kw - cols[1]), (0, 0), (0, 0)))
-  if plan_dx == "lax" and _use_winograd(dy, kernel.shape, strides, padding):
-    # The input gradient of a 3×3 'same' convolution is the same convolution of dy with the kernel
-    # flipped in space and transposed in channels.
-    flipped = jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2))
-    return winograd_3x3(dy, flipped.astype(dy.dtype)).astype(x.dtype), dw.astype(kernel.dtype)
   if plan_dx == "lax":
-    dx = jax.vjp(lambda x: conv_of(x, kernel), x)[1](dy)[0]
+    if _use_winograd(dy, kernel.shape, strides, padding):
+      # The input gradient of a 3×3 'same' convolution is the same convolution of dy with the kernel
+      # flipped in space and transposed in channels.
+      flipped = jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2))
+      dx = winograd_3x3(dy, flipped.astype(dy.dtype))
+    else:
+      dx = jax.vjp(lambda x: conv_of(x, kernel), x)[1](dy)[0]
     return dx.astype(x.dtype), dw.astype(kernel.dtype)
   ho, wo = dy.shape[1:3]
   wm = _live_matrix(kernel, rows, cols).astype(dy.dtype)
