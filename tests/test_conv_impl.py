@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from jaxft.models import conv, layers
+from jaxft.models import conv, layers, onednn
 from jaxft.models.model import create
 from jaxft.models.network import Network
 from jaxft.models.resnet import cifar_resnet_spec
@@ -132,7 +132,8 @@ def test_network_same_logits_and_grads_under_every_impl():
     return jnp.sum(logits ** 2), logits
 
   out = {}
-  for impl in ("lax", "auto"):  # auto on CPU: hybrid on the 8×8 maps, matmul on the 2×2 ones
+  # auto on CPU: oneDNN (where built, else hybrid) on the 8×8 and 4×4 maps, matmul on the 2×2 ones.
+  for impl in ("lax", "auto"):
     with conv.impl_scope(impl):  # fixed at trace time: a fresh jit per impl
       lowered = jax.jit(jax.grad(loss, has_aux=True)).lower(variables["params"])
     # Code quality is irrelevant for a one-off check; skipping LLVM optimisation saves most of the time.
@@ -142,18 +143,25 @@ def test_network_same_logits_and_grads_under_every_impl():
                out["auto"], out["lax"])
 
 
-def test_auto_resolution_and_errors():
+def test_auto_resolution_and_errors(monkeypatch):
   assert conv.resolve_impl("lax", 4) == "lax"
   assert conv.resolve_impl("matmul", 10**6) == "matmul"
   if jax.default_backend() == "cpu":
+    if onednn.available():
+      assert conv.resolve_impl("auto", conv.ONEDNN_MIN_PIXELS) == "onednn"
+      assert conv.resolve_impl("auto", 10**6) == "onednn"
+    assert conv.resolve_impl("auto", conv.ONEDNN_MIN_PIXELS - 1) == "matmul"
+    assert conv.resolve_impl("auto", 10**6, depthwise=True) == "matmul"
+    monkeypatch.setenv("JAXFT_ONEDNN", "0")  # without oneDNN: XLA's convolutions
     assert conv.resolve_impl("auto", conv.SMALL_MAP_PIXELS) == "matmul"
     assert conv.resolve_impl("auto", conv.SMALL_MAP_PIXELS + 1) == "hybrid"
     assert conv.resolve_impl("auto", conv.SMALL_MAP_PIXELS + 1, depthwise=True) == "matmul"
   assert conv.resolve_impl("hybrid", 4, depthwise=True) == "matmul"
+  assert conv.resolve_impl("onednn", 10**6, depthwise=True) == "matmul"
   with conv.impl_scope("matmul"):
     assert conv.resolve_impl("auto", 10**6) == "matmul"
     assert conv.resolve_impl("lax", 1) == "lax"  # an explicit choice beats the scope
-  with pytest.raises(ValueError, match="unknown conv impl 'fft'; valid: auto, lax, matmul, hybrid"):
+  with pytest.raises(ValueError, match="unknown conv impl 'fft'; valid: auto, lax, matmul, hybrid, onednn"):
     conv.resolve_impl("fft")
 
 

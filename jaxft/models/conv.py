@@ -42,7 +42,16 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-IMPLS = ("auto", "lax", "matmul", "hybrid")
+from jaxft.models import onednn
+
+IMPLS = ("auto", "lax", "matmul", "hybrid", "onednn")
+
+# On CPU, ``auto`` is ``onednn`` (every pass by oneDNN's direct convolutions, jaxft.models.onednn) for
+# dense convolutions whose input has at least this many pixels, when oneDNN is available. On 2×2 and
+# 1×1 maps one GEMM is faster (ResNet-50 at 32 px, batch 128: 1×1 2048→512 on 1×1, 3×3 512→512 on 2×2
+# take 1.5–4× as long in oneDNN), from 4×4 up oneDNN is as fast or faster in every pass (3×3 128→128
+# on 4×4: 2.1 vs 5.8 ms forward). See docs/benchmarks.md.
+ONEDNN_MIN_PIXELS = 9
 
 # On CPU, ``auto`` is ``matmul`` for convolutions whose input has at most this many pixels (H·W) and
 # ``hybrid`` above: XLA:CPU's convolution is pathological on tiny maps (a 3×3 512→512 stride-2 conv on a
@@ -85,9 +94,12 @@ def impl_scope(impl: str) -> Iterator[None]:
 def resolve_impl(impl: str, pixels: int | None = None, depthwise: bool = False) -> str:
   """Maps ``auto`` to the enclosing :func:`impl_scope`, else to the best implementation here.
 
-  On a CPU default backend ``auto`` is ``matmul`` (GEMMs forward and backward) for depthwise
-  convolutions and for inputs of at most :data:`SMALL_MAP_PIXELS` pixels (or ``pixels`` None), and
-  ``hybrid`` (``lax.conv`` forward, GEMM gradients) above; on other backends it is ``lax``.
+  On a CPU default backend ``auto`` is ``onednn`` for dense convolutions on inputs of at least
+  :data:`ONEDNN_MIN_PIXELS` pixels when :func:`jaxft.models.onednn.available` (one local device,
+  oneDNN built); otherwise ``matmul`` (GEMMs forward and backward) for depthwise convolutions and for
+  inputs of at most :data:`SMALL_MAP_PIXELS` pixels (or ``pixels`` None), and ``hybrid``
+  (``lax.conv`` forward, GEMM gradients) above. On other backends it is ``lax``. ``onednn`` and
+  ``hybrid`` fall back to ``matmul`` for depthwise convolutions.
 
   Raises:
     ValueError: for an unknown implementation name.
@@ -99,9 +111,12 @@ def resolve_impl(impl: str, pixels: int | None = None, depthwise: bool = False) 
   if impl == "auto":
     if jax.default_backend() != "cpu":
       return "lax"
+    if (not depthwise and pixels is not None and pixels >= ONEDNN_MIN_PIXELS
+        and jax.local_device_count() == 1 and onednn.available()):
+      return "onednn"
     small = pixels is None or pixels <= SMALL_MAP_PIXELS
     return "matmul" if small or depthwise else "hybrid"
-  if impl == "hybrid" and depthwise:
+  if impl in ("hybrid", "onednn") and depthwise:
     return "matmul"
   return impl
 
@@ -535,11 +550,16 @@ def conv_matmul(x: jax.Array, kernel: jax.Array, strides: tuple[int, int] = (1, 
 
 class Conv(nn.Conv):
   """``flax.linen.Conv`` whose computation is chosen by ``impl`` (``auto``, ``lax``, ``matmul``,
-  ``hybrid``; see the module docstring and :func:`resolve_impl`).
+  ``hybrid``, ``onednn``; see the module docstring and :func:`resolve_impl`).
 
   Parameters (``kernel`` HWIO, ``bias``) are created exactly as ``nn.Conv`` creates them, with the same
-  names, shapes and initial values, whatever ``impl``. The matmul and hybrid paths support NHWC inputs
-  with explicit padding and no dilation; anything else runs ``nn.Conv`` itself.
+  names, shapes and initial values, whatever ``impl``. The matmul, hybrid and onednn paths support NHWC
+  inputs with explicit padding and no dilation; anything else runs ``nn.Conv`` itself. A convolution
+  ``onednn`` cannot compute (not float32, grouped, several devices) runs ``hybrid`` (or ``matmul`` on
+  small maps) instead.
+
+  Raises:
+    jaxft.models.onednn.OneDNNUnavailableError: for ``impl="onednn"`` when oneDNN cannot be built.
   """
 
   impl: str = "auto"
@@ -564,6 +584,14 @@ class Conv(nn.Conv):
     inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
     strides = (self.strides,) * 2 if isinstance(self.strides, int) else tuple(self.strides or (1, 1))
     padding = tuple((p, p) if isinstance(p, int) else tuple(p) for p in self.padding)
+    if impl == "onednn":
+      if onednn.supported(inputs.shape, kernel.shape, inputs.dtype, strides, padding,
+                          self.feature_group_count):
+        y = onednn.conv(inputs, kernel, strides, padding)
+        return y + bias if bias is not None else y
+      if not onednn.available():
+        raise onednn.OneDNNUnavailableError(f"conv impl 'onednn' but oneDNN is {onednn.status()}")
+      impl = "hybrid" if inputs.shape[-3] * inputs.shape[-2] > SMALL_MAP_PIXELS else "matmul"
     y = conv_matmul(inputs, kernel, strides, padding, self.feature_group_count,
                     lax_forward=impl == "hybrid")
     if bias is not None:

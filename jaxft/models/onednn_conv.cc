@@ -1,0 +1,218 @@
+// oneDNN convolutions for XLA:CPU, as XLA FFI custom calls (see jaxft/models/onednn.py).
+//
+// Three handlers, all float32, NHWC activations and HWIO kernels (jaxft's layouts), dense (one group),
+// no dilation, explicit non-negative padding:
+//   jaxft_onednn_conv_fwd          y  = conv(x, k)
+//   jaxft_onednn_conv_bwd_data     dx = d conv / dx applied to dy
+//   jaxft_onednn_conv_bwd_weights  dk = d conv / dk applied to dy
+// oneDNN picks its own weights layout (usually blocked); the HWIO kernel is reordered into it (and the
+// kernel gradient out of it) on every call, which costs little next to the convolution itself.
+// Primitives are built once per geometry and cached; executing a cached primitive is thread-safe.
+// Inputs are never written.
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using dnnl::memory;
+using Tag = dnnl::memory::format_tag;
+using Dt = dnnl::memory::data_type;
+
+enum Pass { kForward = 0, kBackwardData = 1, kBackwardWeights = 2 };
+
+dnnl::engine& Engine() {
+  static dnnl::engine* engine = new dnnl::engine(dnnl::engine::kind::cpu, 0);
+  return *engine;
+}
+
+// One convolution's shapes: x [n, h, w, c], k [kh, kw, c, o], y [n, oh, ow, o].
+struct Geometry {
+  int64_t n, h, w, c, kh, kw, o, oh, ow, sh, sw, pt, pb, pl, pr;
+
+  memory::dims src() const { return {n, c, h, w}; }
+  memory::dims wei() const { return {o, c, kh, kw}; }
+  memory::dims dst() const { return {n, o, oh, ow}; }
+  memory::dims strides() const { return {sh, sw}; }
+  memory::dims pad_l() const { return {pt, pl}; }
+  memory::dims pad_r() const { return {pb, pr}; }
+  memory::desc src_md() const { return memory::desc(src(), Dt::f32, Tag::nhwc); }
+  memory::desc dst_md() const { return memory::desc(dst(), Dt::f32, Tag::nhwc); }
+  memory::desc user_wei_md() const { return memory::desc(wei(), Dt::f32, Tag::hwio); }
+  memory::desc any_wei_md() const { return memory::desc(wei(), Dt::f32, Tag::any); }
+
+  std::string Key(Pass pass) const {
+    std::string key = std::to_string(static_cast<int>(pass));
+    for (int64_t v : {n, h, w, c, kh, kw, o, oh, ow, sh, sw, pt, pb, pl, pr}) {
+      key += ',' + std::to_string(v);
+    }
+    return key;
+  }
+};
+
+struct Primitive {
+  dnnl::primitive primitive;
+  memory::desc wei_md;  // the primitive's own weights layout
+};
+
+#if DNNL_VERSION_MAJOR >= 3
+dnnl::convolution_forward::primitive_desc ForwardPd(const Geometry& g) {
+  return dnnl::convolution_forward::primitive_desc(
+      Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, g.src_md(),
+      g.any_wei_md(), g.dst_md(), g.strides(), g.pad_l(), g.pad_r());
+}
+dnnl::convolution_backward_data::primitive_desc BackwardDataPd(const Geometry& g) {
+  return dnnl::convolution_backward_data::primitive_desc(
+      Engine(), dnnl::algorithm::convolution_direct, g.src_md(), g.any_wei_md(), g.dst_md(),
+      g.strides(), g.pad_l(), g.pad_r(), ForwardPd(g));
+}
+dnnl::convolution_backward_weights::primitive_desc BackwardWeightsPd(const Geometry& g) {
+  return dnnl::convolution_backward_weights::primitive_desc(
+      Engine(), dnnl::algorithm::convolution_direct, g.src_md(), g.any_wei_md(), g.dst_md(),
+      g.strides(), g.pad_l(), g.pad_r(), ForwardPd(g));
+}
+#else
+dnnl::convolution_forward::primitive_desc ForwardPd(const Geometry& g) {
+  dnnl::convolution_forward::desc d(dnnl::prop_kind::forward_training,
+                                    dnnl::algorithm::convolution_direct, g.src_md(), g.any_wei_md(),
+                                    g.dst_md(), g.strides(), g.pad_l(), g.pad_r());
+  return dnnl::convolution_forward::primitive_desc(d, Engine());
+}
+dnnl::convolution_backward_data::primitive_desc BackwardDataPd(const Geometry& g) {
+  dnnl::convolution_backward_data::desc d(dnnl::algorithm::convolution_direct, g.src_md(),
+                                          g.any_wei_md(), g.dst_md(), g.strides(), g.pad_l(),
+                                          g.pad_r());
+  return dnnl::convolution_backward_data::primitive_desc(d, Engine(), ForwardPd(g));
+}
+dnnl::convolution_backward_weights::primitive_desc BackwardWeightsPd(const Geometry& g) {
+  dnnl::convolution_backward_weights::desc d(dnnl::algorithm::convolution_direct, g.src_md(),
+                                             g.any_wei_md(), g.dst_md(), g.strides(), g.pad_l(),
+                                             g.pad_r());
+  return dnnl::convolution_backward_weights::primitive_desc(d, Engine(), ForwardPd(g));
+}
+#endif
+
+std::shared_ptr<const Primitive> Build(const Geometry& g, Pass pass) {
+  auto p = std::make_shared<Primitive>();
+  if (pass == kForward) {
+    auto pd = ForwardPd(g);
+    p->primitive = dnnl::convolution_forward(pd);
+    p->wei_md = pd.weights_desc();
+  } else if (pass == kBackwardData) {
+    auto pd = BackwardDataPd(g);
+    p->primitive = dnnl::convolution_backward_data(pd);
+    p->wei_md = pd.weights_desc();
+  } else {
+    auto pd = BackwardWeightsPd(g);
+    p->primitive = dnnl::convolution_backward_weights(pd);
+    p->wei_md = pd.diff_weights_desc();
+  }
+  return p;
+}
+
+std::shared_ptr<const Primitive> Cached(const Geometry& g, Pass pass) {
+  static std::mutex* mu = new std::mutex;
+  static auto* cache = new std::unordered_map<std::string, std::shared_ptr<const Primitive>>;
+  const std::string key = g.Key(pass);
+  {
+    std::lock_guard<std::mutex> lock(*mu);
+    auto it = cache->find(key);
+    if (it != cache->end()) return it->second;
+  }
+  auto p = Build(g, pass);  // outside the lock: building can take milliseconds
+  std::lock_guard<std::mutex> lock(*mu);
+  return cache->emplace(key, p).first->second;
+}
+
+// x, k, y are the forward pass's operands; which are read and which written depends on the pass.
+ffi::Error Run(Pass pass, const Geometry& g, float* x, float* k, float* y) {
+  try {
+    auto p = Cached(g, pass);
+    dnnl::stream stream(Engine());
+    memory xm(g.src_md(), Engine(), x), ym(g.dst_md(), Engine(), y);
+    memory km(g.user_wei_md(), Engine(), k);
+    const bool reorder = p->wei_md != g.user_wei_md();
+    memory wm = reorder ? memory(p->wei_md, Engine()) : km;
+    if (pass == kForward) {
+      if (reorder) dnnl::reorder(km, wm).execute(stream, km, wm);
+      p->primitive.execute(stream, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_WEIGHTS, wm}, {DNNL_ARG_DST, ym}});
+    } else if (pass == kBackwardData) {
+      if (reorder) dnnl::reorder(km, wm).execute(stream, km, wm);
+      p->primitive.execute(
+          stream, {{DNNL_ARG_DIFF_SRC, xm}, {DNNL_ARG_WEIGHTS, wm}, {DNNL_ARG_DIFF_DST, ym}});
+    } else {
+      p->primitive.execute(
+          stream, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_DIFF_WEIGHTS, wm}, {DNNL_ARG_DIFF_DST, ym}});
+      if (reorder) dnnl::reorder(wm, km).execute(stream, wm, km);
+    }
+    stream.wait();
+  } catch (const dnnl::error& e) {
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string("jaxft oneDNN convolution: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+Geometry MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> k,
+                      ffi::Span<const int64_t> y, ffi::Span<const int64_t> strides,
+                      ffi::Span<const int64_t> padding) {
+  return Geometry{x[0], x[1], x[2], x[3], k[0], k[1], k[3], y[1], y[2], strides[0], strides[1],
+                  padding[0], padding[1], padding[2], padding[3]};
+}
+
+ffi::Error CheckAttrs(ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding) {
+  if (strides.size() != 2 || padding.size() != 4) {
+    return ffi::Error::InvalidArgument("strides must have 2 entries and padding 4");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error Forward(ffi::Buffer<ffi::F32, 4> x, ffi::Buffer<ffi::F32, 4> k,
+                   ffi::ResultBuffer<ffi::F32, 4> y, ffi::Span<const int64_t> strides,
+                   ffi::Span<const int64_t> padding) {
+  if (auto e = CheckAttrs(strides, padding); e.failure()) return e;
+  auto g = MakeGeometry(x.dimensions(), k.dimensions(), y->dimensions(), strides, padding);
+  return Run(kForward, g, x.typed_data(), k.typed_data(), y->typed_data());
+}
+
+ffi::Error BackwardData(ffi::Buffer<ffi::F32, 4> dy, ffi::Buffer<ffi::F32, 4> k,
+                        ffi::ResultBuffer<ffi::F32, 4> dx, ffi::Span<const int64_t> strides,
+                        ffi::Span<const int64_t> padding) {
+  if (auto e = CheckAttrs(strides, padding); e.failure()) return e;
+  auto g = MakeGeometry(dx->dimensions(), k.dimensions(), dy.dimensions(), strides, padding);
+  return Run(kBackwardData, g, dx->typed_data(), k.typed_data(), dy.typed_data());
+}
+
+ffi::Error BackwardWeights(ffi::Buffer<ffi::F32, 4> x, ffi::Buffer<ffi::F32, 4> dy,
+                           ffi::ResultBuffer<ffi::F32, 4> dk, ffi::Span<const int64_t> strides,
+                           ffi::Span<const int64_t> padding) {
+  if (auto e = CheckAttrs(strides, padding); e.failure()) return e;
+  auto g = MakeGeometry(x.dimensions(), dk->dimensions(), dy.dimensions(), strides, padding);
+  return Run(kBackwardWeights, g, x.typed_data(), dk->typed_data(), dy.typed_data());
+}
+
+}  // namespace
+
+#define JAXFT_CONV_BINDING                                                             \
+  ffi::Ffi::Bind()                                                                     \
+      .Arg<ffi::Buffer<ffi::F32, 4>>()                                                 \
+      .Arg<ffi::Buffer<ffi::F32, 4>>()                                                 \
+      .Ret<ffi::Buffer<ffi::F32, 4>>()                                                 \
+      .Attr<ffi::Span<const int64_t>>("strides")                                       \
+      .Attr<ffi::Span<const int64_t>>("padding")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxft_onednn_conv_fwd, Forward, JAXFT_CONV_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxft_onednn_conv_bwd_data, BackwardData, JAXFT_CONV_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxft_onednn_conv_bwd_weights, BackwardWeights, JAXFT_CONV_BINDING);
+
+extern "C" int jaxft_onednn_version() {
+  const dnnl_version_t* v = dnnl_version();
+  return v->major * 10000 + v->minor * 100 + v->patch;
+}
