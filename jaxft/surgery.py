@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxft import paths
+from jaxft.models import conv as conv_lib
 from jaxft.models.layers import activation as _check_activation
 from jaxft.models.model import Model, init_flat
 from jaxft.models.network import Network, head_module_name
@@ -699,9 +700,10 @@ def count_params(model: Model) -> int:
 def count_flops(model: Model, input_size: int | None = None) -> int:
   """FLOPs of one eval-mode forward pass of a batch of one ``input_size``² image.
 
-  Counted by XLA's cost analysis of the lowered (unoptimised) forward pass, so any architecture the
-  network can build is covered; a multiply-add counts 2, and BN, activations and pooling are included.
-  Nothing is executed.
+  Counted by XLA's cost analysis of the lowered (unoptimised) forward pass with plain ``lax.conv``
+  convolutions (whatever the backend would run: the custom calls of the oneDNN path have no cost
+  model), so any architecture the network can build is covered; a multiply-add counts 2, and BN,
+  activations and pooling are included. Nothing is executed.
 
   Args:
     model: never mutated.
@@ -712,7 +714,9 @@ def count_flops(model: Model, input_size: int | None = None) -> int:
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a)),
                           model.variables)
   x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
-  cost = jax.jit(lambda v, x: net.apply(v, x, train=False)).lower(abstract, x).cost_analysis()
+  with conv_lib.impl_scope("lax"):  # the implementation is fixed when the function is traced
+    lowered = jax.jit(lambda v, x: net.apply(v, x, train=False)).lower(abstract, x)
+  cost = lowered.cost_analysis()
   if isinstance(cost, (list, tuple)):  # older jax returned one dict per device
     cost = cost[0]
   return int(cost["flops"])

@@ -40,6 +40,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxft import checkpoint as ckpt_lib
 from jaxft import data as data_lib
 from jaxft import losses, models, optim, paths, report, runtime, surgery
+from jaxft.models import onednn
 from jaxft.models.model import Model
 
 Array = jax.Array
@@ -822,6 +823,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   mesh = Mesh(devices, ("data",))
   logging.info("%d × %s device(s); C allocator: %s", len(devices), devices[0].device_kind,
                runtime.loaded_allocator())
+  if devices[0].platform == "cpu":
+    logging.info("oneDNN convolutions: %s", onednn.status())
   batch_sharding = NamedSharding(mesh, P("data"))
   replicated = NamedSharding(mesh, P())
   if batch_size % len(devices):

@@ -24,6 +24,9 @@ and the torch worker runs with stock malloc unless ``--torch-malloc-tuning`` (se
 ``docs/benchmarks.md``). Where tcmalloc is installed, the jaxft worker runs under it, as ``python -m
 jaxft.train`` does (``jaxft.runtime.relaunch_with_tcmalloc``; ``--no-tcmalloc`` turns that off);
 ``--torch-tcmalloc`` runs the torch worker under it too. Each record names both workers' allocators.
+On CPU jaxft's convolutions are oneDNN's where it is installed (``jaxft.models.onednn``; torch's CPU
+convolutions are oneDNN's too); ``--no-onednn`` gives XLA's own, and ``jaxft_onednn`` in each record
+says which oneDNN ran.
 """
 
 from __future__ import annotations
@@ -323,6 +326,9 @@ def worker_main(framework: str) -> None:
         worker = (JaxWorker if framework == "jaxft" else TorchWorker)(cmd)
         from jaxft import runtime  # pylint: disable=g-import-not-at-top
         reply: Any = {"device": worker.device, "allocator": runtime.loaded_allocator()}
+        if framework == "jaxft":
+          from jaxft.models import onednn  # pylint: disable=g-import-not-at-top
+          reply["onednn"] = onednn.status()
       elif cmd["op"] == "compile":
         reply = worker.compile(cmd["mode"])
       elif cmd["op"] == "run":
@@ -382,6 +388,8 @@ def bench_workload(w: dict[str, Any], args: argparse.Namespace) -> list[dict[str
     env["JAXFT_CPU_FLAGS"] = "0"  # `import jaxft` would otherwise set them (jaxft/__init__.py)
   if args.no_malloc_tuning:
     env["JAXFT_MALLOC_TUNING"] = "0"
+  if args.no_onednn:
+    env["JAXFT_ONEDNN"] = "0"
   # The torch worker imports jaxft only for model specs; it runs as stock PyTorch does, with glibc's
   # default malloc, unless --torch-malloc-tuning gives it jaxft's runtime tuning too.
   torch_env = dict(env, JAXFT_MALLOC_TUNING="1" if args.torch_malloc_tuning else "0")
@@ -420,6 +428,7 @@ def bench_workload(w: dict[str, Any], args: argparse.Namespace) -> list[dict[str
         rec[f"{f}_step_spread"] = (max(times[f]) - min(times[f])) / med
         rec[f"{f}_device"] = devices[f]
         rec[f"{f}_allocator"] = setups[f]["allocator"]
+      rec["jaxft_onednn"] = setups["jaxft"].get("onednn") if "jaxft" in setups else None
       if "torch" in frameworks:
         rec["ratio"] = rec["jaxft_images_per_s"] / rec["torch_images_per_s"]
       records.append(rec)
@@ -460,8 +469,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   p.add_argument("--rounds", type=int, default=0,
                  help="interleaving rounds (default: steps/2, i.e. 2 steps per turn)")
   p.add_argument("--num-classes", type=int, default=10)
-  p.add_argument("--conv-impl", default="auto", choices=("auto", "lax", "matmul"),
-                 help="jaxft convolution implementation (auto: matmul on CPU, lax.conv elsewhere)")
+  p.add_argument("--conv-impl", default="auto", choices=("auto", "lax", "matmul", "hybrid", "onednn"),
+                 help="jaxft convolution implementation (auto: see jaxft.models.conv.resolve_impl)")
+  p.add_argument("--no-onednn", action="store_true",
+                 help="jaxft worker with XLA's own convolutions only (sets JAXFT_ONEDNN=0)")
   p.add_argument("--no-cpu-flags", action="store_true",
                  help="jaxft worker without jaxft.models.conv.CPU_XLA_FLAGS (sets JAXFT_CPU_FLAGS=0)")
   p.add_argument("--no-malloc-tuning", action="store_true",
