@@ -137,9 +137,7 @@ def _versus_torch(x, w, dy, strides, pad, timed) -> tuple[float, float, float]:
 
   h, cin = x.shape[1], x.shape[-1]
   k, cout = w.shape[0], w.shape[-1]
-  impl = conv.resolve_impl("auto", h * h)
-  f = (lambda x, w: conv._lax_conv(x, w, strides, pad)) if impl == "lax" else (  # pylint: disable=protected-access
-      lambda x, w: conv.conv_matmul(x, w, strides, pad, lax_forward=impl == "hybrid"))
+  f = lambda x, w: conv.convolve(x, w, strides, pad)  # impl="auto"
   first = 1 if cin == 3 else 0
 
   def fwd_bwd(x, w, dy):

@@ -6,15 +6,19 @@ CPU convolutions are oneDNN's direct (JIT-generated, blocked) kernels. This modu
 library: ``onednn_conv.cc`` (beside this file) wraps oneDNN's convolution forward, backward-data and
 backward-weights primitives as three XLA FFI handlers, compiled on first use against the system's
 oneDNN (Debian/Ubuntu: ``apt-get install libdnnl-dev``; elsewhere ``DNNLROOT`` names an install
-prefix) and jaxlib's FFI headers, and cached in ``$JAXFT_CACHE_DIR`` (default ``~/.cache/jaxft``).
+prefix) and jaxlib's FFI headers, and cached in ``$JAXFT_NATIVE_CACHE_DIR`` (default
+``~/.cache/jaxft/native``).
 
 Nothing here is required: without a C++ compiler or oneDNN, :func:`available` is False and jaxft's
 convolutions use XLA's own (``jaxft.models.conv``). ``JAXFT_ONEDNN=0`` turns it off;
 ``JAXFT_ONEDNN=1`` makes its absence an error (CI uses this so that the tests cannot silently skip
 it).
 
-Supported: float32, NHWC × HWIO, one group, no dilation, non-negative explicit padding, one local
-device (with several devices the batch would be gathered onto each; :func:`supported` says no).
+Supported: float32, NHWC × HWIO, one group, no dilation, non-negative explicit padding, one device
+in all (the custom calls have no sharding rule, so with several devices XLA would gather the batch
+onto each; :func:`supported` says no). The backward passes are custom calls too, so a function that
+uses these convolutions can be differentiated once, not twice (``impl_scope("lax")`` for
+higher-order derivatives).
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ _TARGETS = {"fwd": "jaxft_onednn_conv_fwd", "bwd_data": "jaxft_onednn_conv_bwd_d
             "bwd_weights": "jaxft_onednn_conv_bwd_weights"}
 
 _lock = threading.Lock()
-_state: dict[str, object] = {}  # "lib" (ctypes.CDLL) or "error" (str), once loading was attempted
+# Once loading was attempted: "lib" (ctypes.CDLL) and "path", or "error" (str).
+_state: dict[str, object] = {}
 
 
 class OneDNNUnavailableError(RuntimeError):
@@ -55,9 +60,25 @@ def _mode() -> str:
 
 
 def cache_dir() -> str:
-  """The folder compiled libraries are kept in: ``$JAXFT_CACHE_DIR``, else ``~/.cache/jaxft``."""
-  return os.environ.get("JAXFT_CACHE_DIR") or os.path.join(
-      os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "jaxft")
+  """The folder compiled libraries are kept in: ``$JAXFT_NATIVE_CACHE_DIR``, else
+  ``~/.cache/jaxft/native`` (``$XDG_CACHE_HOME`` respected)."""
+  return os.environ.get("JAXFT_NATIVE_CACHE_DIR") or os.path.join(
+      os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "jaxft",
+      "native")
+
+
+def _onednn_version_header() -> bytes:
+  """The installed ``dnnl_version.h`` (empty if not found), so that a oneDNN upgrade rebuilds."""
+  roots = [os.path.join(os.environ["DNNLROOT"], "include")] if os.environ.get("DNNLROOT") else []
+  roots += [d for d in os.environ.get("CPATH", "").split(os.pathsep) if d]
+  roots += ["/usr/local/include", "/usr/include"]
+  for root in roots:
+    try:
+      with open(os.path.join(root, "oneapi", "dnnl", "dnnl_version.h"), "rb") as f:
+        return f.read()
+    except OSError:
+      continue
+  return b""
 
 
 def _compile_command(src: str, out: str) -> tuple[list[str], str]:
@@ -79,6 +100,8 @@ def library_path() -> str:
   h.update(jax.ffi.include_dir().encode())
   h.update(jax.__version__.encode())
   h.update(os.environ.get("DNNLROOT", "").encode())
+  h.update(_compile_command("", "")[1].encode())
+  h.update(_onednn_version_header())
   return os.path.join(cache_dir(), f"libjaxft_onednn-{h.hexdigest()[:16]}.so")
 
 
@@ -122,10 +145,15 @@ def _load() -> ctypes.CDLL | None:
     if "lib" in _state or "error" in _state:
       return _state.get("lib")  # type: ignore[return-value]
     try:
-      lib = ctypes.CDLL(build())
+      path = build()
+      try:
+        lib = ctypes.CDLL(path)
+      except OSError:  # e.g. built against a oneDNN that has since been replaced: build it again
+        path = build(force=True)
+        lib = ctypes.CDLL(path)
       for name in _TARGETS.values():
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
-      _state["lib"] = lib
+      _state["lib"], _state["path"] = lib, path
     except Exception as e:  # pylint: disable=broad-except  # any failure means: use XLA's convs
       _state["error"] = f"{type(e).__name__}: {e}"
     return _state.get("lib")  # type: ignore[return-value]
@@ -158,7 +186,7 @@ def status() -> str:
   if lib is None:
     return f"unavailable ({_state['error']})"
   v = lib.jaxft_onednn_version()
-  return f"oneDNN {v // 10000}.{v // 100 % 100}.{v % 100} ({library_path()})"
+  return f"oneDNN {v // 10000}.{v // 100 % 100}.{v % 100} ({_state['path']})"
 
 
 def supported(x_shape: Sequence[int], kernel_shape: Sequence[int], dtype, strides: Sequence[int],
@@ -166,10 +194,12 @@ def supported(x_shape: Sequence[int], kernel_shape: Sequence[int], dtype, stride
   """Whether :func:`conv` can compute this convolution here (without building anything when the
   answer is no for another reason)."""
   if (len(x_shape) != 4 or len(kernel_shape) != 4 or groups != 1 or jnp.dtype(dtype) != jnp.float32
-      or kernel_shape[2] != x_shape[3] or any(p < 0 for pp in padding for p in pp)
-      or len(strides) != 2 or min(strides) < 1):
+      or kernel_shape[2] != x_shape[3] or len(strides) != 2 or min(strides) < 1
+      or len(padding) != 2 or any(len(pp) != 2 or min(pp) < 0 for pp in padding)
+      or min(x_shape) < 1 or min(kernel_shape) < 1
+      or min(_out_shape(x_shape, kernel_shape, strides, padding)) < 1):
     return False
-  if jax.default_backend() != "cpu" or jax.local_device_count() != 1:
+  if jax.default_backend() != "cpu" or jax.device_count() != 1:
     return False
   return available()
 
@@ -187,6 +217,12 @@ def _out_shape(x_shape, kernel_shape, strides, padding) -> tuple[int, int, int, 
 
 
 def _call(name: str, shape, *args, strides, padding) -> jax.Array:
+  if _mode() == "off" or _load() is None:  # the targets must be registered before XLA compiles
+    raise OneDNNUnavailableError(f"oneDNN convolutions are {status()}")
+  for a in args:
+    if a.dtype != jnp.float32:
+      raise ValueError(f"oneDNN convolutions take float32 arrays, got {a.dtype}; cast, or use "
+                       "jaxft.models.conv.Conv, which falls back for other dtypes")
   return jax.ffi.ffi_call(_TARGETS[name], jax.ShapeDtypeStruct(tuple(shape), jnp.float32),
                           vmap_method="sequential")(*args, **_attrs(strides, padding))
 

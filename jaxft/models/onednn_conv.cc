@@ -7,10 +7,13 @@
 //   jaxft_onednn_conv_bwd_weights  dk = d conv / dk applied to dy
 // oneDNN picks its own weights layout (usually blocked); the HWIO kernel is reordered into it (and the
 // kernel gradient out of it) on every call, which costs little next to the convolution itself.
-// Primitives are built once per geometry and cached; executing a cached primitive is thread-safe.
-// Inputs are never written.
+// Primitives are built once per geometry and cached. XLA runs independent thunks concurrently, so the
+// same cached primitive may execute on two threads at once: every primitive is built with a
+// user-managed scratchpad, and each call allocates its own (oneDNN only allows concurrent execution
+// of one primitive that way). Inputs are never written.
 
 #include <cstdint>
+#include <exception>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -60,43 +63,50 @@ struct Geometry {
 
 struct Primitive {
   dnnl::primitive primitive;
-  memory::desc wei_md;  // the primitive's own weights layout
+  memory::desc wei_md;         // the primitive's own weights layout
+  memory::desc scratchpad_md;  // the workspace one execution needs
 };
+
+dnnl::primitive_attr Attr() {
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  return attr;
+}
 
 #if DNNL_VERSION_MAJOR >= 3
 dnnl::convolution_forward::primitive_desc ForwardPd(const Geometry& g) {
   return dnnl::convolution_forward::primitive_desc(
       Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, g.src_md(),
-      g.any_wei_md(), g.dst_md(), g.strides(), g.pad_l(), g.pad_r());
+      g.any_wei_md(), g.dst_md(), g.strides(), g.pad_l(), g.pad_r(), Attr());
 }
 dnnl::convolution_backward_data::primitive_desc BackwardDataPd(const Geometry& g) {
   return dnnl::convolution_backward_data::primitive_desc(
       Engine(), dnnl::algorithm::convolution_direct, g.src_md(), g.any_wei_md(), g.dst_md(),
-      g.strides(), g.pad_l(), g.pad_r(), ForwardPd(g));
+      g.strides(), g.pad_l(), g.pad_r(), ForwardPd(g), Attr());
 }
 dnnl::convolution_backward_weights::primitive_desc BackwardWeightsPd(const Geometry& g) {
   return dnnl::convolution_backward_weights::primitive_desc(
       Engine(), dnnl::algorithm::convolution_direct, g.src_md(), g.any_wei_md(), g.dst_md(),
-      g.strides(), g.pad_l(), g.pad_r(), ForwardPd(g));
+      g.strides(), g.pad_l(), g.pad_r(), ForwardPd(g), Attr());
 }
 #else
 dnnl::convolution_forward::primitive_desc ForwardPd(const Geometry& g) {
   dnnl::convolution_forward::desc d(dnnl::prop_kind::forward_training,
                                     dnnl::algorithm::convolution_direct, g.src_md(), g.any_wei_md(),
                                     g.dst_md(), g.strides(), g.pad_l(), g.pad_r());
-  return dnnl::convolution_forward::primitive_desc(d, Engine());
+  return dnnl::convolution_forward::primitive_desc(d, Attr(), Engine());
 }
 dnnl::convolution_backward_data::primitive_desc BackwardDataPd(const Geometry& g) {
   dnnl::convolution_backward_data::desc d(dnnl::algorithm::convolution_direct, g.src_md(),
                                           g.any_wei_md(), g.dst_md(), g.strides(), g.pad_l(),
                                           g.pad_r());
-  return dnnl::convolution_backward_data::primitive_desc(d, Engine(), ForwardPd(g));
+  return dnnl::convolution_backward_data::primitive_desc(d, Attr(), Engine(), ForwardPd(g));
 }
 dnnl::convolution_backward_weights::primitive_desc BackwardWeightsPd(const Geometry& g) {
   dnnl::convolution_backward_weights::desc d(dnnl::algorithm::convolution_direct, g.src_md(),
                                              g.any_wei_md(), g.dst_md(), g.strides(), g.pad_l(),
                                              g.pad_r());
-  return dnnl::convolution_backward_weights::primitive_desc(d, Engine(), ForwardPd(g));
+  return dnnl::convolution_backward_weights::primitive_desc(d, Attr(), Engine(), ForwardPd(g));
 }
 #endif
 
@@ -106,14 +116,17 @@ std::shared_ptr<const Primitive> Build(const Geometry& g, Pass pass) {
     auto pd = ForwardPd(g);
     p->primitive = dnnl::convolution_forward(pd);
     p->wei_md = pd.weights_desc();
+    p->scratchpad_md = pd.scratchpad_desc();
   } else if (pass == kBackwardData) {
     auto pd = BackwardDataPd(g);
     p->primitive = dnnl::convolution_backward_data(pd);
     p->wei_md = pd.weights_desc();
+    p->scratchpad_md = pd.scratchpad_desc();
   } else {
     auto pd = BackwardWeightsPd(g);
     p->primitive = dnnl::convolution_backward_weights(pd);
     p->wei_md = pd.diff_weights_desc();
+    p->scratchpad_md = pd.scratchpad_desc();
   }
   return p;
 }
@@ -141,21 +154,27 @@ ffi::Error Run(Pass pass, const Geometry& g, float* x, float* k, float* y) {
     memory km(g.user_wei_md(), Engine(), k);
     const bool reorder = p->wei_md != g.user_wei_md();
     memory wm = reorder ? memory(p->wei_md, Engine()) : km;
+    memory scratch(p->scratchpad_md, Engine());
     if (pass == kForward) {
       if (reorder) dnnl::reorder(km, wm).execute(stream, km, wm);
-      p->primitive.execute(stream, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_WEIGHTS, wm}, {DNNL_ARG_DST, ym}});
+      p->primitive.execute(stream, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_WEIGHTS, wm}, {DNNL_ARG_DST, ym},
+                                    {DNNL_ARG_SCRATCHPAD, scratch}});
     } else if (pass == kBackwardData) {
       if (reorder) dnnl::reorder(km, wm).execute(stream, km, wm);
-      p->primitive.execute(
-          stream, {{DNNL_ARG_DIFF_SRC, xm}, {DNNL_ARG_WEIGHTS, wm}, {DNNL_ARG_DIFF_DST, ym}});
+      p->primitive.execute(stream, {{DNNL_ARG_DIFF_SRC, xm}, {DNNL_ARG_WEIGHTS, wm},
+                                    {DNNL_ARG_DIFF_DST, ym}, {DNNL_ARG_SCRATCHPAD, scratch}});
     } else {
-      p->primitive.execute(
-          stream, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_DIFF_WEIGHTS, wm}, {DNNL_ARG_DIFF_DST, ym}});
+      p->primitive.execute(stream, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_DIFF_WEIGHTS, wm},
+                                    {DNNL_ARG_DIFF_DST, ym}, {DNNL_ARG_SCRATCHPAD, scratch}});
       if (reorder) dnnl::reorder(wm, km).execute(stream, wm, km);
     }
     stream.wait();
   } catch (const dnnl::error& e) {
     return ffi::Error(ffi::ErrorCode::kInternal, std::string("jaxft oneDNN convolution: ") + e.what());
+  } catch (const std::exception& e) {  // bad_alloc, system_error: never let one cross into XLA
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string("jaxft oneDNN convolution: ") + e.what());
+  } catch (...) {
+    return ffi::Error(ffi::ErrorCode::kInternal, "jaxft oneDNN convolution: unknown exception");
   }
   return ffi::Error::Success();
 }
@@ -167,9 +186,23 @@ Geometry MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> k,
                   padding[0], padding[1], padding[2], padding[3]};
 }
 
-ffi::Error CheckAttrs(ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding) {
+// The shapes must describe one convolution: oneDNN trusts them and never sees the buffers' sizes.
+ffi::Error Check(ffi::Span<const int64_t> x, ffi::Span<const int64_t> k, ffi::Span<const int64_t> y,
+                 ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding) {
   if (strides.size() != 2 || padding.size() != 4) {
     return ffi::Error::InvalidArgument("strides must have 2 entries and padding 4");
+  }
+  if (strides[0] < 1 || strides[1] < 1) return ffi::Error::InvalidArgument("strides must be >= 1");
+  for (int i = 0; i < 4; ++i) {
+    if (padding[i] < 0) return ffi::Error::InvalidArgument("padding must be >= 0");
+  }
+  const int64_t oh = (x[1] + padding[0] + padding[1] - k[0]) / strides[0] + 1;
+  const int64_t ow = (x[2] + padding[2] + padding[3] - k[1]) / strides[1] + 1;
+  if (k[2] != x[3] || y[0] != x[0] || y[3] != k[3] || y[1] != oh || y[2] != ow || oh < 1 ||
+      ow < 1 || k[0] < 1 || k[1] < 1) {
+    return ffi::Error::InvalidArgument(
+        "input [N,H,W,C], kernel [KH,KW,C,O] and output [N,OH,OW,O] shapes do not describe one "
+        "convolution with these strides and padding");
   }
   return ffi::Error::Success();
 }
@@ -177,7 +210,9 @@ ffi::Error CheckAttrs(ffi::Span<const int64_t> strides, ffi::Span<const int64_t>
 ffi::Error Forward(ffi::Buffer<ffi::F32, 4> x, ffi::Buffer<ffi::F32, 4> k,
                    ffi::ResultBuffer<ffi::F32, 4> y, ffi::Span<const int64_t> strides,
                    ffi::Span<const int64_t> padding) {
-  if (auto e = CheckAttrs(strides, padding); e.failure()) return e;
+  if (auto e = Check(x.dimensions(), k.dimensions(), y->dimensions(), strides, padding); e.failure()) {
+    return e;
+  }
   auto g = MakeGeometry(x.dimensions(), k.dimensions(), y->dimensions(), strides, padding);
   return Run(kForward, g, x.typed_data(), k.typed_data(), y->typed_data());
 }
@@ -185,7 +220,10 @@ ffi::Error Forward(ffi::Buffer<ffi::F32, 4> x, ffi::Buffer<ffi::F32, 4> k,
 ffi::Error BackwardData(ffi::Buffer<ffi::F32, 4> dy, ffi::Buffer<ffi::F32, 4> k,
                         ffi::ResultBuffer<ffi::F32, 4> dx, ffi::Span<const int64_t> strides,
                         ffi::Span<const int64_t> padding) {
-  if (auto e = CheckAttrs(strides, padding); e.failure()) return e;
+  if (auto e = Check(dx->dimensions(), k.dimensions(), dy.dimensions(), strides, padding);
+      e.failure()) {
+    return e;
+  }
   auto g = MakeGeometry(dx->dimensions(), k.dimensions(), dy.dimensions(), strides, padding);
   return Run(kBackwardData, g, dx->typed_data(), k.typed_data(), dy.typed_data());
 }
@@ -193,7 +231,10 @@ ffi::Error BackwardData(ffi::Buffer<ffi::F32, 4> dy, ffi::Buffer<ffi::F32, 4> k,
 ffi::Error BackwardWeights(ffi::Buffer<ffi::F32, 4> x, ffi::Buffer<ffi::F32, 4> dy,
                            ffi::ResultBuffer<ffi::F32, 4> dk, ffi::Span<const int64_t> strides,
                            ffi::Span<const int64_t> padding) {
-  if (auto e = CheckAttrs(strides, padding); e.failure()) return e;
+  if (auto e = Check(x.dimensions(), dk->dimensions(), dy.dimensions(), strides, padding);
+      e.failure()) {
+    return e;
+  }
   auto g = MakeGeometry(x.dimensions(), dk->dimensions(), dy.dimensions(), strides, padding);
   return Run(kBackwardWeights, g, x.typed_data(), dk->typed_data(), dy.typed_data());
 }
