@@ -271,8 +271,3 @@ def _conv_bwd(strides, padding, res, dy):
 
 
 conv.defvjp(_conv_fwd, _conv_bwd)
-
-
-if __name__ == "__main__":
-  # python -m jaxft.models.onednn: build (if needed) and say which oneDNN jaxft's convolutions use.
-  print(status())
