@@ -85,7 +85,10 @@ def impl_scope(impl: str) -> Iterator[None]:
   one that compiles), e.g. to compare implementations on the same model::
 
     with impl_scope("lax"):
-      y = jax.jit(net.apply)(variables, x)
+      y = jax.jit(lambda v, x: net.apply(v, x))(variables, x)
+
+  jax caches the trace of a function it has jitted before (keyed by the function, not by this
+  scope), so give each implementation a new function object, as the ``lambda`` above does.
   """
   resolve_impl(impl)  # validates the name
   prev = getattr(_scope, "impl", "auto")
