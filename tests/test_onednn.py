@@ -24,9 +24,10 @@ def needs_onednn():
     pytest.skip(f"oneDNN {onednn.status()}")
 
 
-def _lax(x, w, strides, padding):
+def _lax(x, w, strides, padding, groups=1):
   return lax.conv_general_dilated(x, w, strides, padding,
-                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                  feature_group_count=groups)
 
 
 # (batch, h, w, cin, cout, kernel (kh, kw), strides, padding): 1×1 / 3×3 / 7×7, strides 1 and 2,
@@ -43,18 +44,27 @@ CASES = [
     # channels that oneDNN's 16-wide blocked layouts must pad (kernel and kernel-gradient reorders)
     (2, 6, 6, 20, 36, (3, 3), (1, 1), ((1, 1), (1, 1))),
 ]
+# The same with feature groups: depthwise (3×3 and 5×5, strides 1 and 2, 20 channels: padded blocks),
+# a channel multiplier of 2, and 3 groups of 2 → 3 channels.
+GROUPED = [
+    (2, 9, 9, 20, 20, (3, 3), (1, 1), ((1, 1), (1, 1)), 20),
+    (2, 10, 9, 20, 20, (5, 5), (2, 2), ((2, 2), (2, 2)), 20),
+    (2, 7, 7, 4, 8, (3, 3), (2, 2), ((1, 0), (0, 1)), 4),
+    (2, 8, 8, 6, 9, (3, 3), (1, 1), ((1, 1), (1, 1)), 3),
+]
 
 
 @pytest.mark.usefixtures("needs_onednn")
-@pytest.mark.parametrize("n,h,w,cin,cout,khw,strides,padding", CASES)
-def test_conv_matches_lax_values_and_gradients(n, h, w, cin, cout, khw, strides, padding):
+@pytest.mark.parametrize("n,h,w,cin,cout,khw,strides,padding,groups",
+                         [(*c, 1) for c in CASES] + GROUPED)
+def test_conv_matches_lax_values_and_gradients(n, h, w, cin, cout, khw, strides, padding, groups):
   r = np.random.default_rng(h * 100 + cin)
   x = jnp.asarray(r.normal(size=(n, h, w, cin)), jnp.float32)
-  k = jnp.asarray(r.normal(size=(*khw, cin, cout)), jnp.float32)
-  ct = jnp.asarray(r.normal(size=_lax(x, k, strides, padding).shape), jnp.float32)
+  k = jnp.asarray(r.normal(size=(*khw, cin // groups, cout)), jnp.float32)
+  ct = jnp.asarray(r.normal(size=_lax(x, k, strides, padding, groups).shape), jnp.float32)
 
   def vjp(f, x, k, ct):
-    y, pull = jax.vjp(lambda x, k: f(x, k, strides, padding), x, k)
+    y, pull = jax.vjp(lambda x, k: f(x, k, strides, padding, groups), x, k)
     return (y, *pull(ct))
 
   x_before, k_before = np.asarray(x).copy(), np.asarray(k).copy()
@@ -154,7 +164,10 @@ def test_supported_rejects_what_onednn_cannot_compute():
   cpu_alone = jax.default_backend() == "cpu" and jax.device_count() == 1
   assert onednn.supported(**ok) == (cpu_alone and onednn.available())
   assert not onednn.supported(**{**ok, "dtype": jnp.bfloat16})
-  assert not onednn.supported(**ok, groups=2)
+  assert onednn.supported(**{**ok, "kernel_shape": (3, 3, 2, 6)}, groups=2) == (
+      cpu_alone and onednn.available())
+  assert not onednn.supported(**ok, groups=2)  # kernel has 4 input channels, not 4 / 2
+  assert not onednn.supported(**{**ok, "kernel_shape": (3, 3, 1, 6)}, groups=4)  # 6 % 4
   assert not onednn.supported(**{**ok, "padding": ((-1, 1), (1, 1))})
   assert not onednn.supported(**{**ok, "padding": ((1, 1, 1), (1, 1))})
   assert not onednn.supported(**{**ok, "kernel_shape": (0, 3, 4, 6)})

@@ -14,7 +14,7 @@ convolutions use XLA's own (``jaxft.models.conv``). ``JAXFT_ONEDNN=0`` turns it 
 ``JAXFT_ONEDNN=1`` makes its absence an error (CI uses this so that the tests cannot silently skip
 it).
 
-Supported: float32, NHWC × HWIO, one group, no dilation, non-negative explicit padding, one device
+Supported: float32, NHWC × HWIO, any feature groups (depthwise included), no dilation, non-negative explicit padding, one device
 in all (the custom calls have no sharding rule, so with several devices XLA would gather the batch
 onto each; :func:`supported` says no). The backward passes are custom calls too, so a function that
 uses these convolutions can be differentiated once, not twice (``impl_scope("lax")`` for
@@ -193,8 +193,9 @@ def supported(x_shape: Sequence[int], kernel_shape: Sequence[int], dtype, stride
               padding: Sequence[Sequence[int]], groups: int = 1) -> bool:
   """Whether :func:`conv` can compute this convolution here (without building anything when the
   answer is no for another reason)."""
-  if (len(x_shape) != 4 or len(kernel_shape) != 4 or groups != 1 or jnp.dtype(dtype) != jnp.float32
-      or kernel_shape[2] != x_shape[3] or len(strides) != 2 or min(strides) < 1
+  if (len(x_shape) != 4 or len(kernel_shape) != 4 or jnp.dtype(dtype) != jnp.float32
+      or groups < 1 or kernel_shape[2] * groups != x_shape[3] or kernel_shape[3] % groups
+      or len(strides) != 2 or min(strides) < 1
       or len(padding) != 2 or any(len(pp) != 2 or min(pp) < 0 for pp in padding)
       or min(x_shape) < 1 or min(kernel_shape) < 1
       or min(_out_shape(x_shape, kernel_shape, strides, padding)) < 1):
@@ -204,11 +205,6 @@ def supported(x_shape: Sequence[int], kernel_shape: Sequence[int], dtype, stride
   return available()
 
 
-def _attrs(strides, padding) -> dict[str, np.ndarray]:
-  return {"strides": np.asarray(strides, np.int64),
-          "padding": np.asarray([p for pp in padding for p in pp], np.int64)}
-
-
 def _out_shape(x_shape, kernel_shape, strides, padding) -> tuple[int, int, int, int]:
   n, h, w, _ = x_shape
   kh, kw, _, o = kernel_shape
@@ -216,7 +212,7 @@ def _out_shape(x_shape, kernel_shape, strides, padding) -> tuple[int, int, int, 
   return (n, (h + pt + pb - kh) // strides[0] + 1, (w + pl + pr - kw) // strides[1] + 1, o)
 
 
-def _call(name: str, shape, *args, strides, padding) -> jax.Array:
+def _call(name: str, shape, *args, strides, padding, groups) -> jax.Array:
   if _mode() == "off" or _load() is None:  # the targets must be registered before XLA compiles
     raise OneDNNUnavailableError(f"oneDNN convolutions are {status()}")
   for a in args:
@@ -224,50 +220,54 @@ def _call(name: str, shape, *args, strides, padding) -> jax.Array:
       raise ValueError(f"oneDNN convolutions take float32 arrays, got {a.dtype}; cast, or use "
                        "jaxft.models.conv.Conv, which falls back for other dtypes")
   return jax.ffi.ffi_call(_TARGETS[name], jax.ShapeDtypeStruct(tuple(shape), jnp.float32),
-                          vmap_method="sequential")(*args, **_attrs(strides, padding))
+                          vmap_method="sequential")(
+      *args, strides=np.asarray(strides, np.int64),
+      padding=np.asarray([p for pp in padding for p in pp], np.int64), groups=np.int64(groups))
 
 
 def forward(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
-            padding: Sequence[Sequence[int]]) -> jax.Array:
-  """``lax.conv_general_dilated(x, kernel, strides, padding, ('NHWC', 'HWIO', 'NHWC'))`` by oneDNN.
+            padding: Sequence[Sequence[int]], groups: int = 1) -> jax.Array:
+  """``lax.conv_general_dilated(x, kernel, strides, padding, ('NHWC', 'HWIO', 'NHWC'),
+  feature_group_count=groups)`` by oneDNN.
 
   Returns a new float32 array; ``x`` and ``kernel`` are not mutated. Not differentiable itself (see
   :func:`conv`).
   """
   return _call("fwd", _out_shape(x.shape, kernel.shape, strides, padding), x, kernel,
-               strides=strides, padding=padding)
+               strides=strides, padding=padding, groups=groups)
 
 
 def input_grad(dy: jax.Array, kernel: jax.Array, x_shape: Sequence[int], strides: Sequence[int],
-               padding: Sequence[Sequence[int]]) -> jax.Array:
+               padding: Sequence[Sequence[int]], groups: int = 1) -> jax.Array:
   """The gradient of :func:`forward` with respect to ``x`` (of shape ``x_shape``) for output
   cotangent ``dy``. Returns a new array; inputs are not mutated."""
-  return _call("bwd_data", x_shape, dy, kernel, strides=strides, padding=padding)
+  return _call("bwd_data", x_shape, dy, kernel, strides=strides, padding=padding, groups=groups)
 
 
 def kernel_grad(x: jax.Array, dy: jax.Array, kernel_shape: Sequence[int], strides: Sequence[int],
-                padding: Sequence[Sequence[int]]) -> jax.Array:
+                padding: Sequence[Sequence[int]], groups: int = 1) -> jax.Array:
   """The gradient of :func:`forward` with respect to the kernel (of shape ``kernel_shape``) for
   output cotangent ``dy``. Returns a new array; inputs are not mutated."""
-  return _call("bwd_weights", kernel_shape, x, dy, strides=strides, padding=padding)
+  return _call("bwd_weights", kernel_shape, x, dy, strides=strides, padding=padding, groups=groups)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
-         padding: tuple[tuple[int, int], ...]) -> jax.Array:
-  """Differentiable float32 NHWC × HWIO convolution, every pass by oneDNN (check :func:`supported`
-  first). Same values as ``lax.conv`` to float32 rounding; neither input is mutated."""
-  return forward(x, kernel, strides, padding)
+         padding: tuple[tuple[int, int], ...], groups: int = 1) -> jax.Array:
+  """Differentiable float32 NHWC × HWIO convolution with ``groups`` feature groups, every pass by
+  oneDNN (check :func:`supported` first). Same values as ``lax.conv`` to float32 rounding; neither
+  input is mutated."""
+  return forward(x, kernel, strides, padding, groups)
 
 
-def _conv_fwd(x, kernel, strides, padding):
-  return forward(x, kernel, strides, padding), (x, kernel)
+def _conv_fwd(x, kernel, strides, padding, groups):
+  return forward(x, kernel, strides, padding, groups), (x, kernel)
 
 
-def _conv_bwd(strides, padding, res, dy):
+def _conv_bwd(strides, padding, groups, res, dy):
   x, kernel = res
-  return (input_grad(dy, kernel, x.shape, strides, padding),
-          kernel_grad(x, dy, kernel.shape, strides, padding))
+  return (input_grad(dy, kernel, x.shape, strides, padding, groups),
+          kernel_grad(x, dy, kernel.shape, strides, padding, groups))
 
 
 conv.defvjp(_conv_fwd, _conv_bwd)

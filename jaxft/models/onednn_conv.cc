@@ -1,7 +1,8 @@
 // oneDNN convolutions for XLA:CPU, as XLA FFI custom calls (see jaxft/models/onednn.py).
 //
-// Three handlers, all float32, NHWC activations and HWIO kernels (jaxft's layouts), dense (one group),
-// no dilation, explicit non-negative padding:
+// Three handlers, all float32, NHWC activations and HWIO kernels (jaxft's layouts; with G groups the
+// kernel is [KH, KW, C/G, O] and output channel o belongs to group o / (O/G)), no dilation, explicit
+// non-negative padding:
 //   jaxft_onednn_conv_fwd          y  = conv(x, k)
 //   jaxft_onednn_conv_bwd_data     dx = d conv / dx applied to dy
 //   jaxft_onednn_conv_bwd_weights  dk = d conv / dk applied to dy
@@ -38,24 +39,29 @@ dnnl::engine& Engine() {
   return *engine;
 }
 
-// One convolution's shapes: x [n, h, w, c], k [kh, kw, c, o], y [n, oh, ow, o].
+// One convolution's shapes: x [n, h, w, c], k [kh, kw, c / g, o], y [n, oh, ow, o]; g groups.
 struct Geometry {
-  int64_t n, h, w, c, kh, kw, o, oh, ow, sh, sw, pt, pb, pl, pr;
+  int64_t n, h, w, c, kh, kw, o, oh, ow, sh, sw, pt, pb, pl, pr, g;
 
   memory::dims src() const { return {n, c, h, w}; }
-  memory::dims wei() const { return {o, c, kh, kw}; }
+  memory::dims wei() const {
+    if (g == 1) return {o, c, kh, kw};
+    return {g, o / g, c / g, kh, kw};
+  }
   memory::dims dst() const { return {n, o, oh, ow}; }
   memory::dims strides() const { return {sh, sw}; }
   memory::dims pad_l() const { return {pt, pl}; }
   memory::dims pad_r() const { return {pb, pr}; }
   memory::desc src_md() const { return memory::desc(src(), Dt::f32, Tag::nhwc); }
   memory::desc dst_md() const { return memory::desc(dst(), Dt::f32, Tag::nhwc); }
-  memory::desc user_wei_md() const { return memory::desc(wei(), Dt::f32, Tag::hwio); }
+  memory::desc user_wei_md() const {
+    return memory::desc(wei(), Dt::f32, g == 1 ? Tag::hwio : Tag::hwigo);
+  }
   memory::desc any_wei_md() const { return memory::desc(wei(), Dt::f32, Tag::any); }
 
   std::string Key(Pass pass) const {
     std::string key = std::to_string(static_cast<int>(pass));
-    for (int64_t v : {n, h, w, c, kh, kw, o, oh, ow, sh, sw, pt, pb, pl, pr}) {
+    for (int64_t v : {n, h, w, c, kh, kw, o, oh, ow, sh, sw, pt, pb, pl, pr, g}) {
       key += ',' + std::to_string(v);
     }
     return key;
@@ -187,14 +193,18 @@ ffi::Error Run(Pass pass, const Geometry& g, float* x, float* k, float* y) {
 
 Geometry MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> k,
                       ffi::Span<const int64_t> y, ffi::Span<const int64_t> strides,
-                      ffi::Span<const int64_t> padding) {
+                      ffi::Span<const int64_t> padding, int64_t groups) {
   return Geometry{x[0], x[1], x[2], x[3], k[0], k[1], k[3], y[1], y[2], strides[0], strides[1],
-                  padding[0], padding[1], padding[2], padding[3]};
+                  padding[0], padding[1], padding[2], padding[3], groups};
 }
 
 // The shapes must describe one convolution: oneDNN trusts them and never sees the buffers' sizes.
 ffi::Error Check(ffi::Span<const int64_t> x, ffi::Span<const int64_t> k, ffi::Span<const int64_t> y,
-                 ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding) {
+                 ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding,
+                 int64_t groups) {
+  if (groups < 1 || x[3] % groups != 0 || k[3] % groups != 0) {
+    return ffi::Error::InvalidArgument("groups must divide the input and output channels");
+  }
   if (strides.size() != 2 || padding.size() != 4) {
     return ffi::Error::InvalidArgument("strides must have 2 entries and padding 4");
   }
@@ -204,7 +214,7 @@ ffi::Error Check(ffi::Span<const int64_t> x, ffi::Span<const int64_t> k, ffi::Sp
   }
   const int64_t oh = (x[1] + padding[0] + padding[1] - k[0]) / strides[0] + 1;
   const int64_t ow = (x[2] + padding[2] + padding[3] - k[1]) / strides[1] + 1;
-  if (k[2] != x[3] || y[0] != x[0] || y[3] != k[3] || y[1] != oh || y[2] != ow || oh < 1 ||
+  if (k[2] * groups != x[3] || y[0] != x[0] || y[3] != k[3] || y[1] != oh || y[2] != ow || oh < 1 ||
       ow < 1 || k[0] < 1 || k[1] < 1) {
     return ffi::Error::InvalidArgument(
         "input [N,H,W,C], kernel [KH,KW,C,O] and output [N,OH,OW,O] shapes do not describe one "
@@ -215,33 +225,34 @@ ffi::Error Check(ffi::Span<const int64_t> x, ffi::Span<const int64_t> k, ffi::Sp
 
 ffi::Error Forward(ffi::Buffer<ffi::F32, 4> x, ffi::Buffer<ffi::F32, 4> k,
                    ffi::ResultBuffer<ffi::F32, 4> y, ffi::Span<const int64_t> strides,
-                   ffi::Span<const int64_t> padding) {
-  if (auto e = Check(x.dimensions(), k.dimensions(), y->dimensions(), strides, padding); e.failure()) {
+                   ffi::Span<const int64_t> padding, int64_t groups) {
+  if (auto e = Check(x.dimensions(), k.dimensions(), y->dimensions(), strides, padding, groups);
+      e.failure()) {
     return e;
   }
-  auto g = MakeGeometry(x.dimensions(), k.dimensions(), y->dimensions(), strides, padding);
+  auto g = MakeGeometry(x.dimensions(), k.dimensions(), y->dimensions(), strides, padding, groups);
   return Run(kForward, g, x.typed_data(), k.typed_data(), y->typed_data());
 }
 
 ffi::Error BackwardData(ffi::Buffer<ffi::F32, 4> dy, ffi::Buffer<ffi::F32, 4> k,
                         ffi::ResultBuffer<ffi::F32, 4> dx, ffi::Span<const int64_t> strides,
-                        ffi::Span<const int64_t> padding) {
-  if (auto e = Check(dx->dimensions(), k.dimensions(), dy.dimensions(), strides, padding);
+                        ffi::Span<const int64_t> padding, int64_t groups) {
+  if (auto e = Check(dx->dimensions(), k.dimensions(), dy.dimensions(), strides, padding, groups);
       e.failure()) {
     return e;
   }
-  auto g = MakeGeometry(dx->dimensions(), k.dimensions(), dy.dimensions(), strides, padding);
+  auto g = MakeGeometry(dx->dimensions(), k.dimensions(), dy.dimensions(), strides, padding, groups);
   return Run(kBackwardData, g, dx->typed_data(), k.typed_data(), dy.typed_data());
 }
 
 ffi::Error BackwardWeights(ffi::Buffer<ffi::F32, 4> x, ffi::Buffer<ffi::F32, 4> dy,
                            ffi::ResultBuffer<ffi::F32, 4> dk, ffi::Span<const int64_t> strides,
-                           ffi::Span<const int64_t> padding) {
-  if (auto e = Check(x.dimensions(), dk->dimensions(), dy.dimensions(), strides, padding);
+                           ffi::Span<const int64_t> padding, int64_t groups) {
+  if (auto e = Check(x.dimensions(), dk->dimensions(), dy.dimensions(), strides, padding, groups);
       e.failure()) {
     return e;
   }
-  auto g = MakeGeometry(x.dimensions(), dk->dimensions(), dy.dimensions(), strides, padding);
+  auto g = MakeGeometry(x.dimensions(), dk->dimensions(), dy.dimensions(), strides, padding, groups);
   return Run(kBackwardWeights, g, x.typed_data(), dk->typed_data(), dy.typed_data());
 }
 
@@ -253,7 +264,8 @@ ffi::Error BackwardWeights(ffi::Buffer<ffi::F32, 4> x, ffi::Buffer<ffi::F32, 4> 
       .Arg<ffi::Buffer<ffi::F32, 4>>()                                                 \
       .Ret<ffi::Buffer<ffi::F32, 4>>()                                                 \
       .Attr<ffi::Span<const int64_t>>("strides")                                       \
-      .Attr<ffi::Span<const int64_t>>("padding")
+      .Attr<ffi::Span<const int64_t>>("padding")                                       \
+      .Attr<int64_t>("groups")
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxft_onednn_conv_fwd, Forward, JAXFT_CONV_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxft_onednn_conv_bwd_data, BackwardData, JAXFT_CONV_BINDING);
