@@ -103,6 +103,29 @@ def test_auto_uses_onednn_on_large_maps_and_gemms_on_tiny_ones():
 
 
 @pytest.mark.usefixtures("needs_onednn")
+@pytest.mark.parametrize("groups,impl,dtype,expect", [
+    (1, "auto", jnp.float32, "onednn"),
+    (8, "auto", jnp.float32, "onednn"),      # depthwise
+    (8, "auto", jnp.bfloat16, "shifted"),    # depthwise oneDNN cannot take: shifted products
+    (2, "auto", jnp.float32, "lax"),         # other grouped convs: oneDNN only when asked
+    (2, "onednn", jnp.float32, "onednn"),
+])
+def test_grouped_and_depthwise_routing(groups, impl, dtype, expect):
+  module = conv.Conv(8, (3, 3), padding=((1, 1), (1, 1)), feature_group_count=groups, impl=impl,
+                     dtype=dtype)
+  x = jnp.asarray(np.random.default_rng(4).normal(size=(2, 6, 6, 8)), jnp.float32)
+  v = module.init(jax.random.key(0), x)
+  text = jax.jit(lambda v, x: module.apply(v, x)).lower(v, x).as_text()
+  assert ("jaxft_onednn_conv_fwd" in text) == (expect == "onednn")
+  assert ("stablehlo.convolution" in text) == (expect == "lax")
+  want = lax.conv_general_dilated(x, v["params"]["kernel"], (1, 1), ((1, 1), (1, 1)),
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                  feature_group_count=groups)
+  tol = 1e-4 if dtype == jnp.float32 else 5e-2
+  np.testing.assert_allclose(np.asarray(module.apply(v, x), np.float32), want, rtol=tol, atol=tol)
+
+
+@pytest.mark.usefixtures("needs_onednn")
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_conv_module_onednn_equals_lax_and_falls_back_for_bfloat16(dtype):
   kw = dict(features=6, kernel_size=(3, 3), strides=2, padding=((1, 1), (1, 1)), dtype=dtype)
@@ -118,9 +141,10 @@ def test_conv_module_onednn_equals_lax_and_falls_back_for_bfloat16(dtype):
 
 
 @pytest.mark.usefixtures("needs_onednn")
-def test_one_primitive_run_from_two_threads_at_once():
-  # XLA runs independent custom calls concurrently, so one cached primitive can execute on two
-  # threads at the same time: each call must bring its own scratchpad.
+def test_one_primitive_run_from_four_threads_at_once():
+  # XLA runs independent custom calls concurrently and callers may run one jitted function from
+  # several threads. The library runs one oneDNN call at a time (a lock) and gives each call its own
+  # scratchpad; this is the smoke test that results stay right and nothing deadlocks.
   r = np.random.default_rng(3)
   x = jnp.asarray(r.normal(size=(4, 20, 20, 24)), jnp.float32)
   k = jnp.asarray(r.normal(size=(3, 3, 24, 24)) * 0.1, jnp.float32)
@@ -154,6 +178,12 @@ def test_mismatched_shapes_are_an_error_not_a_wild_write():
   with pytest.raises(Exception, match="do not describe one convolution"):
     # x would be [2, 8, 8, 5] at stride 2: [2, 9, 9, 5] does not match dy.
     jax.block_until_ready(onednn.input_grad(dy, k, (2, 9, 9, 5), (1, 1), ((1, 1), (1, 1))))
+  with pytest.raises(Exception, match="groups must divide"):
+    jax.block_until_ready(onednn.forward(jnp.ones((1, 4, 4, 4)), jnp.ones((3, 3, 1, 6)), (1, 1),
+                                         ((1, 1), (1, 1)), groups=4))
+  with pytest.raises(Exception, match="do not describe one convolution"):
+    jax.block_until_ready(onednn.forward(jnp.ones((1, 4, 4, 4)), jnp.ones((3, 3, 4, 6)), (1, 1),
+                                         ((1, 1), (1, 1)), groups=2))
   with pytest.raises(ValueError, match="take float32 arrays, got bfloat16"):
     onednn.forward(jnp.ones((1, 4, 4, 5), jnp.bfloat16), k, (1, 1), ((1, 1), (1, 1)))
 

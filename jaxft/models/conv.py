@@ -53,7 +53,8 @@ from jaxft.models import onednn
 IMPLS = ("auto", "lax", "matmul", "hybrid", "onednn")
 
 # On CPU, ``auto`` is ``onednn`` (every pass by oneDNN's direct convolutions, jaxft.models.onednn) for
-# dense convolutions whose input has at least this many pixels, when oneDNN is available. On 2×2 and
+# dense and depthwise convolutions whose input has at least this many pixels, when oneDNN is available
+# (other grouped convolutions only when asked for: not measured). On 2×2 and
 # 1×1 maps one GEMM is faster (ResNet-50 at 32 px, batch 128: 1×1 2048→512 on 1×1, 3×3 512→512 on 2×2
 # take 1.5–4× as long in oneDNN), from 4×4 up oneDNN is as fast or faster in every pass (3×3 128→128
 # on 4×4: 2.1 vs 5.8 ms forward). See docs/benchmarks.md.
@@ -63,8 +64,9 @@ ONEDNN_MIN_PIXELS = 9
 # ``hybrid`` above: XLA:CPU's convolution is pathological on tiny maps (a 3×3 512→512 stride-2 conv on a
 # 2×2 map, batch 128: 1.29 s fwd+bwd vs 33 ms as a matmul), while on large maps its forward pass beats
 # the patch GEMM (56×56×64 3×3, batch 32: 177 vs 39 GFLOP/s), whose k²-times larger patch matrix costs
-# more memory traffic than it saves. Depthwise convolutions use shifted products at every size:
-# XLA:CPU's depthwise conv is ~100× slower in the forward pass. See docs/benchmarks.md.
+# more memory traffic than it saves. Without oneDNN (or below ONEDNN_MIN_PIXELS), depthwise convolutions
+# use shifted products: XLA:CPU's depthwise conv is ~100× slower in the forward pass. See
+# docs/benchmarks.md.
 SMALL_MAP_PIXELS = 16
 
 # XLA:CPU's YNNPACK integration: its GEMM kernels ("individual_dot": each dot on its own) run the
@@ -100,11 +102,13 @@ def impl_scope(impl: str) -> Iterator[None]:
     _scope.impl = prev
 
 
-def resolve_impl(impl: str, pixels: int | None = None, depthwise: bool = False) -> str:
+def resolve_impl(impl: str, pixels: int | None = None, depthwise: bool = False,
+                 grouped: bool = False) -> str:
   """Maps ``auto`` to the enclosing :func:`impl_scope`, else to the best implementation here.
 
-  On a CPU default backend ``auto`` is ``onednn`` for convolutions (dense, grouped or depthwise) on
-  inputs of at least :data:`ONEDNN_MIN_PIXELS` pixels when :func:`jaxft.models.onednn.available` (one
+  On a CPU default backend ``auto`` is ``onednn`` for dense and depthwise convolutions (not other
+  ``grouped`` ones, whose speed in oneDNN is unmeasured) on inputs of at least
+  :data:`ONEDNN_MIN_PIXELS` pixels when :func:`jaxft.models.onednn.available` (one
   device, oneDNN built); otherwise ``matmul`` (GEMMs forward and backward; shifted products when
   depthwise) for depthwise convolutions and for inputs of at most :data:`SMALL_MAP_PIXELS` pixels (or
   ``pixels`` None), and ``hybrid`` (``lax.conv`` forward, GEMM gradients) above. On other backends it
@@ -121,8 +125,8 @@ def resolve_impl(impl: str, pixels: int | None = None, depthwise: bool = False) 
   if impl == "auto":
     if jax.default_backend() != "cpu":
       return "lax"
-    if (pixels is not None and pixels >= ONEDNN_MIN_PIXELS and jax.device_count() == 1
-        and onednn.available()):
+    if (pixels is not None and pixels >= ONEDNN_MIN_PIXELS and not grouped
+        and jax.device_count() == 1 and onednn.available()):
       return "onednn"
     small = pixels is None or pixels <= SMALL_MAP_PIXELS
     return "matmul" if small or depthwise else "hybrid"
@@ -575,8 +579,8 @@ def convolve(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
   strides = tuple(strides)
   padding = tuple(tuple(p) for p in padding)
   pixels = x.shape[1] * x.shape[2]
-  impl = resolve_impl(impl, pixels,
-                      depthwise=groups > 1 and groups == x.shape[-1] == kernel.shape[-1])
+  depthwise = groups > 1 and groups == x.shape[-1] == kernel.shape[-1]
+  impl = resolve_impl(impl, pixels, depthwise, grouped=groups > 1 and not depthwise)
   if impl == "lax":
     return _lax_conv(x, kernel, strides, padding, groups)
   if impl == "onednn":
@@ -584,7 +588,6 @@ def convolve(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
       return onednn.conv(x, kernel.astype(x.dtype), strides, padding, groups)
     if not onednn.available():
       raise onednn.OneDNNUnavailableError(f"conv impl 'onednn' but oneDNN is {onednn.status()}")
-    depthwise = groups > 1 and groups == x.shape[-1] == kernel.shape[-1]
     impl = "hybrid" if pixels > SMALL_MAP_PIXELS and not depthwise else "matmul"
   return conv_matmul(x, kernel, strides, padding, groups, lax_forward=impl == "hybrid")
 
@@ -607,8 +610,9 @@ class Conv(nn.Conv):
   @nn.compact
   def __call__(self, inputs: jax.Array) -> jax.Array:
     g = self.feature_group_count
+    depthwise = g > 1 and g == inputs.shape[-1] == self.features
     impl = resolve_impl(self.impl, inputs.shape[-3] * inputs.shape[-2] if inputs.ndim == 4 else None,
-                        depthwise=g > 1 and g == inputs.shape[-1] == self.features)
+                        depthwise, grouped=g > 1 and not depthwise)
     plain = (isinstance(self.padding, str) or self.input_dilation not in (None, 1)
              or self.kernel_dilation not in (None, 1) or inputs.ndim != 4 or self.mask is not None
              or len(self.kernel_size) != 2)
@@ -624,7 +628,7 @@ class Conv(nn.Conv):
     inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
     strides = (self.strides,) * 2 if isinstance(self.strides, int) else tuple(self.strides or (1, 1))
     padding = tuple((p, p) if isinstance(p, int) else tuple(p) for p in self.padding)
-    y = convolve(inputs, kernel, strides, padding, self.feature_group_count, impl)
+    y = convolve(inputs, kernel, strides, padding, g, impl)
     if bias is not None:
       y = y + bias
     return y

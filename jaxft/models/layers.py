@@ -49,7 +49,7 @@ def conv(features: int, kernel: int, stride: int = 1, groups: int = 1, *, use_bi
 
   Flax's ``padding='SAME'`` pads asymmetrically for stride 2 and gives different results from torch.
   Parameters are float32; ``dtype`` is the compute dtype. ``impl`` picks the computation (see
-  ``jaxft.models.conv``: ``auto`` is matrix products on CPU, ``lax.conv`` elsewhere); the parameter
+  ``jaxft.models.conv``: ``auto`` is oneDNN or matrix products on CPU, ``lax.conv`` elsewhere); the parameter
   tree is the same for every ``impl``.
   """
   p = kernel // 2

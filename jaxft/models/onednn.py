@@ -14,9 +14,9 @@ convolutions use XLA's own (``jaxft.models.conv``). ``JAXFT_ONEDNN=0`` turns it 
 ``JAXFT_ONEDNN=1`` makes its absence an error (CI uses this so that the tests cannot silently skip
 it).
 
-Supported: float32, NHWC × HWIO, any feature groups (depthwise included), no dilation, non-negative explicit padding, one device
-in all (the custom calls have no sharding rule, so with several devices XLA would gather the batch
-onto each; :func:`supported` says no). The backward passes are custom calls too, so a function that
+Supported: float32, NHWC × HWIO, any feature groups (depthwise included), no dilation, non-negative
+explicit padding, one device in all (the custom calls have no sharding rule, so with several devices
+XLA would gather the batch onto each; :func:`supported` says no). The backward passes are custom calls too, so a function that
 uses these convolutions can be differentiated once, not twice (``impl_scope("lax")`` for
 higher-order derivatives).
 """

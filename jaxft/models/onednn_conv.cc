@@ -202,6 +202,9 @@ Geometry MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> k,
 ffi::Error Check(ffi::Span<const int64_t> x, ffi::Span<const int64_t> k, ffi::Span<const int64_t> y,
                  ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding,
                  int64_t groups) {
+  for (int i = 0; i < 4; ++i) {
+    if (x[i] < 1 || k[i] < 1 || y[i] < 1) return ffi::Error::InvalidArgument("empty array");
+  }
   if (groups < 1 || x[3] % groups != 0 || k[3] % groups != 0) {
     return ffi::Error::InvalidArgument("groups must divide the input and output channels");
   }
@@ -212,13 +215,12 @@ ffi::Error Check(ffi::Span<const int64_t> x, ffi::Span<const int64_t> k, ffi::Sp
   for (int i = 0; i < 4; ++i) {
     if (padding[i] < 0) return ffi::Error::InvalidArgument("padding must be >= 0");
   }
-  const int64_t oh = (x[1] + padding[0] + padding[1] - k[0]) / strides[0] + 1;
-  const int64_t ow = (x[2] + padding[2] + padding[3] - k[1]) / strides[1] + 1;
-  if (k[2] * groups != x[3] || y[0] != x[0] || y[3] != k[3] || y[1] != oh || y[2] != ow || oh < 1 ||
-      ow < 1 || k[0] < 1 || k[1] < 1) {
+  const int64_t ph = x[1] + padding[0] + padding[1], pw = x[2] + padding[2] + padding[3];
+  if (k[2] * groups != x[3] || y[0] != x[0] || y[3] != k[3] || ph < k[0] || pw < k[1] ||
+      y[1] != (ph - k[0]) / strides[0] + 1 || y[2] != (pw - k[1]) / strides[1] + 1) {
     return ffi::Error::InvalidArgument(
-        "input [N,H,W,C], kernel [KH,KW,C,O] and output [N,OH,OW,O] shapes do not describe one "
-        "convolution with these strides and padding");
+        "input [N,H,W,C], kernel [KH,KW,C/G,O] and output [N,OH,OW,O] shapes do not describe one "
+        "convolution with these strides, padding and G groups");
   }
   return ffi::Error::Success();
 }
