@@ -152,7 +152,7 @@ std::shared_ptr<const Primitive> Cached(const Geometry& g, Pass pass) {
   return cache->emplace(key, p).first->second;
 }
 
-// x, k, y are the forward pass's operands; which are read and which written depends on the pass.
+// x, k, y as in Dispatch.
 ffi::Error Run(Pass pass, const Geometry& g, float* x, float* k, float* y) {
   try {
     auto p = Cached(g, pass);
@@ -181,21 +181,12 @@ ffi::Error Run(Pass pass, const Geometry& g, float* x, float* k, float* y) {
       if (reorder) dnnl::reorder(wm, km).execute(stream, wm, km);
     }
     stream.wait();
-  } catch (const dnnl::error& e) {
-    return ffi::Error(ffi::ErrorCode::kInternal, std::string("jaxft oneDNN convolution: ") + e.what());
-  } catch (const std::exception& e) {  // bad_alloc, system_error: never let one cross into XLA
+  } catch (const std::exception& e) {  // dnnl::error, bad_alloc, ...: never let one cross into XLA
     return ffi::Error(ffi::ErrorCode::kInternal, std::string("jaxft oneDNN convolution: ") + e.what());
   } catch (...) {
     return ffi::Error(ffi::ErrorCode::kInternal, "jaxft oneDNN convolution: unknown exception");
   }
   return ffi::Error::Success();
-}
-
-Geometry MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> k,
-                      ffi::Span<const int64_t> y, ffi::Span<const int64_t> strides,
-                      ffi::Span<const int64_t> padding, int64_t groups) {
-  return Geometry{x[0], x[1], x[2], x[3], k[0], k[1], k[3], y[1], y[2], strides[0], strides[1],
-                  padding[0], padding[1], padding[2], padding[3], groups};
 }
 
 // The shapes must describe one convolution: oneDNN trusts them and never sees the buffers' sizes.
@@ -225,37 +216,35 @@ ffi::Error Check(ffi::Span<const int64_t> x, ffi::Span<const int64_t> k, ffi::Sp
   return ffi::Error::Success();
 }
 
-ffi::Error Forward(ffi::Buffer<ffi::F32, 4> x, ffi::Buffer<ffi::F32, 4> k,
-                   ffi::ResultBuffer<ffi::F32, 4> y, ffi::Span<const int64_t> strides,
-                   ffi::Span<const int64_t> padding, int64_t groups) {
-  if (auto e = Check(x.dimensions(), k.dimensions(), y->dimensions(), strides, padding, groups);
-      e.failure()) {
-    return e;
-  }
-  auto g = MakeGeometry(x.dimensions(), k.dimensions(), y->dimensions(), strides, padding, groups);
-  return Run(kForward, g, x.typed_data(), k.typed_data(), y->typed_data());
+using F32Buffer = ffi::Buffer<ffi::F32, 4>;
+
+// x, k, y are the forward pass's operands, whichever of them this pass reads or writes.
+ffi::Error Dispatch(Pass pass, const F32Buffer& x, const F32Buffer& k, const F32Buffer& y,
+                    ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding,
+                    int64_t groups) {
+  auto xd = x.dimensions(), kd = k.dimensions(), yd = y.dimensions();
+  if (auto e = Check(xd, kd, yd, strides, padding, groups); e.failure()) return e;
+  const Geometry g{xd[0], xd[1], xd[2], xd[3], kd[0], kd[1], kd[3], yd[1], yd[2], strides[0],
+                   strides[1], padding[0], padding[1], padding[2], padding[3], groups};
+  return Run(pass, g, x.typed_data(), k.typed_data(), y.typed_data());
 }
 
-ffi::Error BackwardData(ffi::Buffer<ffi::F32, 4> dy, ffi::Buffer<ffi::F32, 4> k,
-                        ffi::ResultBuffer<ffi::F32, 4> dx, ffi::Span<const int64_t> strides,
-                        ffi::Span<const int64_t> padding, int64_t groups) {
-  if (auto e = Check(dx->dimensions(), k.dimensions(), dy.dimensions(), strides, padding, groups);
-      e.failure()) {
-    return e;
-  }
-  auto g = MakeGeometry(dx->dimensions(), k.dimensions(), dy.dimensions(), strides, padding, groups);
-  return Run(kBackwardData, g, dx->typed_data(), k.typed_data(), dy.typed_data());
+ffi::Error Forward(F32Buffer x, F32Buffer k, ffi::Result<F32Buffer> y,
+                   ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding,
+                   int64_t groups) {
+  return Dispatch(kForward, x, k, *y, strides, padding, groups);
 }
 
-ffi::Error BackwardWeights(ffi::Buffer<ffi::F32, 4> x, ffi::Buffer<ffi::F32, 4> dy,
-                           ffi::ResultBuffer<ffi::F32, 4> dk, ffi::Span<const int64_t> strides,
-                           ffi::Span<const int64_t> padding, int64_t groups) {
-  if (auto e = Check(x.dimensions(), dk->dimensions(), dy.dimensions(), strides, padding, groups);
-      e.failure()) {
-    return e;
-  }
-  auto g = MakeGeometry(x.dimensions(), dk->dimensions(), dy.dimensions(), strides, padding, groups);
-  return Run(kBackwardWeights, g, x.typed_data(), dk->typed_data(), dy.typed_data());
+ffi::Error BackwardData(F32Buffer dy, F32Buffer k, ffi::Result<F32Buffer> dx,
+                        ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding,
+                        int64_t groups) {
+  return Dispatch(kBackwardData, *dx, k, dy, strides, padding, groups);
+}
+
+ffi::Error BackwardWeights(F32Buffer x, F32Buffer dy, ffi::Result<F32Buffer> dk,
+                           ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding,
+                           int64_t groups) {
+  return Dispatch(kBackwardWeights, x, *dk, dy, strides, padding, groups);
 }
 
 }  // namespace
