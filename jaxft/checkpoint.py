@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxft.models import Model, ModelSpec, Network
+from jaxft.models import Model, ModelSpec
+from jaxft.models.model import abstract_variables
 
 log = logging.getLogger(__name__)
 
@@ -216,13 +217,6 @@ def _read_record(ckpt: Path) -> dict[str, Any]:
     raise CheckpointError(f"{ckpt} is not a jaxft checkpoint: model item has format {got!r}, "
                           f"expected {FORMAT!r}")
   return dict(record)
-
-
-def abstract_variables(spec: ModelSpec) -> dict[str, Any]:
-  """``jax.ShapeDtypeStruct`` leaves of ``Network(spec)``'s variables, computed without allocating."""
-  x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
-  tree = jax.eval_shape(lambda r, x: Network(spec).init(r, x, train=False), jax.random.key(0), x)
-  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), _plain(tree))
 
 
 def load_model(path: str | os.PathLike, *, metric: str | None = None, mode: str | None = None) -> Model:

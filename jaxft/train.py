@@ -39,7 +39,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxft import checkpoint as ckpt_lib
 from jaxft import data as data_lib
+from jaxft import ema as ema_lib
 from jaxft import losses, models, optim, paths, report, runtime, surgery
+from jaxft.data import transforms
 from jaxft.models import onednn
 from jaxft.models.model import Model
 
@@ -413,13 +415,13 @@ def make_train_step(net: Any, tx: optax.GradientTransformation, schedule: Callab
                          out_size=sc.out_size, mean=sc.mean, std=sc.std)
     labels = batch["label"]
     task_labels = {t.name: jnp.asarray(t.label_table, jnp.int32)[labels] for t in obj.tasks}
-    x = losses.random_erasing(erase_key, x, sc.random_erasing)
-    x, lam = losses.mix_batch(mix_key, x, mixup_alpha=sc.mixup_alpha, cutmix_alpha=sc.cutmix_alpha,
+    x = transforms.random_erasing(erase_key, x, sc.random_erasing)
+    x, lam = transforms.mix_batch(mix_key, x, mixup_alpha=sc.mixup_alpha, cutmix_alpha=sc.cutmix_alpha,
                               prob=sc.mix_prob, switch_prob=sc.mix_switch_prob)
-    targets = {"ce": losses.mix_targets(
+    targets = {"ce": transforms.mix_targets(
         losses.one_hot_targets(labels, num_classes, sc.label_smoothing), lam)}
     for t in obj.tasks:
-      targets[t.name] = losses.mix_targets(
+      targets[t.name] = transforms.mix_targets(
           losses.one_hot_targets(task_labels[t.name], t.num_classes, sc.label_smoothing), lam)
 
     # --- The frozen teacher, eval mode. ---
@@ -462,8 +464,8 @@ def make_train_step(net: Any, tx: optax.GradientTransformation, schedule: Callab
 
     # --- EMA of the weights (and BN statistics), after the update. ---
     if "ema" in state:
-      decay = losses.ema_decay(step, sc.ema_decay, sc.ema_warmup)
-      new_state["ema"] = losses.ema_update(state["ema"], {"params": params,
+      decay = ema_lib.ema_decay(step, sc.ema_decay, sc.ema_warmup)
+      new_state["ema"] = ema_lib.ema_update(state["ema"], {"params": params,
                                                           "batch_stats": batch_stats}, decay)
 
     # Under mixup/cutmix the right answer for an image is the label of whichever image dominates it.

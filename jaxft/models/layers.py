@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable
 
@@ -242,3 +243,23 @@ class BatchNorm(nn.Module):
       ra_mean.value = m * ra_mean.value + (1.0 - m) * mean
       ra_var.value = m * ra_var.value + (1.0 - m) * var * (n / max(n - 1, 1))
     return y.astype(self.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layers:
+  """The layer factories a :class:`~jaxft.models.network.Network` is built from (flax-examples style).
+
+  Every implementation must produce the same parameter tree and the same values; only the computation
+  differs. The defaults are plain flax/lax layers (what GPU/TPU run); ``jaxft.cpu.network_layers()``
+  supplies the CPU backend's.
+
+  Attributes:
+    conv: ``conv(features, kernel, stride=1, groups=1, *, use_bias, dtype, name, kernel_init)`` → a
+      module applying a k×k conv padded ``k // 2`` on each side.
+    norm: a BatchNorm module class with :class:`BatchNorm`'s attributes and call signature.
+    max_pool: ``max_pool(x)``, torch's ``MaxPool2d(3, stride=2, padding=1)``.
+  """
+
+  conv: Callable[..., nn.Module] = conv
+  norm: Callable[..., nn.Module] = BatchNorm
+  max_pool: Callable[[jax.Array], jax.Array] = max_pool_3x3_s2

@@ -5,10 +5,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping, Sequence
 
+import flax
 import jax
 import jax.numpy as jnp
 
 from jaxft import paths
+from jaxft.models.layers import Layers
 from jaxft.models.network import Network
 from jaxft.models.spec import ModelSpec
 
@@ -44,9 +46,10 @@ class Model:
     """The ``batch_stats`` collection (empty dict if the model has no BatchNorm)."""
     return self.variables.get("batch_stats", {})
 
-  def module(self, dtype: Any = jnp.float32, frozen_bn: tuple[str, ...] = ()) -> Network:
-    """Returns the flax module for this structure."""
-    return Network(self.spec, dtype=dtype, frozen_bn=frozen_bn)
+  def module(self, dtype: Any = jnp.float32, frozen_bn: tuple[str, ...] = (),
+             layers: Layers = Layers()) -> Network:
+    """Returns the flax module for this structure (``layers``: see :class:`~jaxft.models.layers.Layers`)."""
+    return Network(self.spec, dtype=dtype, frozen_bn=frozen_bn, layers=layers)
 
   def apply(self, x: jax.Array, **kwargs: Any) -> Any:
     """Eval-mode forward pass on normalised NHWC images (not jitted; for jit use ``module().apply``)."""
@@ -55,6 +58,16 @@ class Model:
   def replace(self, **changes: Any) -> "Model":
     """Returns a copy with ``changes`` applied (``dataclasses.replace``); ``self`` is untouched."""
     return dataclasses.replace(self, **changes)
+
+
+def abstract_variables(spec: ModelSpec) -> dict[str, Any]:
+  """Returns ``jax.ShapeDtypeStruct`` leaves of ``Network(spec)``'s variables (plain nested dicts).
+
+  Shapes only: nothing is allocated or computed, and the plain layers are traced (never a CPU kernel).
+  """
+  x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+  tree = jax.eval_shape(lambda r, x: Network(spec).init(r, x, train=False), jax.random.key(0), x)
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), flax.core.unfreeze(tree))
 
 
 def init_flat(spec: ModelSpec, rng: jax.Array, wanted: Sequence[str] | None = None,

@@ -26,7 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxft.models import layers
+from jaxft.models import layers as layers_lib
 from jaxft.models.spec import BlockSpec, ModelSpec, StemSpec
 
 Dtype = Any
@@ -40,7 +40,7 @@ def _same_pads(size: int, kernel: int, stride: int) -> tuple[int, int]:
 
 def padded_conv(conv: Callable[[jax.Array], jax.Array], x: jax.Array, kernel: int, stride: int,
                 padding: str) -> jax.Array:
-  """Applies ``conv`` (a ``layers.conv``, which pads ``k // 2`` on each side) padded as ``padding`` says.
+  """Applies ``conv`` (a ``Layers.conv``, which pads ``k // 2`` on each side) padded as ``padding`` says.
 
   ``torch`` is ``conv(x)``. ``same`` is TensorFlow's ``SAME``, which differs for strided convs: on an
   even size it pads one pixel less at the start, i.e. the windows sit one pixel later. The conv keeps its
@@ -71,17 +71,18 @@ class Stem(nn.Module):
 
   spec: StemSpec
   bn: Callable[..., nn.Module]
+  layers: layers_lib.Layers
   dtype: Dtype = jnp.float32
   padding: str = "torch"
 
   @nn.compact
   def __call__(self, x: jax.Array, frozen_bn: bool) -> jax.Array:
     s = self.spec
-    x = padded_conv(layers.conv(s.width, s.kernel, s.stride, dtype=self.dtype, name="conv"), x, s.kernel,
-                    s.stride, self.padding)
-    x = layers.activation(s.act)(self.bn(name="bn")(x, frozen_bn))
+    conv = self.layers.conv(s.width, s.kernel, s.stride, dtype=self.dtype, name="conv")
+    x = padded_conv(conv, x, s.kernel, s.stride, self.padding)
+    x = layers_lib.activation(s.act)(self.bn(name="bn")(x, frozen_bn))
     if s.pool:
-      x = layers.max_pool_3x3_s2(x)
+      x = self.layers.max_pool(x)
     return x
 
 
@@ -89,14 +90,15 @@ class Adapter(nn.Module):
   """Residual 1×1 bottleneck adapter ``x + up(act(down(x)))``; ``up`` starts at zero (identity map)."""
 
   width: int
+  layers: layers_lib.Layers
   act: str = "relu"
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    h = layers.conv(self.width, 1, use_bias=True, dtype=self.dtype, name="down")(x)
-    h = layers.activation(self.act)(h)
-    h = layers.conv(x.shape[-1], 1, use_bias=True, dtype=self.dtype, name="up",
+    h = self.layers.conv(self.width, 1, use_bias=True, dtype=self.dtype, name="down")(x)
+    h = layers_lib.activation(self.act)(h)
+    h = self.layers.conv(x.shape[-1], 1, use_bias=True, dtype=self.dtype, name="up",
                     kernel_init=nn.initializers.zeros)(h)
     return x + h
 
@@ -107,32 +109,34 @@ class Block(nn.Module):
   spec: BlockSpec
   shortcut: str
   bn: Callable[..., nn.Module]
+  layers: layers_lib.Layers
   dtype: Dtype = jnp.float32
   padding: str = "torch"
 
   @nn.compact
   def __call__(self, x: jax.Array, frozen_bn: bool) -> jax.Array:
     b = self.spec
-    act = layers.activation(b.act)
+    act = layers_lib.activation(b.act)
     cin = x.shape[-1]
     bn = lambda name: (lambda h: self.bn(name=name)(h, frozen_bn))
     # The strided k×k conv of every kind pads per ModelSpec.padding.
     spatial = lambda c, h: padded_conv(c, h, b.kernel, b.stride, self.padding)
     if b.kind == "basic":
-      h = act(bn("bn1")(spatial(layers.conv(b.width, b.kernel, b.stride, dtype=self.dtype, name="conv1"), x)))
-      h = bn("bn2")(layers.conv(b.out, b.kernel, 1, dtype=self.dtype, name="conv2")(h))
+      conv1 = self.layers.conv(b.width, b.kernel, b.stride, dtype=self.dtype, name="conv1")
+      h = act(bn("bn1")(spatial(conv1, x)))
+      h = bn("bn2")(self.layers.conv(b.out, b.kernel, 1, dtype=self.dtype, name="conv2")(h))
     elif b.kind == "bottleneck":
-      h = act(bn("bn1")(layers.conv(b.width, 1, dtype=self.dtype, name="conv1")(x)))
-      h = act(bn("bn2")(spatial(layers.conv(b.width, b.kernel, b.stride, b.groups, dtype=self.dtype,
+      h = act(bn("bn1")(self.layers.conv(b.width, 1, dtype=self.dtype, name="conv1")(x)))
+      h = act(bn("bn2")(spatial(self.layers.conv(b.width, b.kernel, b.stride, b.groups, dtype=self.dtype,
                                             name="conv2"), h)))
-      h = bn("bn3")(layers.conv(b.out, 1, dtype=self.dtype, name="conv3")(h))
+      h = bn("bn3")(self.layers.conv(b.out, 1, dtype=self.dtype, name="conv3")(h))
     elif b.kind == "mbconv":
       h = x
       if b.width != cin:
-        h = act(bn("bn0")(layers.conv(b.width, 1, dtype=self.dtype, name="expand_conv")(h)))
-      h = act(bn("bn1")(spatial(layers.conv(b.width, b.kernel, b.stride, b.width, dtype=self.dtype,
+        h = act(bn("bn0")(self.layers.conv(b.width, 1, dtype=self.dtype, name="expand_conv")(h)))
+      h = act(bn("bn1")(spatial(self.layers.conv(b.width, b.kernel, b.stride, b.width, dtype=self.dtype,
                                             name="depthwise_conv"), h)))
-      h = bn("bn2")(layers.conv(b.out, 1, dtype=self.dtype, name="project_conv")(h))
+      h = bn("bn2")(self.layers.conv(b.out, 1, dtype=self.dtype, name="project_conv")(h))
     else:
       raise ValueError(f"unknown block kind {b.kind!r}; valid: basic, bottleneck, mbconv")
 
@@ -143,7 +147,7 @@ class Block(nn.Module):
       if same_shape:
         sc = x
       elif self.shortcut == "conv":
-        sc = layers.conv(b.out, 1, b.stride, dtype=self.dtype, name="downsample_conv")(x)
+        sc = self.layers.conv(b.out, 1, b.stride, dtype=self.dtype, name="downsample_conv")(x)
         sc = bn("downsample_bn")(sc)
       elif self.shortcut == "option_a":
         sc = x[:, ::b.stride, ::b.stride, :] if b.stride > 1 else x
@@ -153,7 +157,7 @@ class Block(nn.Module):
         raise ValueError(f"unknown shortcut {self.shortcut!r}; valid: conv, option_a")
       y = act(h + sc)
     if b.adapter:
-      y = Adapter(b.adapter, b.act, self.dtype, name="adapter")(y)
+      y = Adapter(b.adapter, self.layers, b.act, self.dtype, name="adapter")(y)
     return y
 
 
@@ -163,13 +167,14 @@ class Stage(nn.Module):
   blocks: tuple[BlockSpec, ...]
   shortcut: str
   bn: Callable[..., nn.Module]
+  layers: layers_lib.Layers
   dtype: Dtype = jnp.float32
   padding: str = "torch"
 
   @nn.compact
   def __call__(self, x: jax.Array, frozen_bn: bool) -> jax.Array:
     for b in self.blocks:
-      x = Block(b, self.shortcut, self.bn, self.dtype, self.padding, name=b.name)(x, frozen_bn)
+      x = Block(b, self.shortcut, self.bn, self.layers, self.dtype, self.padding, name=b.name)(x, frozen_bn)
     return x
 
 
@@ -183,15 +188,18 @@ class Network(nn.Module):
     dtype: compute dtype (``jnp.bfloat16`` for mixed precision); parameters and BN statistics are float32.
     frozen_bn: names of modules (``stem``, a stage name, ``neck``) whose BatchNorms always use — and never
       update — their running statistics, even in training.
+    layers: the layer implementations (:class:`~jaxft.models.layers.Layers`); they never change the
+      parameter tree.
   """
 
   spec: ModelSpec
   dtype: Dtype = jnp.float32
   frozen_bn: tuple[str, ...] = ()
+  layers: layers_lib.Layers = layers_lib.Layers()
 
   @property
   def _bn(self) -> Callable[..., nn.Module]:
-    return functools.partial(layers.BatchNorm, momentum=self.spec.bn_momentum,
+    return functools.partial(self.layers.norm, momentum=self.spec.bn_momentum,
                              epsilon=self.spec.bn_eps, dtype=self.dtype)
 
   @nn.compact
@@ -211,12 +219,13 @@ class Network(nn.Module):
     s = self.spec
     frozen = lambda name: (not train) or (name in self.frozen_bn)
     x = x.astype(self.dtype)
-    x = Stem(s.stem, self._bn, self.dtype, s.padding, name="stem")(x, frozen("stem"))
+    x = Stem(s.stem, self._bn, self.layers, self.dtype, s.padding, name="stem")(x, frozen("stem"))
     for st in s.stages:
-      x = Stage(st.blocks, s.shortcut, self._bn, self.dtype, s.padding, name=st.name)(x, frozen(st.name))
+      stage = Stage(st.blocks, s.shortcut, self._bn, self.layers, self.dtype, s.padding, name=st.name)
+      x = stage(x, frozen(st.name))
     if s.neck_width:
-      x = layers.conv(s.neck_width, 1, dtype=self.dtype, name="neck_conv")(x)
-      x = layers.activation(s.neck_act)(self._bn(name="neck_bn")(x, frozen("neck")))
+      x = self.layers.conv(s.neck_width, 1, dtype=self.dtype, name="neck_conv")(x)
+      x = layers_lib.activation(s.neck_act)(self._bn(name="neck_bn")(x, frozen("neck")))
     features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     outputs = {}
     for h in s.heads:
