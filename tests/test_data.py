@@ -1,4 +1,4 @@
-"""Tests for jaxft.data: sources, cache, splits, deterministic batching, on-device augmentation."""
+"""Tests for jaxft.data: sources, decoding, cache, splits, deterministic batching."""
 
 from __future__ import annotations
 
@@ -6,22 +6,18 @@ import builtins
 import io
 import os
 import pickle
+import subprocess
 import sys
 import tarfile
 import types
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
 
 from jaxft import data
-from jaxft.data import DataError, Dataset
-
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
+from jaxft.data import DataError, Dataset, decode, pipeline
 
 
 def _write_folder(root: Path, per_class: int = 3, classes=("cat", "ant", "bee"), size=(8, 6),
@@ -116,13 +112,39 @@ def test_folder_decode_workers_match_in_process(tmp_path, monkeypatch):
   written = _write_folder(tmp_path / "d", per_class=4)
   bad = tmp_path / "d" / "bee" / "zz.png"
   bad.write_bytes(b"garbage")
-  monkeypatch.setattr(data, "_POOL_MIN_FILES", 1)
-  monkeypatch.setattr(data, "_num_workers", lambda: 2)
+  monkeypatch.setattr(decode, "POOL_MIN_FILES", 1)
+  monkeypatch.setattr(decode, "num_workers", lambda: 2)
   ds = data.load_source(f"folder:{tmp_path / 'd'}", skip_corrupt=True, cache_dir=False)
   assert ds.skipped == 1 and len(ds) == 12
   np.testing.assert_array_equal(ds.images[5], written["bee/001.png"])
   with pytest.raises(DataError, match=f"cannot decode image '{bad}'"):
     data.load_source(f"folder:{tmp_path / 'd'}", cache_dir=False)
+
+
+def test_decode_workers_return_files_in_order(tmp_path, monkeypatch):
+  written = _write_folder(tmp_path / "d", per_class=4, classes=("a", "b", "c"))  # 12 distinct images
+  paths = sorted((tmp_path / "d").glob("*/*.png"))
+  monkeypatch.setattr(decode, "POOL_MIN_FILES", 1)
+  monkeypatch.setattr(decode, "num_workers", lambda: 3)  # shares of 4: a reordered join shows
+
+  def no_fallback(*_args, **_kwargs):
+    raise AssertionError("decoded in this process instead of in the workers")
+
+  monkeypatch.setattr(decode, "decode_in_process", no_fallback)
+  got = decode.decode_files(paths, None)
+  assert len(got) == 12
+  for p, im in zip(paths, got):
+    np.testing.assert_array_equal(im, written[f"{p.parent.name}/{p.name}"])
+
+
+def test_decode_worker_loads_no_jax_beyond_jaxft():
+  # A worker imports jaxft.data.decode; only what ``import jaxft`` itself costs may come with it.
+  code = ("import sys, jaxft; before = set(sys.modules); import jaxft.data.decode; "
+          "new = set(sys.modules) - before; "
+          "print(sorted(m for m in new if m.split('.')[0] in ('jax', 'jaxlib', 'flax', 'optax')))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       cwd=Path(__file__).resolve().parents[1])
+  assert out.stdout.strip() == "[]"
 
 
 # --- bad sources ------------------------------------------------------------------------------------
@@ -250,7 +272,7 @@ def test_cache_hit_skips_decoding_and_change_invalidates(tmp_path, monkeypatch):
   first = data.load_source(f"folder:{tmp_path / 'd'}", cache_dir=cache)
   assert len(list(cache.glob("*.npz"))) == 1 and not list(cache.glob("*.tmp"))
   with monkeypatch.context() as m:
-    m.setattr(data, "_decode_image", _no_decode)
+    m.setattr(decode, "decode_image", _no_decode)
     again = data.load_source(f"folder:{tmp_path / 'd'}", cache_dir=cache)
   np.testing.assert_array_equal(again.images, first.images)
   np.testing.assert_array_equal(again.labels, first.labels)
@@ -275,7 +297,7 @@ def test_corrupt_cache_is_ignored_and_rewritten(tmp_path, monkeypatch):
   again = data.load_source(f"folder:{tmp_path / 'd'}", cache_dir=cache)
   np.testing.assert_array_equal(again.images, first.images)
   with monkeypatch.context() as m:  # rewritten: now a hit again
-    m.setattr(data, "_decode_image", _no_decode)
+    m.setattr(decode, "decode_image", _no_decode)
     data.load_source(f"folder:{tmp_path / 'd'}", cache_dir=cache)
 
 
@@ -313,7 +335,7 @@ def test_split_train_val_deterministic_disjoint_stratified():
 def test_batch_indices_resume_equivalence():
   n, bs, seed, k = 23, 5, 7, 6  # 4 steps per epoch, so steps k..2k cross epoch boundaries
   fresh = [data.batch_indices(n, bs, seed, s) for s in range(2 * k + 1)]
-  data._permutation.cache_clear()  # a "resumed" process starts with nothing cached
+  pipeline._permutation.cache_clear()  # a "resumed" process starts with nothing cached
   resumed = [data.batch_indices(n, bs, seed, s) for s in range(k, 2 * k + 1)]
   for a, b in zip(fresh[k:], resumed):
     np.testing.assert_array_equal(a, b)
@@ -358,71 +380,6 @@ def test_prefetcher_reraises_and_closes():
   assert not endless._thread.is_alive()
   with pytest.raises(StopIteration):
     next(endless)
-
-
-# --- on-device preprocessing -------------------------------------------------------------------------
-
-
-def test_normalize_numerics():
-  x = np.array([[[[0, 255, 51]]]], np.uint8)
-  out = data.normalize(x, MEAN, STD)
-  expected = (np.array([0, 1, 0.2]) - np.array(MEAN)) / np.array(STD)
-  np.testing.assert_allclose(np.asarray(out)[0, 0, 0], expected, rtol=1e-6)
-  assert out.dtype == jnp.float32
-  assert data.normalize(x, MEAN, STD, dtype=jnp.bfloat16).dtype == jnp.bfloat16
-
-
-def test_augment_shapes_dtype_determinism_jit():
-  images = jnp.asarray(np.random.default_rng(0).integers(1, 256, (6, 8, 8, 3), dtype=np.uint8))
-  rng = jax.random.PRNGKey(0)
-  out = data.augment(rng, images, mean=MEAN, std=STD)
-  assert out.shape == (6, 8, 8, 3) and out.dtype == jnp.float32
-  np.testing.assert_array_equal(out, data.augment(rng, images, mean=MEAN, std=STD))
-  assert not np.array_equal(out, data.augment(jax.random.PRNGKey(1), images, mean=MEAN, std=STD))
-  jitted = jax.jit(lambda r, x: data.augment(r, x, mean=MEAN, std=STD, out_size=12, dtype=jnp.bfloat16))
-  big = jitted(rng, images)
-  assert big.shape == (6, 12, 12, 3) and big.dtype == jnp.bfloat16
-  ev = data.preprocess_eval(images, MEAN, STD, out_size=(4, 6))
-  assert ev.shape == (6, 4, 6, 3)
-  np.testing.assert_allclose(data.preprocess_eval(images, MEAN, STD), data.normalize(images, MEAN, STD))
-
-
-def test_augment_flip_really_flips():
-  images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (64, 4, 5, 3), dtype=np.uint8))
-  rng = jax.random.PRNGKey(3)
-  out = np.asarray(data.augment(rng, images, mean=MEAN, std=STD, crop_padding=0))
-  plain = np.asarray(data.normalize(images, MEAN, STD))
-  flipped = plain[:, :, ::-1]
-  same = [np.array_equal(o, p) for o, p in zip(out, plain)]
-  mirrored = [np.array_equal(o, f) for o, f in zip(out, flipped)]
-  assert all(s != m for s, m in zip(same, mirrored))  # each example exactly one of the two
-  assert 16 < sum(mirrored) < 48  # about half, with a fixed key
-  # The flip decisions come from the rng's second half, as documented: reproduce them.
-  expected = np.asarray(jax.random.bernoulli(jax.random.split(rng)[1], 0.5, (64,)))
-  assert mirrored == expected.tolist()
-  none = data.augment(rng, images, mean=MEAN, std=STD, crop_padding=0, flip=False)
-  np.testing.assert_array_equal(none, plain)
-
-
-def test_augment_crop_offsets_within_bounds_and_zero_padding():
-  n, h, w, p = 200, 6, 6, 2
-  images = jnp.full((n, h, w, 3), 200, jnp.uint8)  # no pixel is 0, so padding is recognisable
-  out = np.asarray(data.augment(jax.random.PRNGKey(0), images, mean=MEAN, std=STD, crop_padding=p,
-                                flip=False))
-  pad_value = np.asarray(data.normalize(np.zeros((1, 1, 1, 3), np.uint8), MEAN, STD))[0, 0, 0]
-  is_pad = np.all(np.isclose(out, pad_value), axis=-1)  # [n, h, w]
-  is_img = np.all(np.isclose(out, np.asarray(data.normalize(images[:1, :1, :1], MEAN, STD))[0, 0, 0]),
-                  axis=-1)
-  assert (is_pad | is_img).all()
-  rows_pad = is_pad.all(axis=2).sum(axis=1)  # padded rows per example
-  cols_pad = is_pad.all(axis=1).sum(axis=1)
-  assert rows_pad.max() == p and cols_pad.max() == p  # never more than the padding
-  assert (rows_pad == 0).any() and (cols_pad == 0).any()
-  # Every pixel not in a padded row or column is image: the window is one contiguous shift.
-  assert is_pad.sum() == sum(r * w + c * h - r * c for r, c in zip(rows_pad, cols_pad))
-  # All 5 x 5 offsets occur across 200 examples.
-  top = is_pad[:, 0, :].all(axis=1)
-  assert top.any() and is_pad[:, -1, :].all(axis=1).any() and (~top & ~is_pad[:, -1, :].all(axis=1)).any()
 
 
 # --- real data ---------------------------------------------------------------------------------------

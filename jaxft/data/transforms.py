@@ -1,14 +1,109 @@
-"""Batch image transforms that run on device inside the jitted train step: mixup, cutmix, random erasing."""
+"""Image transforms that run on device inside the jitted train step: random crop and flip, resize and
+normalisation (:func:`augment`, :func:`preprocess_eval`, :func:`normalize`), mixup, cutmix and random
+erasing. All are pure and jit-compatible; none mutates its input; all randomness comes from the key passed.
+"""
 
 from __future__ import annotations
 
 import math
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 
 Array = jax.Array
 
+
+# --- crop, flip, resize, normalise --------------------------------------------------------------------
+
+
+def _as_hw(size: int | Sequence[int]) -> tuple[int, int]:
+  if isinstance(size, int):
+    return size, size
+  h, w = size
+  return int(h), int(w)
+
+
+def normalize(images: jax.Array, mean: Sequence[float], std: Sequence[float],
+              dtype: Any = jnp.float32) -> jax.Array:
+  """``(images / 255 - mean) / std`` per channel, computed in float32 and returned as ``dtype``.
+
+  Args:
+    images: ``uint8 [..., C]`` (or float in 0–255); not mutated.
+    mean, std: per-channel statistics in 0–1 units (e.g. ImageNet ``(0.485, 0.456, 0.406)``).
+    dtype: output dtype.
+  """
+  x = jnp.asarray(images).astype(jnp.float32) * (1.0 / 255.0)
+  mean_ = jnp.asarray(mean, jnp.float32)
+  std_ = jnp.asarray(std, jnp.float32)
+  return ((x - mean_) / std_).astype(dtype)
+
+
+def _resize(x: jax.Array, out_size: int | Sequence[int] | None) -> jax.Array:
+  if out_size is None:
+    return x
+  h, w = _as_hw(out_size)
+  if x.shape[1:3] == (h, w):
+    return x
+  return jax.image.resize(x, (x.shape[0], h, w, x.shape[3]), method="bilinear")
+
+
+def augment(rng: jax.Array, images: jax.Array, *, mean: Sequence[float], std: Sequence[float],
+            crop_padding: int = 4, flip: bool = True, out_size: int | Sequence[int] | None = None,
+            dtype: Any = jnp.float32) -> jax.Array:
+  """Training augmentation on device: per-example random crop and horizontal flip, optional resize,
+  then :func:`normalize`.
+
+  The crop pads each image by ``crop_padding`` pixels of value 0 (black, as torchvision's
+  ``RandomCrop(padding=…)`` does before normalisation) and cuts an ``H × W`` window at a per-example
+  random offset in ``[0, 2 * crop_padding]``. Each example is flipped with probability 1/2. All
+  randomness comes from ``rng``; the train step should pass ``fold_in(rng, step)``.
+
+  Args:
+    rng: a PRNG key.
+    images: ``uint8 [N, H, W, C]``; not mutated.
+    mean, std: per-channel statistics in 0–1 units.
+    crop_padding: padding for the random crop; 0 disables cropping.
+    flip: random horizontal flips.
+    out_size: resize (bilinear) to this size (int or ``(h, w)``) after cropping.
+    dtype: output dtype.
+
+  Returns:
+    ``dtype [N, out_h, out_w, C]``.
+  """
+  n, h, w, c = images.shape
+  crop_rng, flip_rng = jax.random.split(rng)
+  x = jnp.asarray(images)
+  if crop_padding > 0:
+    p = crop_padding
+    padded = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    offsets = jax.random.randint(crop_rng, (n, 2), 0, 2 * p + 1)
+    crop = lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, c))
+    x = jax.vmap(crop)(padded, offsets)
+  if flip:
+    flips = jax.random.bernoulli(flip_rng, 0.5, (n,))
+    x = jnp.where(flips[:, None, None, None], x[:, :, ::-1, :], x)
+  x = _resize(x.astype(jnp.float32), out_size)
+  return normalize(x, mean, std, dtype)
+
+
+def preprocess_eval(images: jax.Array, mean: Sequence[float], std: Sequence[float],
+                    out_size: int | Sequence[int] | None = None, dtype: Any = jnp.float32) -> jax.Array:
+  """Evaluation preprocessing: optional bilinear resize to ``out_size`` then :func:`normalize`.
+
+  Args:
+    images: ``uint8 [N, H, W, C]``; not mutated.
+    mean, std: per-channel statistics in 0–1 units.
+    out_size: int or ``(h, w)``; ``None`` keeps the size.
+    dtype: output dtype.
+
+  Returns:
+    ``dtype [N, out_h, out_w, C]``.
+  """
+  return normalize(_resize(jnp.asarray(images).astype(jnp.float32), out_size), mean, std, dtype)
+
+
+# --- mixup, cutmix, random erasing --------------------------------------------------------------------
 
 
 def mix_targets(targets: Array, lam: Array) -> Array:
