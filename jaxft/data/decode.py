@@ -11,6 +11,7 @@ import concurrent.futures
 import logging
 import os
 import pickle
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -108,10 +109,13 @@ def decode_in_workers(paths: Sequence[Path], image_size: int | None, workers: in
 
 
 def _worker_env() -> dict[str, str]:
-  # The worker must import this very copy of jaxft, even when it is not installed (a source checkout).
-  root = str(Path(__file__).resolve().parents[2])
+  # The worker must import this very copy of jaxft, also from a source checkout that is not installed;
+  # an installed copy is found anyway (and site-packages ahead of the standard library could shadow it).
+  root = os.path.realpath(Path(__file__).parents[2])
   env = dict(os.environ)
-  env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+  installed = {os.path.realpath(p) for p in (*site.getsitepackages(), site.getusersitepackages())}
+  if root not in installed:
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
   return env
 
 

@@ -43,7 +43,8 @@ def load_source(source: str, *, split: str = "train", image_size: int | None = N
   """Loads a whole split of ``source`` into memory, using the disk cache when it is valid.
 
   Args:
-    source: ``folder:PATH``, ``cifar:PATH`` or ``tfds:NAME`` (see the module docstring). A ``folder``
+    source: ``folder:PATH``, ``cifar:PATH``, ``tfds:NAME`` or ``sklearn:NAME`` (see the module
+      docstring). A ``folder``
       whose sub-folders are all split names (``train``, ``test``, ``val``, …) is read from
       ``PATH/<split>``; otherwise its sub-folders are the classes and ``split`` is not used.
     split: which split (``train``/``test`` for ``cifar``, any TFDS split string for ``tfds``).
@@ -55,7 +56,8 @@ def load_source(source: str, *, split: str = "train", image_size: int | None = N
     skip_corrupt: skip unreadable image files (logging how many; the count is ``Dataset.skipped``)
       instead of raising.
     cache_dir: where decoded arrays are cached as ``.npz``; ``None`` means ``$JAXFT_CACHE_DIR`` or
-      ``~/.cache/jaxft``; ``False`` disables the cache. ``tfds`` sources are not cached (TFDS caches).
+      ``~/.cache/jaxft``; ``False`` disables the cache. ``tfds`` sources are not cached (TFDS caches),
+      nor ``sklearn`` ones (decoded in milliseconds).
 
   Returns:
     A new :class:`Dataset`. Files on disk are never modified; only the cache directory is written.
