@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import importlib
 import io
 import os
 import pickle
@@ -145,6 +146,15 @@ def test_decode_worker_loads_no_jax_beyond_jaxft():
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                        cwd=Path(__file__).resolve().parents[1])
   assert out.stdout.strip() == "[]"
+
+
+def test_package_reexports_the_public_names():
+  for name in data.__all__:  # jaxft.data.NAME is the submodule's own object
+    assert getattr(data, name) is getattr(importlib.import_module(f"jaxft.data.{data._EXPORTS[name]}"), name)
+  assert {"load_source", "Dataset", "DataError", "iterate", "augment", "preprocess_eval"} <= set(data.__all__)
+  assert data.transforms.mix_batch is not None and "sources" in dir(data)
+  with pytest.raises(AttributeError, match="module 'jaxft.data' has no attribute 'nope'"):
+    data.nope
 
 
 # --- bad sources ------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """The training input pipeline on the host: a validation split, the epoch order, the example indices of
 each step, and batches gathered ahead in a background thread.
 
-Every batch is a pure function of ``(seed, step)`` (:func:`batch_indices`), so a run resumed at step
-``k`` sees exactly the batches an uninterrupted run sees. Nothing here mutates its inputs.
+The examples of every step are a function of ``(n, batch_size, seed, step)`` only (:func:`batch_indices`),
+so a run resumed at step ``k`` sees exactly the batches an uninterrupted run sees. Nothing here mutates
+its inputs.
 """
 
 from __future__ import annotations
