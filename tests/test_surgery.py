@@ -17,6 +17,7 @@ from jaxft.models import (BlockSpec, HeadSpec, ModelSpec, Network, StageSpec, St
                           cifar_resnet_spec, get_spec, resnet_spec)
 from jaxft.models.model import Model
 from jaxft.paths import PathError
+from jaxft.surgery.select import block_index
 
 # --------------------------------------------------------------------------------------------------
 # Helpers.
@@ -341,7 +342,7 @@ def _zero_channels(model: Model, block: str, bns: tuple[str, ...], idx: np.ndarr
                                             ("mbconv", "stage1/block1", ("bn1",))])
 def test_prune_dead_channels_keeps_output(name, block, bns):
   m = tiny(name)
-  i, j = surgery._block_index(m.spec, block)
+  i, j = block_index(m.spec, block)
   width = m.spec.stages[i].blocks[j].width
   dead = np.random.default_rng(0).choice(width, width // 4, replace=False)
   m = _zero_channels(m, block, bns, dead)
