@@ -39,7 +39,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from jaxft.paths import PathError
+from jaxft.paths import PathError  # re-exported: every op raises it
 
 # public name → the submodule defining it
 _EXPORTS: dict[str, str] = {
