@@ -10,10 +10,10 @@ import inspect
 from typing import Any, Callable, Iterable, Mapping
 
 from jaxft.models.model import Model
-from jaxft.surgery import ops
+from jaxft.surgery import ops as ops_lib
 
 # op name (as recorded in Model.history) → function: every op of jaxft.surgery.ops.
-REGISTRY: dict[str, Callable[..., Model]] = {name: getattr(ops, name) for name in ops.__all__}
+REGISTRY: dict[str, Callable[..., Model]] = {name: getattr(ops_lib, name) for name in ops_lib.__all__}
 
 
 def _lookup_op(name: Any) -> Callable[..., Model]:
