@@ -50,8 +50,6 @@ def glob(pattern: str) -> str:
   return "".join(out)
 
 
-
-
 def compile_pattern(pattern: str) -> re.Pattern[str]:
   """Compiles a selector; raises ``ValueError`` naming the pattern when it is not a valid regex."""
   try:
@@ -87,10 +85,8 @@ def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def nearest(path: str, candidates: Iterable[str], n: int = 5) -> list[str]:
-  """The ``n`` candidates closest to ``path`` (by difflib ratio), best first."""
-  cands = list(candidates)
-  close = difflib.get_close_matches(path, cands, n=n, cutoff=0.0)
-  return close
+  """Returns the ``n`` candidates closest to ``path`` (by difflib ratio), best first."""
+  return difflib.get_close_matches(path, list(candidates), n=n, cutoff=0.0)
 
 
 def get(tree: Tree, path: str) -> Any:

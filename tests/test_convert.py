@@ -17,7 +17,8 @@ import pytest
 from PIL import Image
 
 from jaxft import convert, paths
-from jaxft.models import IMAGENET_MEAN, IMAGENET_STD
+from jaxft.convert import download, tables
+from jaxft.models import IMAGENET_MEAN, IMAGENET_STD, get_spec
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
@@ -31,10 +32,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def fake_state_dict(arch: str, num_classes: int | None = None, seed: int = 0) -> dict[str, np.ndarray]:
   """A random torch-layout state dict for ``arch``, built from the shapes of the jaxft network (no torch)."""
-  spec = convert.get_spec(arch, num_classes)
-  shapes = convert._target_shapes(spec)
+  spec = get_spec(arch, num_classes)
+  shapes = tables.target_shapes(spec)
   rs = np.random.RandomState(seed)
-  return {e.torch: rs.randn(*convert._torch_shape(e.rule, shapes[e.path])).astype(np.float32)
+  return {e.torch: rs.randn(*tables.torch_shape(e.rule, shapes[e.path])).astype(np.float32)
           for e in convert.mapping_table(spec)}
 
 
@@ -368,7 +369,7 @@ def test_offline_download_fails_at_once_with_instructions(monkeypatch: pytest.Mo
 
   monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
   monkeypatch.setattr(torch.hub, "download_url_to_file", never)
-  monkeypatch.setattr(convert, "_connect", offline)
+  monkeypatch.setattr(download, "_connect", offline)
   with pytest.raises(convert.ConversionError) as e:
     convert.convert_source("torchvision:resnet50")
   msg = str(e.value)

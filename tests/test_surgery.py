@@ -17,6 +17,7 @@ from jaxft.models import (BlockSpec, HeadSpec, ModelSpec, Network, StageSpec, St
                           cifar_resnet_spec, get_spec, resnet_spec)
 from jaxft.models.model import Model
 from jaxft.paths import PathError
+from jaxft.surgery.select import block_index
 
 # --------------------------------------------------------------------------------------------------
 # Helpers.
@@ -341,7 +342,7 @@ def _zero_channels(model: Model, block: str, bns: tuple[str, ...], idx: np.ndarr
                                             ("mbconv", "stage1/block1", ("bn1",))])
 def test_prune_dead_channels_keeps_output(name, block, bns):
   m = tiny(name)
-  i, j = surgery._block_index(m.spec, block)
+  i, j = block_index(m.spec, block)
   width = m.spec.stages[i].blocks[j].width
   dead = np.random.default_rng(0).choice(width, width // 4, replace=False)
   m = _zero_channels(m, block, bns, dead)
@@ -526,3 +527,26 @@ def test_resnet50_scenario():
   images = np.random.RandomState(0).randint(0, 256, (3, 32, 32, 3), dtype=np.uint8)
   out = evaluate.evaluate(loaded, images, np.array([0, 1, 2]), batch_size=2)
   assert out["n"] == 3 and out["logits"].shape == (3, 10)
+
+
+# --------------------------------------------------------------------------------------------------
+# Package layout.
+
+
+def test_every_op_is_registered_and_exported():
+  from jaxft.surgery import ops  # pylint: disable=g-import-not-at-top
+  assert sorted(surgery.REGISTRY) == sorted(ops.__all__)
+  for name in ops.__all__:
+    assert getattr(surgery, name) is surgery.REGISTRY[name] is getattr(ops, name)
+    assert name in surgery.__all__
+
+
+def test_import_is_lazy():
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  code = ("import sys, jaxft.surgery\n"
+          "assert not [m for m in sys.modules if m.startswith('jaxft.surgery.')], sorted(sys.modules)\n"
+          "jaxft.surgery.replay\n"
+          "assert 'jaxft.surgery.history' in sys.modules and 'jaxft.surgery.ops' in sys.modules\n")
+  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr

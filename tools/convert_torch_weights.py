@@ -15,6 +15,7 @@ import logging
 import sys
 
 from jaxft import checkpoint, convert
+from jaxft.models.model import count_params
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
   src = model.meta["source"]
   print(f"arch {model.meta['arch']}  classes {model.spec.num_classes}  "
-        f"params {convert.num_params(model):,}")
+        f"params {count_params(model):,}")
   if src.get("new_head"):
     print(f"new {model.spec.num_classes}-class head (source had {src['num_classes']} classes); "
           "the source classifier was dropped")

@@ -103,3 +103,9 @@ def create(spec: ModelSpec, rng: jax.Array, meta: Mapping[str, Any] | None = Non
   """Returns a freshly initialised :class:`Model` for ``spec``."""
   variables = paths.unflatten(init_flat(spec, rng, input_size=input_size))
   return Model(spec=spec, variables=variables, meta=dict(meta or {}))
+
+
+def count_params(model: Model) -> int:
+  """Returns the number of trainable parameters of ``model`` (its ``params`` collection; BatchNorm
+  running statistics excluded). ``model`` is never mutated."""
+  return int(sum(jnp.size(v) for v in jax.tree.leaves(model.params)))

@@ -1,0 +1,69 @@
+"""What surgery needs to know about each block kind (plain data; extend it for a new kind).
+
+A new block kind works with the ops that only rebuild the spec as soon as ``Network`` can build it; the
+ops that need to know which BN closes a residual branch (``append_blocks``) or which channels are
+"inner" (``prune_channels``) read its entry in :data:`BLOCK_KINDS`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class InnerGroup:
+  """Channels inside a block that can be pruned together without changing the block's interface.
+
+  Attributes:
+    producer: conv module whose output channels (last kernel axis) are the group; ranks channels by
+      L1 norm for ``criterion="l1"``.
+    bn: BatchNorm that last normalises the group before it is consumed; ranks channels by ``|scale|``
+      for ``criterion="bn_scale"`` (a channel whose scale and bias are 0 contributes nothing).
+    slices: ``(module, axis)`` pairs; every leaf of ``module`` (params and batch_stats) is sliced along
+      ``axis`` with the kept channel indices.
+  """
+
+  producer: str
+  bn: str
+  slices: tuple[tuple[str, int], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockKind:
+  """How surgery treats one block kind.
+
+  Attributes:
+    last_bn: the BN that closes the residual branch; zeroing its scale makes a new block the identity.
+    inner: the prunable channel groups; all share ``BlockSpec.width``.
+    needs_expansion: the inner width only exists when it differs from the input width (``mbconv``).
+  """
+
+  last_bn: str
+  inner: tuple[InnerGroup, ...]
+  needs_expansion: bool = False
+
+
+BLOCK_KINDS: dict[str, BlockKind] = {
+    "basic": BlockKind(
+        last_bn="bn2",
+        inner=(InnerGroup("conv1", "bn1", (("conv1", -1), ("bn1", 0), ("conv2", 2))),)),
+    "bottleneck": BlockKind(
+        last_bn="bn3",
+        inner=(InnerGroup("conv1", "bn1", (("conv1", -1), ("bn1", 0), ("conv2", 2))),
+               InnerGroup("conv2", "bn2", (("conv2", -1), ("bn2", 0), ("conv3", 2))))),
+    "mbconv": BlockKind(
+        last_bn="bn2",
+        inner=(InnerGroup("expand_conv", "bn1", (("expand_conv", -1), ("bn0", 0),
+                                                 ("depthwise_conv", -1), ("bn1", 0),
+                                                 ("project_conv", 2))),),
+        needs_expansion=True),
+}
+
+
+def block_kind(kind: str) -> BlockKind:
+  """Returns ``BLOCK_KINDS[kind]``; raises ``ValueError`` naming the known kinds."""
+  try:
+    return BLOCK_KINDS[kind]
+  except KeyError:
+    raise ValueError(f"surgery does not know block kind {kind!r}; describe it in "
+                     f"jaxft.surgery.BLOCK_KINDS (known: {sorted(BLOCK_KINDS)})") from None
