@@ -12,7 +12,7 @@ What :func:`build_optimizer` returns (an :class:`Optimizer`) is all a train step
 
 The chain, in order (each piece only when enabled)::
 
-  clip_by_global_norm(clip_norm)      on the raw gradient of the trainable leaves
+  optax.clip_by_global_norm(clip)     on the raw gradient of the trainable leaves
   direction                           sgd: momentum trace | adamw: adam | lamb: adam | lion: sign
   add_decayed_weights(wd, wd mask)    decoupled weight decay (SGDW / AdamW): after the direction
   l2sp(anchor, alpha, beta, …)        decoupled L2-SP: after the direction too
