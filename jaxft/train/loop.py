@@ -100,8 +100,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
   # --- Devices and the starting state: resume this workdir, else step 0. ---
   mesh = DataMesh.create(config.train.batch_size)
-  logging.info("%d × %s device(s); CPU backend: %s", mesh.num_devices, jax.devices()[0].device_kind,
-               cpu.status())
+  logging.info("%d × %s device(s)", mesh.num_devices, jax.devices()[0].device_kind)
+  if jax.devices()[0].platform == "cpu":
+    logging.info("CPU backend: %s", cpu.status())
   trainable, frozen = opt.split(model.params)
   fresh = TrainState.create(trainable, frozen, model.batch_stats, opt.tx.init(trainable),
                             ema=bool(config.ema.decay))
@@ -123,8 +124,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   writer = report.MetricWriter(workdir, enabled=jax.process_index() == 0)
   progress = Progress(start, total_steps, config.train.progress, config.train.log_every)
   monitor = TrainMonitor(writer, progress, batch_size=config.train.batch_size, total_steps=total_steps,
-                         log_every=config.train.log_every, checkpoint_dir=workdir / "checkpoints",
-                         last_good=mngr.latest_step())
+                         log_every=config.train.log_every,
+                         checkpoint_dir=workdir / ckpt_lib.CHECKPOINTS_SUBDIR, last_good=mngr.latest_step())
   batches = data_lib.iterate(train_ds, config.train.batch_size, seed=config.seed, start_step=start,
                              num_steps=total_steps - start)
   eval_every, ckpt_every = config.train.eval_every, config.train.checkpoint_every
