@@ -18,13 +18,11 @@ def get_config() -> ml_collections.ConfigDict:
   c = cifar10.get_config()
   c.model.arch = "cifar_resnet56"
   c.model.pretrained = "../shared/weights/cifar-resnet/resnet56-4bfd9763.th"
-  c.model.num_classes = 10
   c.surgery = [
       {"op": "replace_head", "num_classes": 10, "seed": 0},
       {"op": "add_adapters", "blocks": "layer3/.*", "width": 16},
   ]
   c.data.source = "folder:data/cifar10-jpeg/train"
-  c.data.val_fraction = 0.1
   c.optim.lr = 0.01
   c.optim.lr_rules = (("(stem|layer1)/.*", "frozen"), ("layer2/.*", 0.1), ("head/.*", 10.0))
   c.optim.l2sp.alpha = 0.01
@@ -33,7 +31,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.batch_size = 100
   c.train.num_steps = 100
   c.train.eval_every = 50
-  c.train.eval_batch_size = 500
   c.train.checkpoint_every = 50
   c.train.log_every = 20
   return c

@@ -25,13 +25,11 @@ def get_config() -> ml_collections.ConfigDict:
   c = cifar10.get_config()
   c.model.arch = "cifar_resnet56"
   c.model.pretrained = "../shared/weights/cifar-resnet/resnet56-4bfd9763.th"
-  c.model.num_classes = 10
   c.model.dropout = 0.1
   c.tasks = ({"name": "coarse", "classes": ("animal", "vehicle"),
               "label_map": {**{k: "vehicle" for k in VEHICLES}, **{k: "animal" for k in ANIMALS}},
               "weight": 0.5, "dropout": 0.0},)
   c.data.source = "folder:data/cifar10-jpeg/train"
-  c.data.val_fraction = 0.1
   c.train.label_smoothing = 0.1
   c.mix.mixup_alpha = 0.2
   c.ema.decay = 0.99
@@ -42,7 +40,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.batch_size = 64
   c.train.num_steps = 200
   c.train.eval_every = 100
-  c.train.eval_batch_size = 500
   c.train.checkpoint_every = 100
   c.train.log_every = 20
   c.train.progress = "log"

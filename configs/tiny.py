@@ -15,7 +15,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.num_classes = 2
   c.data.source = "folder:data/tiny"
   c.data.val_fraction = 0.25
-  c.data.cache_dir = ""
   c.train.batch_size = 4
   c.train.num_steps = 4
   c.train.eval_every = 2

@@ -8,8 +8,12 @@ A jaxft checkpoint is an orbax composite checkpoint with two items:
     {"format": "jaxft.model/1", "spec": spec.to_dict(), "meta": {...}, "history": [...]}
 
 so :func:`load_model` rebuilds the network from the stored spec with no config. Training workdirs use
-the same two items inside each step of an orbax ``CheckpointManager`` at ``WORKDIR/checkpoints/``
-(plus their own items such as ``opt_state``); build them with :func:`save_args` so both stay in step.
+the same two items inside each step of an orbax ``CheckpointManager`` at ``WORKDIR/checkpoints/``, plus
+``opt_state`` and ``train`` (``{"step"}``: what resuming needs) and, when EMA is on, ``ema`` (the
+averaged variables, as whole variables: :func:`load_ema_model` rebuilds a model from them). Save and
+restore of a train state are :func:`save_train_state` / :func:`restore_train_state`, here only. Orbax
+writes each step to a temporary directory and renames it when complete, so a crash never leaves a
+half-written checkpoint as the latest.
 """
 
 from __future__ import annotations
@@ -19,21 +23,30 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxft.models import Model, ModelSpec
 from jaxft.models.model import abstract_variables
 
+if TYPE_CHECKING:
+  from jaxft.train.state import TrainState
+
 log = logging.getLogger(__name__)
 
 FORMAT = "jaxft.model/1"
+# Item names inside one checkpoint (directory names on disk: renaming one breaks old checkpoints).
 VARIABLES_ITEM = "variables"
 MODEL_ITEM = "model"
+OPT_STATE_ITEM = "opt_state"
+TRAIN_ITEM = "train"
+EMA_ITEM = "ema"
+TRAIN_ITEMS = (VARIABLES_ITEM, MODEL_ITEM, OPT_STATE_ITEM, TRAIN_ITEM, EMA_ITEM)
+# The metric a training CheckpointManager keeps its best step by (recorded with every step that has it).
+VAL_TOP1 = "val_top1"
 CHECKPOINTS_SUBDIR = "checkpoints"
 # Root metadata keys of a training CheckpointManager that name the metric defining the "best" step.
 BEST_METRIC_KEY, BEST_MODE_KEY = "best_metric", "best_mode"
@@ -219,6 +232,21 @@ def _read_record(ckpt: Path) -> dict[str, Any]:
   return dict(record)
 
 
+def _restore_model(ckpt: Path, item: str) -> Model:
+  """The :class:`Model` of checkpoint directory ``ckpt``, its variables read from ``item``."""
+  record = _read_record(ckpt)
+  spec = ModelSpec.from_dict(record["spec"])
+  target = abstract_variables(spec)
+  try:
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+      restored = ckptr.restore(ckpt, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(target)}))
+  except (ValueError, KeyError) as e:
+    raise CheckpointError(f"{ckpt}: stored variables do not fit the stored spec: {e}") from None
+  variables = jax.tree.map(np.asarray, _plain(restored[item]))
+  return Model(spec=spec, variables=variables, meta=dict(record.get("meta") or {}),
+               history=tuple(dict(h) for h in record.get("history") or ()))
+
+
 def load_model(path: str | os.PathLike, *, metric: str | None = None, mode: str | None = None) -> Model:
   """Loads a :class:`Model` saved by :func:`save_model`, or the best/latest step of a training workdir.
 
@@ -234,20 +262,84 @@ def load_model(path: str | os.PathLike, *, metric: str | None = None, mode: str 
     FileNotFoundError: if ``path`` does not exist.
     CheckpointError: if ``path`` is not a jaxft checkpoint, or its variables do not fit its spec.
   """
+  return _restore_model(find_checkpoint(path, metric=metric, mode=mode), VARIABLES_ITEM)
+
+
+def load_ema_model(path: str | os.PathLike, *, metric: str | None = None,
+                   mode: str | None = None) -> Model:
+  """Loads the EMA weights of a training workdir (or one of its step directories) as a :class:`Model`.
+
+  :func:`load_model` on the same path gives the raw weights; this gives the averaged ones with the same
+  structure, metadata and history (same arguments and errors as :func:`load_model`).
+
+  Raises:
+    CheckpointError: the checkpoint has no ``ema`` item (the run had EMA off).
+  """
   ckpt = find_checkpoint(path, metric=metric, mode=mode)
-  record = _read_record(ckpt)
-  spec = ModelSpec.from_dict(record["spec"])
-  target = abstract_variables(spec)
-  try:
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-      restored = ckptr.restore(
-          ckpt, args=ocp.args.Composite(**{VARIABLES_ITEM: ocp.args.StandardRestore(target)}))
-  except (ValueError, KeyError) as e:
-    raise CheckpointError(f"{ckpt}: stored variables do not fit the stored spec: {e}") from None
-  variables = jax.tree.map(np.asarray, _plain(restored[VARIABLES_ITEM]))
-  return Model(spec=spec, variables=variables, meta=dict(record.get("meta") or {}),
-               history=tuple(dict(h) for h in record.get("history") or ()))
+  _read_record(ckpt)  # not a jaxft checkpoint at all: say that first
+  if not (ckpt / EMA_ITEM).is_dir():
+    raise CheckpointError(f"{ckpt} has no '{EMA_ITEM}' item: the run was trained without "
+                          "EMA (config.ema.decay = 0)")
+  return _restore_model(ckpt, EMA_ITEM)
 
 
 # The name users reach for when starting a fine-tune from a converted or trained model.
 load_pretrained = load_model
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training checkpoints: one CheckpointManager per workdir, one step directory per saved train state.
+
+
+def train_manager(workdir: Path, keep: int) -> ocp.CheckpointManager:
+  """Returns the CheckpointManager of a training workdir (``workdir`` absolute): it keeps the last
+  ``keep`` steps plus the best by ``val_top1``."""
+  from orbax.checkpoint import checkpoint_managers as cm  # pylint: disable=g-import-not-at-top
+  policy = cm.AnyPreservationPolicy([
+      cm.LatestN(n=max(1, keep)),
+      cm.BestN(get_metric_fn=lambda m: m[VAL_TOP1], reverse=False, n=1,
+               keep_checkpoints_without_metrics=False),
+  ])
+  options = ocp.CheckpointManagerOptions(preservation_policy=policy,
+                                         enable_async_checkpointing=False, create=True)
+  return ocp.CheckpointManager(workdir / CHECKPOINTS_SUBDIR, options=options, item_names=TRAIN_ITEMS)
+
+
+def save_train_state(mngr: ocp.CheckpointManager, state: "TrainState", model: Model,
+                     val_top1: float | None = None) -> None:
+  """Saves ``state`` (with ``model``'s structure, meta and history) at ``state.step``; blocks until
+  written. ``val_top1`` is recorded as the step's metric. Nothing is mutated."""
+  step = int(state.step)
+  items = {VARIABLES_ITEM: ocp.args.StandardSave(jax.device_get(state.variables())),
+           MODEL_ITEM: ocp.args.JsonSave(model_record(model)),
+           OPT_STATE_ITEM: ocp.args.StandardSave(jax.device_get(state.opt_state)),
+           TRAIN_ITEM: ocp.args.JsonSave({"step": step})}
+  if state.ema is not None:
+    # Stored as whole variables (frozen leaves included), so the item alone rebuilds a model.
+    items[EMA_ITEM] = ocp.args.StandardSave(jax.device_get(state.ema_variables()))
+  mngr.save(step, args=ocp.args.Composite(**items),
+            metrics=None if val_top1 is None else {VAL_TOP1: val_top1}, force=True)
+  mngr.wait_until_finished()
+
+
+def restore_train_state(mngr: ocp.CheckpointManager, step: int, template: "TrainState") -> "TrainState":
+  """Returns the train state saved at ``step``, with the structure and dtypes of ``template`` (which is
+  not mutated).
+
+  Raises:
+    CheckpointError: the checkpoint does not fit ``template`` (a changed model or optimizer).
+  """
+  items = {VARIABLES_ITEM: ocp.args.StandardRestore(jax.device_get(template.variables())),
+           OPT_STATE_ITEM: ocp.args.StandardRestore(jax.device_get(template.opt_state))}
+  if template.ema is not None:
+    items[EMA_ITEM] = ocp.args.StandardRestore(jax.device_get(template.ema_variables()))
+  try:
+    restored = mngr.restore(step, args=ocp.args.Composite(**items))
+  except (ValueError, KeyError, FileNotFoundError) as e:
+    raise CheckpointError(
+        f"the checkpoint at step {step} in {mngr.directory} does not fit the model/optimizer this "
+        f"config builds (changed surgery or optimizer settings?): {str(e)[:500]}. Use a new --workdir, "
+        "or start from that checkpoint as pretrained weights (--config.model.pretrained=WORKDIR).") from None
+  ema = restored[EMA_ITEM] if template.ema is not None else None
+  return template.with_variables(restored[VARIABLES_ITEM], restored[OPT_STATE_ITEM], step=step,
+                                 ema_variables=ema)

@@ -1,15 +1,15 @@
-"""Exponential moving average of weights (params and BatchNorm statistics)."""
+"""Exponential moving average of weights (params and BatchNorm statistics): the decay schedule.
+
+The update itself is optax's: ``optax.incremental_update(new, ema, 1 - decay)`` returns
+``(1 - decay) · new + decay · ema`` leaf by leaf (a new tree; neither input is mutated).
+"""
 
 from __future__ import annotations
-
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 Array = jax.Array
-Tree = Any
-
 
 
 def ema_decay(step: Array | int, decay: float, warmup: bool = True) -> Array:
@@ -24,8 +24,3 @@ def ema_decay(step: Array | int, decay: float, warmup: bool = True) -> Array:
     return d
   s = jnp.asarray(step, jnp.float32)
   return jnp.minimum(d, (1.0 + s) / (10.0 + s))
-
-
-def ema_update(ema: Tree, new: Tree, decay: Array | float) -> Tree:
-  """Returns ``decay · ema + (1 - decay) · new`` leaf by leaf (a new tree; neither input is mutated)."""
-  return jax.tree.map(lambda e, p: (decay * e + (1.0 - decay) * p).astype(e.dtype), ema, new)

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxft import data
+from jaxft import cpu, data
 from jaxft.checkpoint import load_model
 from jaxft.models import IMAGENET_MEAN, IMAGENET_STD, Model
 from jaxft.report import classification_metrics
@@ -59,7 +59,7 @@ def predict_logits(model: Model, images: np.ndarray, *, batch_size: int = 256,
   mean = tuple(model.meta.get("mean", IMAGENET_MEAN))
   std = tuple(model.meta.get("std", IMAGENET_STD))
   size = image_size or model.meta.get("input_size") or images.shape[1]
-  module = model.module()
+  module = model.module(layers=cpu.network_layers())
 
   @jax.jit
   def forward(variables: Any, batch: jax.Array) -> jax.Array:
@@ -163,6 +163,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, source: str, *, limit: in
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  """CLI entry point: parses flags, calls :func:`evaluate_checkpoint`; returns the exit status."""
+  cpu.enable(relaunch=True)  # before any JAX computation (it may re-exec this process)
   parser = argparse.ArgumentParser(prog="python -m jaxft.evaluate", description=__doc__.split("\n")[0])
   parser.add_argument("--checkpoint", required=True, help="checkpoint directory or training workdir")
   parser.add_argument("--data", required=True, help="data source, e.g. folder:PATH")

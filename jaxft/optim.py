@@ -12,7 +12,7 @@ What :func:`build_optimizer` returns (an :class:`Optimizer`) is all a train step
 
 The chain, in order (each piece only when enabled)::
 
-  clip_by_global_norm(clip_norm)      on the raw gradient of the trainable leaves
+  optax.clip_by_global_norm(clip)     on the raw gradient of the trainable leaves
   direction                           sgd: momentum trace | adamw: adam | lamb: adam | lion: sign
   add_decayed_weights(wd, wd mask)    decoupled weight decay (SGDW / AdamW): after the direction
   l2sp(anchor, alpha, beta, …)        decoupled L2-SP: after the direction too
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
@@ -44,6 +43,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from jaxft import config as config_lib
 from jaxft import paths
 from jaxft.models.spec import ModelSpec
 
@@ -53,8 +53,7 @@ Schedule = Callable[[Any], jax.Array]
 FROZEN = "frozen"
 OPTIMIZERS = ("sgd", "adamw", "lamb", "lion")
 SCHEDULES = ("constant", "warmup_cosine", "step", "linear")
-# The default decay / L2-SP selection: conv and dense kernels only, never BN scale/bias nor biases.
-KERNELS_ONLY = ((r"(.*/)?kernel", True),)
+KERNELS_ONLY = config_lib.KERNELS_ONLY
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -62,67 +61,9 @@ KERNELS_ONLY = ((r"(.*/)?kernel", True),)
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """Returns the default ``config.optim`` section (locked: unknown keys are errors).
-
-  Fields:
-    name: ``sgd`` | ``adamw`` | ``lamb`` | ``lion``.
-    lr: peak learning rate (after warmup).
-    momentum: SGD momentum (0 = plain SGD).
-    nesterov: SGD Nesterov momentum.
-    b1, b2, eps: Adam-family betas / epsilon (lion uses b1, b2).
-    weight_decay: decoupled weight decay, added after the optimizer's direction and scaled by the lr
-      (``w -= lr * (dir + wd * w)``); 0 = off.
-    wd_rules: ordered ``(regex, bool)`` rules: which leaves decay; unmatched leaves do not. Default:
-      paths ending in ``kernel`` (conv and dense kernels), not BN scale/bias, not biases.
-    clip_norm: clip the global gradient norm of the trainable leaves to this; 0 = off.
-    schedule.kind: ``constant`` | ``warmup_cosine`` | ``step`` | ``linear`` (see :func:`make_schedule`).
-    schedule.warmup_steps: linear warmup from 0 to ``lr`` over this many optimizer steps.
-    schedule.end_factor: ``warmup_cosine``/``linear`` end at ``lr * end_factor`` at ``total_steps``.
-    schedule.boundaries: ``step``: absolute optimizer steps at which the lr is multiplied by ``factor``.
-    schedule.factor: ``step``: the multiplier applied at each boundary.
-    lr_rules: ordered ``(regex, multiplier)`` rules; a multiplier is a float or ``"frozen"`` (no
-      gradient, no optimizer state, parameters never change).
-    lr_default: multiplier of leaves no rule matches; ``None`` makes an unmatched leaf an error.
-    llrd: layer-wise lr decay factor (multiplier ``llrd ** distance from the head``, see
-      :func:`llrd_multipliers`); 1.0 = off. Multiplies with the rule multipliers.
-    freeze_bn_stats: BatchNorms of modules whose BN parameters are all frozen use (and never update)
-      their running statistics (:attr:`Optimizer.frozen_bn`).
-    accumulate_steps: average the gradients of this many micro-batches per optimizer step.
-    l2sp.alpha: L2-SP pull ``alpha * (w - w0)`` of pretrained leaves toward the anchor ``w0``; 0 = off.
-    l2sp.beta: ``beta * w`` decay of new (surgery-created) leaves when L2-SP is on.
-    l2sp.rules: ``(regex, bool)``: which leaves L2-SP applies to at all (default: kernels only).
-    l2sp.new_rules: ``(regex, bool)``: which leaves are new (not pretrained); used when the train loop
-      passes no ``new_leaf_mask``. Leaves missing from the anchor are always new.
-  """
-  c = ml_collections.ConfigDict()
-  c.name = "sgd"
-  c.lr = 1e-3
-  c.momentum = 0.9
-  c.nesterov = False
-  c.b1 = 0.9
-  c.b2 = 0.999
-  c.eps = 1e-8
-  c.weight_decay = 0.0
-  c.wd_rules = KERNELS_ONLY
-  c.clip_norm = 0.0
-  c.schedule = ml_collections.ConfigDict()
-  c.schedule.kind = "constant"
-  c.schedule.warmup_steps = 0
-  c.schedule.end_factor = 0.0
-  c.schedule.boundaries = ()
-  c.schedule.factor = 0.1
-  c.lr_rules = ()
-  c.lr_default = 1.0
-  c.llrd = 1.0
-  c.freeze_bn_stats = True
-  c.accumulate_steps = 1
-  c.l2sp = ml_collections.ConfigDict()
-  c.l2sp.alpha = 0.0
-  c.l2sp.beta = 0.0
-  c.l2sp.rules = KERNELS_ONLY
-  c.l2sp.new_rules = ()
-  c.lock()
-  return c
+  """Returns a new default ``config.optim`` section: the ``optim`` section of
+  :func:`jaxft.config.default_config` (locked: unknown keys are errors), where each field is described."""
+  return config_lib.default_config().optim
 
 
 def seed_recipe() -> ml_collections.ConfigDict:
@@ -141,12 +82,13 @@ def seed_recipe() -> ml_collections.ConfigDict:
 
 
 def make_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> Schedule:
-  """Returns ``step -> lr`` for ``cfg`` (a ``config.optim`` section, read only).
+  """Returns ``step -> lr`` for ``cfg`` (a ``config.optim`` section, read only), built from optax's.
 
   All kinds share a linear warmup ``lr * step / warmup_steps`` for ``step < warmup_steps``; after it,
   with ``t = (step - warmup) / (total_steps - warmup)`` clipped to [0, 1] and ``end = lr * end_factor``:
   ``constant``: ``lr``; ``warmup_cosine``: ``end + (lr - end) * (1 + cos(pi t)) / 2``; ``linear``:
-  ``lr + (end - lr) * t``; ``step``: ``lr * factor ** (number of boundaries <= step)``.
+  ``lr + (end - lr) * t``; ``step``: ``lr * factor ** (number of boundaries <= step)`` (boundaries are
+  absolute steps, warmup included).
 
   Raises:
     ValueError: for an unknown kind or a warmup not shorter than ``total_steps`` (decaying kinds).
@@ -158,26 +100,21 @@ def make_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> Schedule:
     raise ValueError(f"unknown schedule {kind!r}; valid: {', '.join(SCHEDULES)}")
   if kind in ("warmup_cosine", "linear") and warmup >= total_steps:
     raise ValueError(f"schedule {kind!r} needs warmup_steps ({warmup}) < total_steps ({total_steps})")
-  boundaries = jnp.asarray(sorted(s.boundaries), jnp.float32)
-  factor = float(s.factor)
-  span = max(total_steps - warmup, 1)
-
-  def schedule(step: Any) -> jax.Array:
-    step = jnp.asarray(step, jnp.float32)
-    t = jnp.clip((step - warmup) / span, 0.0, 1.0)
-    if kind == "constant":
-      main = jnp.full_like(step, lr)
-    elif kind == "warmup_cosine":
-      main = end + (lr - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * t))
-    elif kind == "linear":
-      main = lr + (end - lr) * t
-    else:
-      main = lr * factor ** jnp.sum(step >= boundaries)
-    if warmup:
-      return jnp.where(step < warmup, lr * step / warmup, main)
+  if kind == "warmup_cosine" and lr:  # (optax's cosine divides by the peak value)
+    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, total_steps, end_value=end)
+  if kind == "linear":
+    main = optax.linear_schedule(lr, end, total_steps - warmup)
+  elif kind == "step":
+    # optax counts the steps after the warmup; a boundary listed k times multiplies k times.
+    scales: dict[int, float] = {}
+    for b in s.boundaries:
+      scales[int(b) - warmup] = scales.get(int(b) - warmup, 1.0) * float(s.factor)
+    main = optax.piecewise_constant_schedule(lr, scales)
+  else:
+    main = optax.constant_schedule(lr)
+  if not warmup:
     return main
-
-  return schedule
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -357,45 +294,6 @@ def lr_multiplier_tree(params: Tree, rules: Sequence[tuple[str, Any]], default: 
 
 # ---------------------------------------------------------------------------------------------------
 # Custom transformations
-
-
-def global_norm(tree: Tree) -> jax.Array:
-  """The L2 norm of all leaves of ``tree`` together (float32 scalar); same value as
-  ``optax.tree.norm``.
-
-  Large leaves are squared and summed down their rows with one GEMV (``ones · x²``): XLA:CPU reduces a
-  single long vector one element after another, so ``optax.tree.norm`` of ResNet-50's 23.5M values
-  takes ~35 ms on 2 cores and this ~15 ms; on other backends the two cost the same.
-  """
-  from jaxft.models.layers import channel_sum  # local: keep optim importable without flax models
-
-  def sq(x: jax.Array) -> jax.Array:
-    x = jnp.asarray(x, jnp.float32)
-    if x.ndim >= 2 and x.size >= 4096:
-      a = x.reshape(-1, x.shape[-1])
-      return jnp.sum(channel_sum(a * a, gemv=True))
-    return jnp.sum(x * x)
-
-  leaves = jax.tree.leaves(tree)
-  return jnp.sqrt(sum((sq(x) for x in leaves), jnp.float32(0.0)))
-
-
-def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
-  """``optax.clip_by_global_norm`` with :func:`global_norm`: the same updates and the same (empty)
-  state, so checkpoints are interchangeable. Inputs are never mutated."""
-
-  def init(params: Tree) -> optax.EmptyState:
-    del params
-    return optax.EmptyState()
-
-  def update(updates: Tree, state: optax.EmptyState, params: Tree | None = None
-             ) -> tuple[Tree, optax.EmptyState]:
-    del params
-    g = global_norm(updates)
-    clip = lambda t: jnp.where(g < max_norm, t, (t / g.astype(t.dtype)) * max_norm)
-    return jax.tree.map(clip, updates), state
-
-  return optax.GradientTransformation(init, update)
 
 
 class ScaleByMultipliersState(NamedTuple):
@@ -589,7 +487,7 @@ def build_optimizer(cfg: ml_collections.ConfigDict, params: Tree, *, spec: Model
   # The chain, over the trainable subtree only.
   chain: list[optax.GradientTransformation] = []
   if cfg.clip_norm:
-    chain.append(clip_by_global_norm(float(cfg.clip_norm)))
+    chain.append(optax.clip_by_global_norm(float(cfg.clip_norm)))
   chain += _direction(cfg)
   if cfg.weight_decay:
     wd_mask = _bool_tree(trainable, cfg.wd_rules, "wd_rules", "weight decay mask")

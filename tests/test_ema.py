@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from jaxft import ema as ema_lib
@@ -13,7 +14,7 @@ from jaxft import ema as ema_lib
 def test_ema_math():
   ema = {"w": jnp.array([1.0, 2.0])}
   new = {"w": jnp.array([3.0, 0.0])}
-  np.testing.assert_allclose(ema_lib.ema_update(ema, new, 0.75)["w"], [1.5, 1.5], rtol=1e-6)
+  np.testing.assert_allclose(optax.incremental_update(new, ema, 1 - 0.75)["w"], [1.5, 1.5], rtol=1e-6)
   np.testing.assert_allclose(ema["w"], [1.0, 2.0])  # not mutated
   assert float(ema_lib.ema_decay(0, 0.999)) == pytest.approx(0.1)
   assert float(ema_lib.ema_decay(90, 0.5)) == pytest.approx(0.5)
@@ -24,5 +25,5 @@ def test_ema_math():
   for s, w in enumerate(ws):
     d = min(0.9, (1 + s) / (10 + s))
     e = d * e + (1 - d) * w
-    tree = ema_lib.ema_update(tree, {"w": jnp.asarray(w)}, ema_lib.ema_decay(s, 0.9))
+    tree = optax.incremental_update({"w": jnp.asarray(w)}, tree, 1 - ema_lib.ema_decay(s, 0.9))
   assert float(tree["w"]) == pytest.approx(e, rel=1e-6)

@@ -50,6 +50,23 @@ def final_params(workdir: Path) -> dict[str, np.ndarray]:
   return {k: np.asarray(v) for k, v in paths.flatten(model.variables).items()}
 
 
+def test_train_state_merges_and_splits_variables_in_one_place():
+  f = lambda x: np.float32(x)
+  state = train.TrainState.create({"head": {"kernel": f(1.0)}}, {"stem": {"kernel": f(2.0)}},
+                                  {"stem": {"mean": f(3.0)}}, opt_state=(), ema=True)
+  assert int(state.step) == 0 and state.ema.params == {"head": {"kernel": 1.0}}
+  assert state.variables() == {"params": {"head": {"kernel": 1.0}, "stem": {"kernel": 2.0}},
+                               "batch_stats": {"stem": {"mean": 3.0}}}
+  ema = {"params": {"head": {"kernel": f(5.0)}, "stem": {"kernel": f(2.0)}},
+         "batch_stats": {"stem": {"mean": f(6.0)}}}
+  moved = state.with_variables(ema, ("opt",), step=7, ema_variables=ema)
+  assert int(moved.step) == 7 and moved.params == {"head": {"kernel": 5.0}} and moved.opt_state == ("opt",)
+  assert moved.frozen == {"stem": {"kernel": 2.0}} and moved.ema_variables() == ema
+  assert state.variables()["params"]["head"]["kernel"] == 1.0  # not mutated
+  with pytest.raises(ValueError, match="no EMA"):
+    state.replace(ema=None).ema_variables()
+
+
 def test_end_to_end_writes_metrics_plots_checkpoints(folder, tmp_path):
   workdir = tmp_path / "run"
   result = train.train_and_evaluate(tiny_config(folder, tmp_path), workdir)

