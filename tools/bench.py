@@ -41,6 +41,9 @@ import sys
 import time
 from typing import Any
 
+# This checkout's jaxft, in the parent as in the workers (which get it through PYTHONPATH).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 DEFAULT_MODELS = ("resnet50", "resnet18", "cifar_resnet56", "efficientnet_lite0")
 DEFAULT_BATCH = {32: 128, 224: 32}
 MEAN = (0.485, 0.456, 0.406)
