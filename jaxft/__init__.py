@@ -1,22 +1,41 @@
-"""jaxft: fine-tune pretrained vision models in JAX/Flax; evolve their structure with pure transforms."""
+"""jaxft: fine-tune pretrained vision models in JAX/Flax; evolve their structure with pure transforms.
 
-import os as _os
+Importing jaxft changes nothing in the process (no environment variable, allocator setting or native
+build) and loads nothing heavy: the names below are imported on first access (PEP 562). The CPU
+speed-ups are one explicit call, :func:`jaxft.cpu.enable`.
+"""
 
-# XLA reads XLA_FLAGS once, when its first backend starts, so CPU tuning can only happen here, before
-# any array exists. Only when the user has set no XLA_FLAGS at all; JAXFT_CPU_FLAGS=0 opts out.
-# See jaxft.models.conv.configure_cpu and docs/benchmarks.md (+34% ResNet-50 training at 224 px).
-if "XLA_FLAGS" not in _os.environ and _os.environ.get("JAXFT_CPU_FLAGS", "1") != "0":
-  from jaxft.models import conv as _conv
-  _conv.configure_cpu()
+from __future__ import annotations
 
-# XLA:CPU frees and re-allocates hundreds of MB of temporaries per step; keep glibc from handing them
-# back to the kernel between steps (jaxft.runtime.retain_freed_memory). JAXFT_MALLOC_TUNING=0 opts out.
-if _os.environ.get("JAXFT_MALLOC_TUNING", "1") != "0":
-  from jaxft import runtime as _runtime
-  _runtime.retain_freed_memory()
-
-from jaxft.models import Model, ModelSpec, Network, create_model, get_spec, list_archs
-from jaxft.checkpoint import load_model, load_pretrained, save_model
-from jaxft.convert import convert_file
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
+
+# public name → the module it lives in (imported when the name is first used)
+_EXPORTS = {
+    "Model": "jaxft.models", "ModelSpec": "jaxft.models", "Network": "jaxft.models",
+    "create_model": "jaxft.models", "get_spec": "jaxft.models", "list_archs": "jaxft.models",
+    "load_model": "jaxft.checkpoint", "load_pretrained": "jaxft.checkpoint",
+    "save_model": "jaxft.checkpoint", "convert_file": "jaxft.convert",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+  if name in _EXPORTS:
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+  if not name.startswith("_"):  # a submodule (`jaxft.models` after a bare `import jaxft`)
+    try:
+      return importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError as e:
+      if e.name != f"{__name__}.{name}":
+        raise
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+  return sorted([*globals(), *_EXPORTS])

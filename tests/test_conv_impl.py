@@ -1,14 +1,19 @@
-"""The matmul convolutions equal ``lax.conv`` (values and gradients) and keep nn.Conv's parameter tree."""
+"""The CPU backend's layers (jaxft.cpu) equal the plain ones (values and gradients) and keep their
+parameter trees; the matmul convolutions equal ``lax.conv``."""
 
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax import lax
 
-from jaxft.models import conv, layers, onednn
+from jaxft.cpu import conv, flags, impl, norm, onednn, winograd
+from jaxft.cpu import layers as cpu
+from jaxft.models import create_model, layers
 from jaxft.models.model import create
 from jaxft.models.network import Network
 from jaxft.models.resnet import cifar_resnet_spec
@@ -65,7 +70,7 @@ def test_hybrid_winograd_maps_match_lax_forward_and_gradients(size):
   x = jnp.asarray(r.normal(size=(2, size, size, 6)), jnp.float32)
   w = jnp.asarray(r.normal(size=(3, 3, 6, 5)), jnp.float32)
   ct = jnp.asarray(r.normal(size=(2, size, size, 5)), jnp.float32)
-  assert conv._use_winograd(x, w.shape, (1, 1), ((1, 1), (1, 1))) == (size <= 32)
+  assert winograd.use_winograd(x, w.shape, (1, 1), ((1, 1), (1, 1))) == (size <= 32)
   got = jax.vjp(lambda x, w: _matmul(x, w, 1, 1, lax_forward=True), x, w)
   want = jax.vjp(lambda x, w: _lax(x, w, 1, 1), x, w)
   np.testing.assert_allclose(got[0], want[0], rtol=1e-4, atol=1e-4)
@@ -76,12 +81,12 @@ def test_hybrid_winograd_maps_match_lax_forward_and_gradients(size):
 def test_winograd_is_only_for_float32_3x3_stride1_same():
   x = jnp.zeros((1, 16, 16, 4), jnp.float32)
   same = ((1, 1), (1, 1))
-  assert conv._use_winograd(x, (3, 3, 4, 4), (1, 1), same)
-  assert not conv._use_winograd(x, (3, 3, 4, 4), (2, 2), same)
-  assert not conv._use_winograd(x, (1, 1, 4, 4), (1, 1), ((0, 0), (0, 0)))
-  assert not conv._use_winograd(x, (3, 3, 4, 4), (1, 1), ((0, 0), (0, 0)))
-  assert not conv._use_winograd(x.astype(jnp.bfloat16), (3, 3, 4, 4), (1, 1), same)
-  assert not conv._use_winograd(jnp.zeros((1, 8, 8, 4)), (3, 3, 4, 4), (1, 1), same)
+  assert winograd.use_winograd(x, (3, 3, 4, 4), (1, 1), same)
+  assert not winograd.use_winograd(x, (3, 3, 4, 4), (2, 2), same)
+  assert not winograd.use_winograd(x, (1, 1, 4, 4), (1, 1), ((0, 0), (0, 0)))
+  assert not winograd.use_winograd(x, (3, 3, 4, 4), (1, 1), ((0, 0), (0, 0)))
+  assert not winograd.use_winograd(x.astype(jnp.bfloat16), (3, 3, 4, 4), (1, 1), same)
+  assert not winograd.use_winograd(jnp.zeros((1, 8, 8, 4)), (3, 3, 4, 4), (1, 1), same)
 
 
 def test_dense_formulation_on_a_map_taller_than_the_kernel():
@@ -110,8 +115,9 @@ def test_dead_taps_and_dense_formulation_are_chosen_where_cheaper():
 
 def test_conv_module_keeps_nn_conv_params_and_values():
   x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 4, 4, 3)), jnp.float32)
-  plain = layers.conv(8, 3, 2, use_bias=True, impl="lax")
-  fast = layers.conv(8, 3, 2, use_bias=True, impl="matmul")
+  plain = layers.conv(8, 3, 2, use_bias=True)
+  fast = cpu.cpu_layers("matmul").conv(8, 3, 2, use_bias=True)
+  assert type(plain) is nn.Conv and isinstance(fast, cpu.Conv)
   v_plain = plain.init(jax.random.key(0), x)
   v_fast = fast.init(jax.random.key(0), x)
   assert jax.tree.map(jnp.shape, v_fast) == {"params": {"kernel": (3, 3, 3, 8), "bias": (8,)}}
@@ -120,57 +126,64 @@ def test_conv_module_keeps_nn_conv_params_and_values():
   np.testing.assert_allclose(fast.apply(v, x), plain.apply(v, x), rtol=1e-5, atol=1e-5)
 
 
-def test_network_same_logits_and_grads_under_every_impl():
+def test_network_same_logits_and_grads_with_plain_and_cpu_layers():
   spec = cifar_resnet_spec(8, 3)
   x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 8, 8, 3)), jnp.float32)
-  net = Network(spec)
   variables = create(spec, jax.random.key(0), input_size=8).variables
-
-  def loss(params):
-    logits, _ = net.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
-                          train=True, mutable=["batch_stats"])
-    return jnp.sum(logits ** 2), logits
+  if jax.default_backend() == "cpu":
+    onednn.load()  # so that auto takes oneDNN where it builds (JAXFT_ONEDNN=1: must)
+  nets = {"plain": Network(spec), "cpu": Network(spec, layers=cpu.cpu_layers("auto"))}
+  # Same parameter tree (and values) from either layer set.
+  trees = {k: jax.eval_shape(lambda n=n: n.init(jax.random.key(0), x)) for k, n in nets.items()}
+  assert trees["cpu"] == trees["plain"]
 
   out = {}
-  # auto on CPU: oneDNN (where built, else hybrid) on the 8×8 and 4×4 maps, matmul on the 2×2 ones.
-  for impl in ("lax", "auto"):
-    with conv.impl_scope(impl):  # fixed at trace time: a fresh jit per impl
-      lowered = jax.jit(jax.grad(loss, has_aux=True)).lower(variables["params"])
+  # auto on CPU: oneDNN (where loaded, else hybrid) on the 8×8 and 4×4 maps, matmul on the 2×2 ones.
+  for name, net in nets.items():
+    def loss(params, net=net):
+      logits, _ = net.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
+                            train=True, mutable=["batch_stats"])
+      return jnp.sum(logits ** 2), logits
+
+    lowered = jax.jit(jax.grad(loss, has_aux=True)).lower(variables["params"])
     # Code quality is irrelevant for a one-off check; skipping LLVM optimisation saves most of the time.
     compiled = lowered.compile(compiler_options={"xla_backend_optimization_level": 0})
-    out[impl] = compiled(variables["params"])
+    out[name] = compiled(variables["params"])
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-4),
-               out["auto"], out["lax"])
+               out["cpu"], out["plain"])
 
 
 def test_auto_resolution_and_errors(monkeypatch):
-  assert conv.resolve_impl("lax", 4) == "lax"
-  assert conv.resolve_impl("matmul", 10**6) == "matmul"
+  assert impl.resolve_impl("lax", 4) == "lax"
+  assert impl.resolve_impl("matmul", 10**6) == "matmul"
   if jax.default_backend() == "cpu":
-    if onednn.available():
-      assert conv.resolve_impl("auto", conv.ONEDNN_MIN_PIXELS) == "onednn"
-      assert conv.resolve_impl("auto", 10**6) == "onednn"
-      assert conv.resolve_impl("auto", 10**6, depthwise=True) == "onednn"
-    assert conv.resolve_impl("auto", conv.ONEDNN_MIN_PIXELS - 1) == "matmul"
-    assert conv.resolve_impl("auto", conv.ONEDNN_MIN_PIXELS - 1, depthwise=True) == "matmul"
+    if onednn.load():
+      assert impl.resolve_impl("auto", impl.ONEDNN_MIN_PIXELS) == "onednn"
+      assert impl.resolve_impl("auto", 10**6) == "onednn"
+      assert impl.resolve_impl("auto", 10**6, depthwise=True) == "onednn"
+    assert impl.resolve_impl("auto", impl.ONEDNN_MIN_PIXELS - 1) == "matmul"
+    assert impl.resolve_impl("auto", impl.ONEDNN_MIN_PIXELS - 1, depthwise=True) == "matmul"
     monkeypatch.setenv("JAXFT_ONEDNN", "0")  # without oneDNN: XLA's convolutions
-    assert conv.resolve_impl("auto", conv.SMALL_MAP_PIXELS) == "matmul"
-    assert conv.resolve_impl("auto", conv.SMALL_MAP_PIXELS + 1) == "hybrid"
-    assert conv.resolve_impl("auto", conv.SMALL_MAP_PIXELS + 1, depthwise=True) == "matmul"
-  assert conv.resolve_impl("hybrid", 4, depthwise=True) == "matmul"
+    assert impl.resolve_impl("auto", impl.SMALL_MAP_PIXELS) == "matmul"
+    assert impl.resolve_impl("auto", impl.SMALL_MAP_PIXELS + 1) == "hybrid"
+    assert impl.resolve_impl("auto", impl.SMALL_MAP_PIXELS + 1, depthwise=True) == "matmul"
+  assert impl.resolve_impl("hybrid", 4, depthwise=True) == "matmul"
   if jax.default_backend() == "cpu":
-    assert conv.resolve_impl("onednn", 10**6, depthwise=True) == "onednn"
-  with conv.impl_scope("matmul"):
-    assert conv.resolve_impl("auto", 10**6) == "matmul"
-    assert conv.resolve_impl("lax", 1) == "lax"  # an explicit choice beats the scope
+    assert impl.resolve_impl("onednn", 10**6, depthwise=True) == "onednn"
+  with impl.impl_scope("matmul"):
+    assert impl.resolve_impl("auto", 10**6) == "matmul"
+    assert impl.resolve_impl("lax", 1) == "lax"  # an explicit choice beats the scope
   with pytest.raises(ValueError, match="unknown conv impl 'fft'; valid: auto, lax, matmul, hybrid, onednn"):
-    conv.resolve_impl("fft")
+    impl.resolve_impl("fft")
+  with pytest.raises(ValueError, match="unknown conv impl 'fft'"):
+    cpu.cpu_layers("fft")
 
 
 def test_configure_cpu_is_a_no_op_once_the_backend_runs(monkeypatch):
   jnp.zeros(1).block_until_ready()  # the backend is up
   monkeypatch.setenv("XLA_FLAGS", "--xla_foo=1")
-  assert not conv.configure_cpu()
+  assert flags.backend_initialised()
+  assert not flags.configure_cpu()
   assert os.environ["XLA_FLAGS"] == "--xla_foo=1"
 
 
@@ -186,7 +199,7 @@ def test_batch_norm_train_matches_autodiff_of_the_plain_formula(gemv):
   x = jnp.asarray(r.normal(2.0, 3.0, size=(4, 3, 3, 5)), jnp.float32)
   scale, bias = (jnp.asarray(r.normal(size=5), jnp.float32) for _ in range(2))
   cts = tuple(jnp.asarray(r.normal(size=s), jnp.float32) for s in (x.shape, (5,), (5,)))
-  fast = lambda x, s, b: layers.batch_norm_train(x, s, b, 1e-5, gemv)
+  fast = lambda x, s, b: norm.batch_norm_train(x, s, b, 1e-5, gemv)
   got_y, got_pull = jax.vjp(fast, x, scale, bias)
   want_y, want_pull = jax.vjp(_bn_plain, x, scale, bias)
   for got, want in zip((*got_y, *got_pull(cts)), (*want_y, *want_pull(cts))):
@@ -197,21 +210,35 @@ def test_channel_affine_gradients():
   r = np.random.default_rng(4)
   x, ct = (jnp.asarray(r.normal(size=(3, 2, 2, 4)), jnp.float32) for _ in range(2))
   mul, shift = (jnp.asarray(r.normal(size=4), jnp.float32) for _ in range(2))
-  _, got = jax.vjp(lambda *a: layers.channel_affine(*a, True), x, mul, shift)
+  _, got = jax.vjp(lambda *a: norm.channel_affine(*a, True), x, mul, shift)
   _, want = jax.vjp(lambda x, m, s: x * m + s, x, mul, shift)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), got(ct), want(ct))
 
 
-def test_batchnorm_module_same_outputs_and_stats_under_both_impls():
+def test_batchnorm_module_same_outputs_stats_and_grads_plain_and_cpu():
   x = jnp.asarray(np.random.default_rng(5).normal(size=(4, 3, 3, 6)), jnp.float32)
   out = {}
-  for impl in ("lax", "matmul"):
-    bn = layers.BatchNorm(impl=impl)
+  for name, bn in (("plain", layers.BatchNorm()), ("lax", cpu.BatchNorm(impl="lax")),
+                   ("matmul", cpu.BatchNorm(impl="matmul"))):
     v = bn.init(jax.random.key(0), x, use_running_average=False)
     y, upd = bn.apply(v, x, use_running_average=False, mutable=["batch_stats"])
-    out[impl] = (y, upd, bn.apply({**v, **upd}, x, use_running_average=True))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
-               out["matmul"], out["lax"])
+    grads = jax.grad(lambda v, x, ra: jnp.sum(jnp.sin(bn.apply(v, x, use_running_average=ra,
+                                                               mutable=["batch_stats"])[0])),
+                     (0, 1))
+    out[name] = (y, upd, bn.apply({**v, **upd}, x, use_running_average=True),
+                 grads(v, x, False), grads(v, x, True))
+  for name in ("lax", "matmul"):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+                 out[name], out["plain"])
+
+
+def test_batchnorm_running_variance_is_unbiased_as_torch():
+  x = jnp.asarray([[[[1.0]]], [[[3.0]]]])  # batch 2 on a 1×1 map: biased var 1, unbiased 2
+  for bn in (layers.BatchNorm(momentum=0.0), cpu.BatchNorm(momentum=0.0, impl="matmul")):
+    v = bn.init(jax.random.key(0), x, use_running_average=False)
+    _, upd = bn.apply(v, x, use_running_average=False, mutable=["batch_stats"])
+    np.testing.assert_allclose(upd["batch_stats"]["var"], [2.0])
+    np.testing.assert_allclose(upd["batch_stats"]["mean"], [2.0])
 
 
 def test_max_pool_matches_reduce_window_values_and_gradients_with_ties():
@@ -219,8 +246,8 @@ def test_max_pool_matches_reduce_window_values_and_gradients_with_ties():
   # post-ReLU-like input: many exact ties (zeros), which must send the gradient to the first maximum
   x = jnp.asarray(np.maximum(r.normal(size=(2, 7, 6, 3)), 0.0).round(1), jnp.float32)
   ct = jnp.asarray(r.normal(size=(2, 4, 3, 3)), jnp.float32)
-  got_y, got_pull = jax.vjp(lambda x: layers.max_pool_3x3_s2(x, impl="matmul"), x)
-  want_y, want_pull = jax.vjp(lambda x: layers.max_pool_3x3_s2(x, impl="lax"), x)
+  got_y, got_pull = jax.vjp(lambda x: cpu.max_pool(x, impl="matmul"), x)
+  want_y, want_pull = jax.vjp(layers.max_pool_3x3_s2, x)
   np.testing.assert_array_equal(got_y, want_y)
   np.testing.assert_allclose(got_pull(ct)[0], want_pull(ct)[0], rtol=1e-6, atol=1e-6)
 
@@ -233,3 +260,44 @@ def test_fusion_barrier_returns_its_input_and_stays_a_conditional(w):
   np.testing.assert_array_equal(f(x, witness), x)
   # The point of it: XLA keeps the conditional (a fusion boundary) instead of folding it away.
   assert "conditional(" in f.lower(x, witness).compile().as_text()
+
+
+# --- Moved from tests/test_optim.py: the frozen part's gradients are skipped on every CPU path -------
+
+
+def _frozen_grad_fn(spec, frozen_prefixes, layers_):
+  """Gradient of a train-mode loss with respect to the params outside ``frozen_prefixes`` (the
+  others held constant, their BatchNorms frozen), as jaxft.optim's split/merge arranges it."""
+  net = Network(spec, frozen_bn=frozen_prefixes, layers=layers_)
+
+  def loss(trainable, frozen, batch_stats, x, y):
+    variables = {"params": {**frozen, **trainable}, "batch_stats": batch_stats}
+    logits, new = net.apply(variables, x, train=True, mutable=["batch_stats"])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), new["batch_stats"]
+
+  return jax.grad(loss, has_aux=True)
+
+
+def test_frozen_part_gets_no_gradient_computation_on_cpu_paths():
+  model = create_model("cifar_resnet20", jax.random.PRNGKey(0), num_classes=10)
+  x, y = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3)), jnp.array([3, 7])
+  flops, oned = {}, {}
+  with_onednn = jax.default_backend() == "cpu" and jax.device_count() == 1 and onednn.load()
+  for name, frozen_names in (("all", ()), ("frozen", ("stem", "layer1"))):
+    tr = {k: v for k, v in model.params.items() if k not in frozen_names}
+    fr = {k: v for k, v in model.params.items() if k in frozen_names}
+    args = (tr, fr, model.batch_stats, x, y)
+    # The GEMM-formulated convolutions skip the frozen part's work (custom calls, as in the oneDNN
+    # path, have no cost model, hence hybrid here).
+    g = _frozen_grad_fn(model.spec, frozen_names, cpu.cpu_layers("hybrid"))
+    flops[name] = jax.jit(g).lower(*args).cost_analysis()["flops"]
+    if with_onednn:  # and so do oneDNN's: XLA drops the unused custom calls
+      g = _frozen_grad_fn(model.spec, frozen_names, cpu.cpu_layers("onednn"))
+      hlo = jax.jit(g).lower(*args).compile().as_text()
+      oned[name] = (hlo.count("custom_call_target=\"jaxft_onednn_conv_bwd_weights\""),
+                    hlo.count("custom_call_target=\"jaxft_onednn_conv_bwd_data\""))
+  assert flops["frozen"] < 0.8 * flops["all"]
+  # ResNet-20: 19 convs, 19 kernel gradients and 18 input gradients when all train; stem and layer1
+  # (7 convs) frozen: 12 kernel gradients, 11 input gradients (none into layer1's output).
+  if oned:
+    assert oned == {"all": (19, 18), "frozen": (12, 11)}

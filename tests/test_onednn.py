@@ -1,5 +1,6 @@
-"""oneDNN convolutions (jaxft.models.onednn): values and both gradients equal ``lax.conv``; the
-automatic choice uses them; without oneDNN everything falls back or fails with one clear error."""
+"""oneDNN convolutions (jaxft.cpu.onednn): values and both gradients equal ``lax.conv``; the
+automatic choice uses them once loaded; without oneDNN everything falls back or fails with one clear
+error; building is an explicit step."""
 
 import os
 import threading
@@ -10,8 +11,9 @@ import numpy as np
 import pytest
 from jax import lax
 
-from jaxft.models import conv, onednn
-
+from jaxft.cpu import onednn
+from jaxft.cpu.impl import resolve_impl
+from jaxft.cpu.layers import Conv
 
 
 @pytest.fixture
@@ -20,7 +22,7 @@ def needs_onednn():
   (CI) a build failure is this test's error instead."""
   if jax.default_backend() != "cpu":
     pytest.skip("oneDNN convolutions are for the CPU backend")
-  if not onednn.available():
+  if not onednn.load():
     pytest.skip(f"oneDNN {onednn.status()}")
 
 
@@ -91,7 +93,7 @@ def test_conv_under_vmap_and_second_call_with_a_new_geometry():
 
 @pytest.mark.usefixtures("needs_onednn")
 def test_auto_uses_onednn_on_large_maps_and_gemms_on_tiny_ones():
-  module = conv.Conv(8, (3, 3), padding=((1, 1), (1, 1)))
+  module = Conv(8, (3, 3), padding=((1, 1), (1, 1)))
   big, tiny = jnp.zeros((2, 8, 8, 4)), jnp.zeros((2, 2, 2, 4))
   v = module.init(jax.random.key(0), big)
   hlo = lambda x: jax.jit(jax.value_and_grad(lambda v, x: module.apply(v, x).sum())).lower(
@@ -111,7 +113,7 @@ def test_auto_uses_onednn_on_large_maps_and_gemms_on_tiny_ones():
     (2, "onednn", jnp.float32, "onednn"),
 ])
 def test_grouped_and_depthwise_routing(groups, impl, dtype, expect):
-  module = conv.Conv(8, (3, 3), padding=((1, 1), (1, 1)), feature_group_count=groups, impl=impl,
+  module = Conv(8, (3, 3), padding=((1, 1), (1, 1)), feature_group_count=groups, impl=impl,
                      dtype=dtype)
   x = jnp.asarray(np.random.default_rng(4).normal(size=(2, 6, 6, 8)), jnp.float32)
   v = module.init(jax.random.key(0), x)
@@ -129,7 +131,7 @@ def test_grouped_and_depthwise_routing(groups, impl, dtype, expect):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_conv_module_onednn_equals_lax_and_falls_back_for_bfloat16(dtype):
   kw = dict(features=6, kernel_size=(3, 3), strides=2, padding=((1, 1), (1, 1)), dtype=dtype)
-  fast, plain = conv.Conv(impl="onednn", **kw), conv.Conv(impl="lax", **kw)
+  fast, plain = Conv(impl="onednn", **kw), Conv(impl="lax", **kw)
   x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 9, 9, 3)), jnp.float32)
   v = plain.init(jax.random.key(0), x)
   assert jax.tree.map(jnp.shape, fast.init(jax.random.key(0), x)) == jax.tree.map(jnp.shape, v)
@@ -192,10 +194,10 @@ def test_supported_rejects_what_onednn_cannot_compute():
   ok = dict(x_shape=(2, 8, 8, 4), kernel_shape=(3, 3, 4, 6), dtype=jnp.float32, strides=(1, 1),
             padding=((1, 1), (1, 1)))
   cpu_alone = jax.default_backend() == "cpu" and jax.device_count() == 1
-  assert onednn.supported(**ok) == (cpu_alone and onednn.available())
+  assert onednn.supported(**ok) == (cpu_alone and onednn.loaded())
   assert not onednn.supported(**{**ok, "dtype": jnp.bfloat16})
   assert onednn.supported(**{**ok, "kernel_shape": (3, 3, 2, 6)}, groups=2) == (
-      cpu_alone and onednn.available())
+      cpu_alone and onednn.loaded())
   assert not onednn.supported(**ok, groups=2)  # kernel has 4 input channels, not 4 / 2
   assert not onednn.supported(**{**ok, "kernel_shape": (3, 3, 1, 6)}, groups=4)  # 6 % 4
   assert not onednn.supported(**{**ok, "padding": ((-1, 1), (1, 1))})
@@ -214,19 +216,19 @@ def no_onednn(monkeypatch):
 
 def test_without_onednn_auto_falls_back_and_explicit_choice_fails_clearly(no_onednn, monkeypatch):
   monkeypatch.delenv("JAXFT_ONEDNN", raising=False)
-  assert not onednn.available()
+  assert not onednn.load() and not onednn.loaded()
   assert onednn.status() == "unavailable (RuntimeError: no compiler (test))"
   if jax.default_backend() == "cpu":
-    assert conv.resolve_impl("auto", 10**6) == "hybrid"
-  module = conv.Conv(4, (3, 3), padding=((1, 1), (1, 1)), impl="onednn")
+    assert resolve_impl("auto", 10**6) == "hybrid"
+  module = Conv(4, (3, 3), padding=((1, 1), (1, 1)), impl="onednn")
   with pytest.raises(onednn.OneDNNUnavailableError,
                      match=r"conv impl 'onednn' but oneDNN is unavailable \(RuntimeError: no "):
     module.init(jax.random.key(0), jnp.zeros((1, 6, 6, 2)))
   monkeypatch.setenv("JAXFT_ONEDNN", "1")  # CI: must not silently fall back
   with pytest.raises(onednn.OneDNNUnavailableError, match="JAXFT_ONEDNN=1 but oneDNN"):
-    onednn.available()
+    onednn.load()
   monkeypatch.setenv("JAXFT_ONEDNN", "0")
-  assert not onednn.available() and onednn.status() == "off (JAXFT_ONEDNN=0)"
+  assert not onednn.load() and onednn.status() == "off (JAXFT_ONEDNN=0)"
 
 
 def test_build_failure_names_the_fix_and_leaves_no_file(tmp_path, monkeypatch):
@@ -249,3 +251,22 @@ def test_build_writes_the_library_into_the_cache_dir(tmp_path, monkeypatch):
       "libjaxft_onednn-")
   assert os.listdir(tmp_path) == [os.path.basename(path)]  # no temporary file left behind
   assert onednn.build() == path  # cached: not rebuilt
+
+
+def test_nothing_is_built_or_loaded_before_the_explicit_step(tmp_path, monkeypatch):
+  # A fresh process state (as before jaxft.cpu.enable()): the questions asked while tracing answer
+  # "no" and build nothing; an explicit impl="onednn" fails naming the fix.
+  monkeypatch.setattr(onednn, "_state", {})
+  monkeypatch.setenv("JAXFT_NATIVE_CACHE_DIR", str(tmp_path))
+  monkeypatch.delenv("JAXFT_ONEDNN", raising=False)
+  assert not onednn.loaded()
+  assert onednn.status() == "not loaded (not built; jaxft.cpu.enable() loads it)"
+  assert not onednn.supported((2, 8, 8, 4), (3, 3, 4, 6), jnp.float32, (1, 1), ((1, 1), (1, 1)))
+  if jax.default_backend() == "cpu":
+    assert resolve_impl("auto", 10**6) == "hybrid"
+    module = Conv(4, (3, 3), padding=((1, 1), (1, 1)), impl="onednn")
+    with pytest.raises(onednn.OneDNNUnavailableError, match=r"oneDNN is not loaded \(not built; "):
+      jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 6, 6, 2)))
+  with pytest.raises(onednn.OneDNNUnavailableError, match="oneDNN convolutions are not loaded"):
+    onednn.forward(jnp.ones((1, 4, 4, 4)), jnp.ones((3, 3, 4, 6)), (1, 1), ((1, 1), (1, 1)))
+  assert os.listdir(tmp_path) == []

@@ -1,4 +1,4 @@
-"""jaxft.runtime.retain_freed_memory: freed blocks are reused instead of faulted in again."""
+"""jaxft.cpu.allocator: glibc keeps freed blocks for reuse; the CLIs relaunch under tcmalloc."""
 
 import os
 import platform
@@ -10,8 +10,8 @@ import pytest
 _CHURN = r"""
 import ctypes, ctypes.util, resource, sys
 if sys.argv[1] == "tuned":
-  from jaxft import runtime
-  assert runtime.retain_freed_memory()
+  from jaxft.cpu import allocator
+  assert allocator.retain_freed_memory()
 libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
 libc.malloc.argtypes = (ctypes.c_size_t,)
@@ -29,7 +29,7 @@ print(*faults)
 
 
 def _faults(mode: str, size: int) -> list[int]:
-  env = dict(os.environ, JAXFT_MALLOC_TUNING="1" if mode == "tuned" else "0")
+  env = dict(os.environ)
   out = subprocess.run([sys.executable, "-c", _CHURN, mode, str(size)], env=env, capture_output=True,
                        text=True, check=True, timeout=120)
   return [int(v) for v in out.stdout.split()]
@@ -53,10 +53,10 @@ def test_freed_blocks_are_reused_instead_of_faulted_in_again(size):
 
 _RELAUNCH = r"""
 import os, sys
-from jaxft import runtime
-runtime.relaunch_with_tcmalloc()  # this script, same interpreter options and arguments
+from jaxft.cpu import allocator
+allocator.relaunch_with_tcmalloc()  # this script, same interpreter options and arguments
 assert sys.flags.dont_write_bytecode  # -B survived the relaunch
-print(runtime.loaded_allocator(), os.environ.get("LD_PRELOAD", ""), *sys.argv[1:])
+print(allocator.loaded_allocator(), os.environ.get("LD_PRELOAD", ""), *sys.argv[1:])
 """
 
 
@@ -65,43 +65,46 @@ def _relaunched(tmp_path, env: dict[str, str]) -> list[str]:
   script.write_text(_RELAUNCH)
   inherited = {k: v for k, v in os.environ.items()
                if k not in ("LD_PRELOAD", "JAXFT_TCMALLOC", "JAXFT_TCMALLOC_RELAUNCHED")}
-  env = {**inherited, **env}
+  # The script lives outside the repository: make it import this checkout's jaxft.
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  path = os.pathsep.join(p for p in (root, inherited.get("PYTHONPATH", "")) if p)
+  env = {**inherited, "PYTHONPATH": path, **env}
   out = subprocess.run([sys.executable, "-B", str(script), "arg1", "--flag=2"], env=env,
                        capture_output=True, text=True, check=True, timeout=120)
   return out.stdout.split()
 
 
 def test_tcmalloc_env_prepends_once_and_leaves_the_input_alone():
-  from jaxft import runtime
+  from jaxft.cpu import allocator
   env = {"LD_PRELOAD": "/a/other.so:/t/libtcmalloc.so", "X": "1"}
-  out = runtime.tcmalloc_env(env, "/t/libtcmalloc.so")
+  out = allocator.tcmalloc_env(env, "/t/libtcmalloc.so")
   assert out == {"LD_PRELOAD": "/t/libtcmalloc.so:/a/other.so", "X": "1"}
   assert env == {"LD_PRELOAD": "/a/other.so:/t/libtcmalloc.so", "X": "1"}
-  assert runtime.tcmalloc_env({}, "/t/libtcmalloc.so") == {"LD_PRELOAD": "/t/libtcmalloc.so"}
-  assert runtime.without_tcmalloc(out) == {"LD_PRELOAD": "/a/other.so", "X": "1"}
-  assert runtime.without_tcmalloc({"LD_PRELOAD": "/t/libtcmalloc_minimal.so.4"}) == {}
+  assert allocator.tcmalloc_env({}, "/t/libtcmalloc.so") == {"LD_PRELOAD": "/t/libtcmalloc.so"}
+  assert allocator.without_tcmalloc(out) == {"LD_PRELOAD": "/a/other.so", "X": "1"}
+  assert allocator.without_tcmalloc({"LD_PRELOAD": "/t/libtcmalloc_minimal.so.4"}) == {}
   assert out == {"LD_PRELOAD": "/t/libtcmalloc.so:/a/other.so", "X": "1"}
 
 
 def test_find_tcmalloc_obeys_the_environment(tmp_path):
-  from jaxft import runtime
-  assert runtime.find_tcmalloc({"JAXFT_TCMALLOC": "0"}) is None
-  assert runtime.find_tcmalloc({"JAXFT_TCMALLOC": str(tmp_path / "missing.so")}) is None
+  from jaxft.cpu import allocator
+  assert allocator.find_tcmalloc({"JAXFT_TCMALLOC": "0"}) is None
+  assert allocator.find_tcmalloc({"JAXFT_TCMALLOC": str(tmp_path / "missing.so")}) is None
   not_a_library = tmp_path / "notes.txt"
   not_a_library.write_text("hello")  # ld.so would print an error for it in every child process
-  assert runtime.find_tcmalloc({"JAXFT_TCMALLOC": str(not_a_library)}) is None
+  assert allocator.find_tcmalloc({"JAXFT_TCMALLOC": str(not_a_library)}) is None
   lib = tmp_path / "libtcmalloc_minimal.so.4"
   lib.write_bytes(b"\x7fELF" + bytes(60))
   expected = str(lib) if platform.system() == "Linux" else None
-  assert runtime.find_tcmalloc({"JAXFT_TCMALLOC": str(lib)}) == expected
+  assert allocator.find_tcmalloc({"JAXFT_TCMALLOC": str(lib)}) == expected
 
 
 @pytest.mark.skipif(platform.system() != "Linux", reason="LD_PRELOAD: Linux only")
 def test_relaunch_runs_the_same_command_under_tcmalloc_or_not_at_all(tmp_path):
-  from jaxft import runtime
+  from jaxft.cpu import allocator
   # Opted out: the script runs once, in place, with glibc's malloc.
   assert _relaunched(tmp_path, {"JAXFT_TCMALLOC": "0"}) == ["glibc", "arg1", "--flag=2"]
-  library = runtime.find_tcmalloc({})
+  library = allocator.find_tcmalloc({})
   if library is None:
     pytest.skip("no tcmalloc on this machine (.ci/run installs libtcmalloc-minimal4)")
   # Relaunched once (no loop), same arguments, tcmalloc mapped in.
@@ -109,11 +112,11 @@ def test_relaunch_runs_the_same_command_under_tcmalloc_or_not_at_all(tmp_path):
 
 
 def test_relaunch_that_cannot_start_returns_instead(tmp_path, monkeypatch):
-  from jaxft import runtime
+  from jaxft.cpu import allocator
   lib = tmp_path / "libtcmalloc_minimal.so.4"
   lib.write_bytes(b"\x7fELF" + bytes(60))
   monkeypatch.setenv("JAXFT_TCMALLOC", str(lib))
   monkeypatch.delenv("JAXFT_TCMALLOC_RELAUNCHED", raising=False)
-  runtime.relaunch_with_tcmalloc([str(tmp_path / "no-such-python"), "-c", "pass"])  # returns
-  runtime.relaunch_with_tcmalloc([])
+  allocator.relaunch_with_tcmalloc([str(tmp_path / "no-such-python"), "-c", "pass"])  # returns
+  allocator.relaunch_with_tcmalloc([])
   assert "JAXFT_TCMALLOC_RELAUNCHED" not in os.environ

@@ -17,16 +17,16 @@ the machine hits both alike. Images/s is ``batch / median step time``; compile (
 reported apart; peak memory is the worker's peak RSS on CPU, the device's peak bytes in use on GPU.
 The jaxft/torch ratios are printed last.
 
-XLA:CPU flags: ``import jaxft`` sets ``jaxft.models.conv.CPU_XLA_FLAGS`` when ``XLA_FLAGS`` is unset;
-``--no-cpu-flags`` turns that off in the jaxft worker. ``import jaxft`` also tunes glibc's malloc
-(``jaxft.runtime.retain_freed_memory``); ``--no-malloc-tuning`` turns that off in the jaxft worker,
-and the torch worker runs with stock malloc unless ``--torch-malloc-tuning`` (see
-``docs/benchmarks.md``). Where tcmalloc is installed, the jaxft worker runs under it, as ``python -m
-jaxft.train`` does (``jaxft.runtime.relaunch_with_tcmalloc``; ``--no-tcmalloc`` turns that off);
-``--torch-tcmalloc`` runs the torch worker under it too. Each record names both workers' allocators.
-On CPU jaxft's convolutions are oneDNN's where it is installed (``jaxft.models.onednn``; torch's CPU
-convolutions are oneDNN's too); ``--no-onednn`` gives XLA's own, and ``jaxft_onednn`` in each record
-says which oneDNN ran.
+The jaxft worker switches the CPU backend on first thing, as ``python -m jaxft.train`` does
+(``jaxft.cpu.enable(relaunch=True)``) and builds its network with ``jaxft.cpu.network_layers()``:
+XLA:CPU flags (``jaxft.cpu.flags.CPU_XLA_FLAGS``, when ``XLA_FLAGS`` is unset; ``--no-cpu-flags``
+turns them off), glibc's malloc tuning (``jaxft.cpu.allocator.retain_freed_memory``;
+``--no-malloc-tuning``), tcmalloc where installed (``jaxft.cpu.allocator.relaunch_with_tcmalloc``;
+``--no-tcmalloc``) and oneDNN's convolutions where they build (``jaxft.cpu.onednn``; torch's CPU
+convolutions are oneDNN's too; ``--no-onednn`` gives XLA's own, and ``jaxft_onednn`` in each record
+says which oneDNN ran). The torch worker runs as stock PyTorch does, with glibc's default malloc,
+unless ``--torch-malloc-tuning`` / ``--torch-tcmalloc`` (see ``docs/benchmarks.md``). Each record
+names both workers' allocators.
 """
 
 from __future__ import annotations
@@ -40,6 +40,9 @@ import subprocess
 import sys
 import time
 from typing import Any
+
+# This checkout's jaxft, in the parent as in the workers (which get it through PYTHONPATH).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 DEFAULT_MODELS = ("resnet50", "resnet18", "cifar_resnet56", "efficientnet_lite0")
 DEFAULT_BATCH = {32: 128, 224: 32}
@@ -80,11 +83,10 @@ class JaxWorker:
   def __init__(self, w: dict[str, Any]):
     import jax  # pylint: disable=g-import-not-at-top
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    import jaxft.cpu  # pylint: disable=g-import-not-at-top
     from jaxft import models, optim, train  # pylint: disable=g-import-not-at-top
-    from jaxft.models import conv  # pylint: disable=g-import-not-at-top
 
     self.jax = jax
-    self.impl_scope = lambda: conv.impl_scope(w["conv_impl"])
     model = models.create_model(w["model"], jax.random.key(0), num_classes=w["num_classes"])
     cfg = optim.default_config()
     cfg.unlock()
@@ -92,7 +94,8 @@ class JaxWorker:
     opt = optim.build_optimizer(cfg, model.params, spec=model.spec, total_steps=10**6)
     trainable, frozen = optim.partition(model.params, opt.trainable_mask)
     dtype = jnp.bfloat16 if w["dtype"] == "bfloat16" else jnp.float32
-    net = models.Network(model.spec, dtype=dtype, frozen_bn=tuple(opt.frozen_bn))
+    net = models.Network(model.spec, dtype=dtype, frozen_bn=tuple(opt.frozen_bn),
+                         layers=jaxft.cpu.network_layers(w["conv_impl"]))
     sc = train.StepConfig(crop_padding=CROP_PADDING, flip=True, out_size=None, mean=MEAN, std=STD,
                           label_smoothing=0.0)
     self.state = jax.device_put({"step": jnp.int32(0), "params": trainable, "frozen": frozen,
@@ -110,12 +113,11 @@ class JaxWorker:
 
   def compile(self, mode: str) -> float:
     t0 = time.perf_counter()
-    with self.impl_scope():  # the conv implementation is fixed when the step is traced
-      if mode == "train":
-        lowered = self.train_step.lower(self.state, self.train_batch)
-      else:
-        lowered = self.eval_step.lower(self.state, self.eval_images)
-      compiled = lowered.compile()
+    if mode == "train":
+      lowered = self.train_step.lower(self.state, self.train_batch)
+    else:
+      lowered = self.eval_step.lower(self.state, self.eval_images)
+    compiled = lowered.compile()
     try:
       ma = compiled.memory_analysis()
       self.memory[mode] = (ma.temp_size_in_bytes + ma.argument_size_in_bytes
@@ -311,8 +313,16 @@ class TorchWorker:
     return out
 
 
-def worker_main(framework: str) -> None:
+def worker_main(framework: str, args: argparse.Namespace) -> None:
   """Serves JSON commands from stdin, one per line; answers on stdout after ``_TAG``."""
+  from jaxft.cpu import allocator  # pylint: disable=g-import-not-at-top
+  if framework == "jaxft":
+    import jaxft.cpu  # pylint: disable=g-import-not-at-top
+    # Before JAX starts and before stdin is read (a relaunch re-executes this worker with the same
+    # pipes); JAXFT_CPU_FLAGS / JAXFT_MALLOC_TUNING / JAXFT_ONEDNN from the parent are its opt-outs.
+    jaxft.cpu.enable(relaunch=not args.no_tcmalloc)
+  elif args.torch_malloc_tuning:
+    allocator.retain_freed_memory()
   out = sys.stdout
   sys.stdout = sys.stderr  # library chatter must not corrupt the protocol
   worker = None
@@ -320,14 +330,10 @@ def worker_main(framework: str) -> None:
     cmd = json.loads(line)
     try:
       if cmd["op"] == "setup":
-        if framework == "jaxft" and not cmd["no_cpu_flags"]:
-          from jaxft.models import conv  # pylint: disable=g-import-not-at-top
-          conv.configure_cpu()
         worker = (JaxWorker if framework == "jaxft" else TorchWorker)(cmd)
-        from jaxft import runtime  # pylint: disable=g-import-not-at-top
-        reply: Any = {"device": worker.device, "allocator": runtime.loaded_allocator()}
+        reply: Any = {"device": worker.device, "allocator": allocator.loaded_allocator()}
         if framework == "jaxft":
-          from jaxft.models import onednn  # pylint: disable=g-import-not-at-top
+          from jaxft.cpu import onednn  # pylint: disable=g-import-not-at-top
           reply["onednn"] = onednn.status()
       elif cmd["op"] == "compile":
         reply = worker.compile(cmd["mode"])
@@ -351,10 +357,11 @@ def worker_main(framework: str) -> None:
 class Worker:
   """A worker process and its command pipe."""
 
-  def __init__(self, framework: str, env: dict[str, str]):
+  def __init__(self, framework: str, env: dict[str, str], flags: list[str]):
     self.framework = framework
-    self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", framework],
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", framework,
+                                  *flags], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                 env=env)
 
   def ask(self, **cmd: Any) -> Any:
     self.proc.stdin.write(json.dumps(cmd) + "\n")
@@ -384,26 +391,26 @@ def bench_workload(w: dict[str, Any], args: argparse.Namespace) -> list[dict[str
   env["PYTHONPATH"] = os.pathsep.join(
       [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env.get("PYTHONPATH", "")])
   frameworks = ["jaxft"] + ([] if args.no_torch else ["torch"])
+  # The torch worker imports jaxft only for model specs and runs as stock PyTorch does.
+  torch_env = dict(env)
+  # The jaxft worker's opt-outs, read by jaxft.cpu.enable().
   if args.no_cpu_flags:
-    env["JAXFT_CPU_FLAGS"] = "0"  # `import jaxft` would otherwise set them (jaxft/__init__.py)
+    env["JAXFT_CPU_FLAGS"] = "0"
   if args.no_malloc_tuning:
     env["JAXFT_MALLOC_TUNING"] = "0"
   if args.no_onednn:
     env["JAXFT_ONEDNN"] = "0"
-  # The torch worker imports jaxft only for model specs; it runs as stock PyTorch does, with glibc's
-  # default malloc, unless --torch-malloc-tuning gives it jaxft's runtime tuning too.
-  torch_env = dict(env, JAXFT_MALLOC_TUNING="1" if args.torch_malloc_tuning else "0")
-  # The jaxft worker runs under tcmalloc when the machine has it, as `python -m jaxft.train` does
-  # (jaxft.runtime.relaunch_with_tcmalloc); the torch worker only with --torch-tcmalloc.
-  from jaxft import runtime  # pylint: disable=g-import-not-at-top
-  tcmalloc = runtime.find_tcmalloc()
-  # A tcmalloc already in this process's LD_PRELOAD goes only to the workers that want it.
-  env, torch_env = runtime.without_tcmalloc(env), runtime.without_tcmalloc(torch_env)
-  if tcmalloc and not args.no_tcmalloc:
-    env = runtime.tcmalloc_env(env, tcmalloc)
+  from jaxft.cpu import allocator  # pylint: disable=g-import-not-at-top
+  # A tcmalloc already in this process's LD_PRELOAD goes only to the workers that want it: the jaxft
+  # worker relaunches itself under tcmalloc (unless --no-tcmalloc), the torch worker gets it only with
+  # --torch-tcmalloc.
+  env, torch_env = allocator.without_tcmalloc(env), allocator.without_tcmalloc(torch_env)
+  tcmalloc = allocator.find_tcmalloc()
   if tcmalloc and args.torch_tcmalloc:
-    torch_env = runtime.tcmalloc_env(torch_env, tcmalloc)
-  workers = {f: Worker(f, torch_env if f == "torch" else env) for f in frameworks}
+    torch_env = allocator.tcmalloc_env(torch_env, tcmalloc)
+  flags = {"jaxft": ["--no-tcmalloc"] if args.no_tcmalloc else [],
+           "torch": ["--torch-malloc-tuning"] if args.torch_malloc_tuning else []}
+  workers = {f: Worker(f, torch_env if f == "torch" else env, flags[f]) for f in frameworks}
   records = []
   try:
     setups = {f: wk.ask(op="setup", **w) for f, wk in workers.items()}
@@ -470,15 +477,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                  help="interleaving rounds (default: steps/2, i.e. 2 steps per turn)")
   p.add_argument("--num-classes", type=int, default=10)
   p.add_argument("--conv-impl", default="auto", choices=("auto", "lax", "matmul", "hybrid", "onednn"),
-                 help="jaxft convolution implementation (auto: see jaxft.models.conv.resolve_impl)")
+                 help="jaxft convolution implementation (auto: see jaxft.cpu.impl.resolve_impl)")
   p.add_argument("--no-onednn", action="store_true",
                  help="jaxft worker with XLA's own convolutions only (sets JAXFT_ONEDNN=0)")
   p.add_argument("--no-cpu-flags", action="store_true",
-                 help="jaxft worker without jaxft.models.conv.CPU_XLA_FLAGS (sets JAXFT_CPU_FLAGS=0)")
+                 help="jaxft worker without jaxft.cpu.flags.CPU_XLA_FLAGS (sets JAXFT_CPU_FLAGS=0)")
   p.add_argument("--no-malloc-tuning", action="store_true",
-                 help="jaxft worker without jaxft.runtime.retain_freed_memory (JAXFT_MALLOC_TUNING=0)")
+                 help="jaxft worker without jaxft.cpu.allocator.retain_freed_memory "
+                 "(JAXFT_MALLOC_TUNING=0)")
   p.add_argument("--torch-malloc-tuning", action="store_true",
-                 help="apply jaxft.runtime.retain_freed_memory to the torch worker too")
+                 help="apply jaxft.cpu.allocator.retain_freed_memory to the torch worker too")
   p.add_argument("--no-tcmalloc", action="store_true",
                  help="jaxft worker with glibc malloc even where tcmalloc is installed")
   p.add_argument("--torch-tcmalloc", action="store_true",
@@ -500,7 +508,7 @@ def main(argv: list[str]) -> int:
     if args.worker == "torch" and args.threads:
       import torch  # pylint: disable=g-import-not-at-top
       torch.set_num_threads(args.threads)
-    worker_main(args.worker)
+    worker_main(args.worker, args)
     return 0
   names = available_models([m for m in args.models.split(",") if m])
   sizes = [int(s) for s in args.sizes.split(",") if s]

@@ -1,4 +1,4 @@
-"""Per-pass speed of each convolution formulation on this machine (the data behind ``conv.py``'s plan).
+"""Per-pass speed of each CPU convolution formulation on this machine (the data behind ``jaxft.cpu``'s plan).
 
     python tools/bench_conv_passes.py                 # ResNet-50 convs at 224 px, batch 32: GFLOP/s
     python tools/bench_conv_passes.py --size 32 --batch 128
@@ -7,14 +7,15 @@
 
 For every distinct convolution of torchvision's ResNet-50 at the given image size it times, in
 GFLOP/s: ``lax.conv`` forward, the patch-GEMM forward, XLA's kernel gradient and input gradient, and
-the GEMM gradients (``jaxft.models.conv._gemm_conv_bwd``). ``--floor`` instead times the three GEMMs
+the GEMM gradients (``jaxft.cpu.conv._gemm_conv_bwd``). ``--floor`` instead times the three GEMMs
 of every convolution (forward, kernel gradient, input gradient; live taps only) as plain 2-D dots and
 prints their sum over the network, i.e. the least time any GEMM formulation of one training step can
 take with this machine's dot. ``--torch`` times each convolution's forward pass plus both gradients
 with jaxft's automatic choice (``impl="auto"``) and with a channels-last ``torch.nn.Conv2d`` in the same
 process, and prints the torch/jaxft time ratio per convolution and for the whole network (> 1: jaxft
-faster). XLA flags are :data:`jaxft.models.conv.CPU_XLA_FLAGS` unless
-``XLA_FLAGS`` is set.
+faster). The CPU backend is switched on first (``jaxft.cpu.enable()``): XLA flags are
+:data:`jaxft.cpu.flags.CPU_XLA_FLAGS` unless ``XLA_FLAGS`` is set, and ``auto`` uses oneDNN where it
+builds.
 """
 
 from __future__ import annotations
@@ -57,9 +58,10 @@ def main() -> None:
                   help="jaxft's automatic plan against torch's channels-last conv, fwd + both grads")
   args = ap.parse_args()
 
-  from jaxft.models import conv  # pylint: disable=g-import-not-at-top
-  conv.configure_cpu()
+  import jaxft.cpu  # pylint: disable=g-import-not-at-top
+  jaxft.cpu.enable()  # before JAX starts: flags, allocator, oneDNN
   import jax  # pylint: disable=g-import-not-at-top
+  from jaxft.cpu import conv  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from jax import lax  # pylint: disable=g-import-not-at-top
 
@@ -133,7 +135,7 @@ def _versus_torch(x, w, dy, strides, pad, timed) -> tuple[float, float, float]:
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
-  from jaxft.models import conv  # pylint: disable=g-import-not-at-top
+  from jaxft.cpu import conv  # pylint: disable=g-import-not-at-top
 
   h, cin = x.shape[1], x.shape[-1]
   k, cout = w.shape[0], w.shape[-1]

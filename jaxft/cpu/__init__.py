@@ -1,24 +1,112 @@
-"""The CPU backend (scaffold: the redesign moves every CPU-specific piece here).
+"""The CPU backend: everything jaxft does to run fast on XLA:CPU, switched on by one explicit call.
 
-``enable()`` is the one explicit switch; ``network_layers()`` returns the layers a ``Network`` should use.
+``import jaxft`` (and importing this package) changes nothing in the process. A command-line entry
+point — or a library user who wants the CPU speed-ups — calls :func:`enable` first thing, before JAX
+starts, and builds networks with :func:`network_layers`::
+
+  import jaxft.cpu
+  jaxft.cpu.enable()                       # before any JAX array exists
+  net = jaxft.models.Network(spec, layers=jaxft.cpu.network_layers())
+
+Modules, one idea each: :mod:`~jaxft.cpu.flags` (the XLA flag choice), :mod:`~jaxft.cpu.allocator`
+(glibc malloc tuning, tcmalloc relaunch), :mod:`~jaxft.cpu.onednn` (oneDNN convolutions as XLA custom
+calls: build, load, call), :mod:`~jaxft.cpu.impl` (which formulation each layer runs),
+:mod:`~jaxft.cpu.conv` and :mod:`~jaxft.cpu.winograd` (convolutions as GEMMs), :mod:`~jaxft.cpu.norm`
+and :mod:`~jaxft.cpu.pool` (BatchNorm and max-pool VJPs), :mod:`~jaxft.cpu.layers` (the flax layers
+built from them), :mod:`~jaxft.cpu.clip` (gradient clipping by a GEMV norm). ``python -m jaxft.cpu
+build`` builds the oneDNN wrapper ahead of time; ``python -m jaxft.cpu status`` says what is in use.
 """
 
 from __future__ import annotations
 
-from jaxft.models.layers import Layers
+import os
+from typing import TYPE_CHECKING, Any
+
+from jaxft.cpu import allocator, flags
+
+if TYPE_CHECKING:
+  from jaxft.models.layers import Layers
+
+_enabled = False
 
 
 def enable(*, relaunch: bool = False) -> None:
-  """Switches the process-wide CPU speed-ups on; ``relaunch`` (CLIs only) may re-exec under tcmalloc."""
-  del relaunch
+  """Switches the process-wide CPU speed-ups on. Call it once, before any JAX computation.
+
+  In order:
+
+  1. ``relaunch`` (command-line entry points only): re-executes this process under tcmalloc where the
+     machine has it (:func:`jaxft.cpu.allocator.relaunch_with_tcmalloc`; ``JAXFT_TCMALLOC=0`` opts
+     out, ``JAXFT_TCMALLOC=/path/lib.so`` picks one). When it relaunches, it does not return: the new
+     process runs from the start and calls this again.
+  2. XLA flags (:data:`jaxft.cpu.flags.CPU_XLA_FLAGS`) added to ``os.environ["XLA_FLAGS"]`` — only
+     when the user has set no ``XLA_FLAGS`` and ``JAXFT_CPU_FLAGS`` is not ``0``, and only before the
+     first backend starts.
+  3. glibc's malloc keeps freed memory for reuse (:func:`jaxft.cpu.allocator.retain_freed_memory`;
+     ``JAXFT_MALLOC_TUNING=0`` opts out).
+  4. The oneDNN convolutions are built (cached in ``$JAXFT_NATIVE_CACHE_DIR``, default
+     ``~/.cache/jaxft/native``) and loaded (:func:`jaxft.cpu.onednn.load`; ``JAXFT_ONEDNN=0`` skips
+     this, ``JAXFT_ONEDNN=1`` makes a failure an error; otherwise a failure means XLA's own
+     convolutions).
+
+  Afterwards :func:`network_layers` returns the CPU layers (on a CPU default backend). Calling it
+  again does steps 2–4 again, which change nothing the second time.
+
+  Raises:
+    jaxft.cpu.onednn.OneDNNUnavailableError: ``JAXFT_ONEDNN=1`` and oneDNN cannot be built or loaded.
+  """
+  global _enabled
+  if relaunch:
+    allocator.relaunch_with_tcmalloc()
+  if "XLA_FLAGS" not in os.environ and os.environ.get(flags.FLAGS_ENV, "1") != "0":
+    flags.configure_cpu()
+  if os.environ.get(allocator.MALLOC_TUNING_ENV, "1") != "0":
+    allocator.retain_freed_memory()
+  from jaxft.cpu import onednn  # pylint: disable=g-import-not-at-top  # imports jax: after the relaunch
+  onednn.load()
+  _enabled = True
 
 
-def network_layers() -> Layers:
-  """Returns the layer implementations for ``Network(layers=...)`` on this process's backend."""
-  return Layers()
+def enabled() -> bool:
+  """Whether :func:`enable` has been called in this process."""
+  return _enabled
+
+
+def network_layers(impl: str = "auto") -> "Layers":
+  """Returns the layers for ``Network(layers=...)``: the CPU backend's
+  (:func:`jaxft.cpu.layers.cpu_layers` with ``impl``) once :func:`enable` was called and the default
+  backend is CPU, else the plain :class:`~jaxft.models.layers.Layers` (GPU/TPU, or not enabled).
+
+  Raises:
+    ValueError: for an unknown ``impl`` (see :data:`jaxft.cpu.impl.IMPLS`).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from jaxft.cpu.layers import cpu_layers  # pylint: disable=g-import-not-at-top
+  from jaxft.models.layers import Layers  # pylint: disable=g-import-not-at-top
+  layers = cpu_layers(impl)  # validates impl everywhere
+  return layers if _enabled and jax.default_backend() == "cpu" else Layers()
 
 
 def status() -> str:
-  """Returns one line saying which CPU kernels are in use."""
-  from jaxft.models import onednn  # pylint: disable=g-import-not-at-top
-  return onednn.status()
+  """Returns one line: whether :func:`enable` ran, the allocator in use, the oneDNN convolutions in
+  use (or why none are) and the XLA flags. Builds and loads nothing."""
+  from jaxft.cpu import onednn  # pylint: disable=g-import-not-at-top
+  state = "enabled" if _enabled else "not enabled"
+  xla = os.environ.get("XLA_FLAGS", "") or "unset"
+  return (f"jaxft.cpu {state}; allocator {allocator.loaded_allocator()}; oneDNN convolutions "
+          f"{onednn.status()}; XLA_FLAGS {xla}")
+
+
+_LAZY = {"impl_scope": "jaxft.cpu.impl", "cpu_layers": "jaxft.cpu.layers",
+         "clip_by_global_norm": "jaxft.cpu.clip", "OneDNNUnavailableError": "jaxft.cpu.onednn"}
+
+
+def __getattr__(name: str) -> Any:
+  # PEP 562: these need jax and flax, which `import jaxft.cpu` must not load (enable() relaunches first).
+  if name in _LAZY:
+    import importlib  # pylint: disable=g-import-not-at-top
+    return getattr(importlib.import_module(_LAZY[name]), name)
+  raise AttributeError(f"module 'jaxft.cpu' has no attribute {name!r}")
+
+
+__all__ = ["enable", "enabled", "network_layers", "status", *_LAZY]

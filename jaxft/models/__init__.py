@@ -83,7 +83,8 @@ def get_spec(arch: str, num_classes: int | None = None) -> ModelSpec:
 
 
 def pretrained_cfg(arch: str) -> dict[str, Any]:
-  """Returns a copy of the pretrained-variant defaults of ``arch`` (num_classes, mean, std, input_size, url)."""
+  """Returns a copy of the pretrained-variant defaults of ``arch`` (num_classes, mean, std, input_size,
+  url)."""
   return dict(_lookup(arch)[1])
 
 
@@ -98,7 +99,7 @@ def create_model(arch: str, rng: jax.Array, num_classes: int | None = None) -> M
 
 __all__ = [
     "BlockSpec", "HeadSpec", "Layers", "ModelSpec", "Network", "StageSpec", "StemSpec", "IMAGENET_MEAN",
-    "IMAGENET_STD", "LITE_VARIANTS", "Model", "abstract_variables", "cifar_resnet_spec", "create", "create_model",
-    "efficientnet_lite_spec", "get_spec", "head_module_name", "list_archs", "lite_spec", "pretrained_cfg",
-    "resnet_spec",
+    "IMAGENET_STD", "LITE_VARIANTS", "Model", "abstract_variables", "cifar_resnet_spec", "create",
+    "create_model", "efficientnet_lite_spec", "get_spec", "head_module_name", "list_archs", "lite_spec",
+    "pretrained_cfg", "resnet_spec",
 ]

@@ -19,6 +19,7 @@ Adapters grafted by surgery live at ``<stage>/<block>/adapter/{down,up}``, extra
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable
 
@@ -66,23 +67,37 @@ def padded_conv(conv: Callable[[jax.Array], jax.Array], x: jax.Array, kernel: in
   return conv(x)[tuple(windows) + (slice(None),)]
 
 
-class Stem(nn.Module):
-  """conv k×k/s + BN + act (+ 3×3/2 max-pool)."""
+@dataclasses.dataclass(frozen=True)
+class Parts:
+  """What every module of a :class:`Network` is built with (one value, passed down unchanged).
 
-  spec: StemSpec
+  Attributes:
+    bn: the BatchNorm factory, its momentum, epsilon and dtype already bound.
+    layers: the layer implementations.
+    dtype: compute dtype.
+    padding: how strided convs pad (``ModelSpec.padding``: ``torch`` or ``same``).
+  """
+
   bn: Callable[..., nn.Module]
   layers: layers_lib.Layers
   dtype: Dtype = jnp.float32
   padding: str = "torch"
 
+
+class Stem(nn.Module):
+  """conv k×k/s + BN + act (+ 3×3/2 max-pool)."""
+
+  spec: StemSpec
+  parts: Parts
+
   @nn.compact
   def __call__(self, x: jax.Array, frozen_bn: bool) -> jax.Array:
-    s = self.spec
-    conv = self.layers.conv(s.width, s.kernel, s.stride, dtype=self.dtype, name="conv")
-    x = padded_conv(conv, x, s.kernel, s.stride, self.padding)
-    x = layers_lib.activation(s.act)(self.bn(name="bn")(x, frozen_bn))
+    s, p = self.spec, self.parts
+    conv = p.layers.conv(s.width, s.kernel, s.stride, dtype=p.dtype, name="conv")
+    x = padded_conv(conv, x, s.kernel, s.stride, p.padding)
+    x = layers_lib.activation(s.act)(p.bn(name="bn")(x, frozen_bn))
     if s.pool:
-      x = self.layers.max_pool(x)
+      x = p.layers.max_pool(x)
     return x
 
 
@@ -108,35 +123,30 @@ class Block(nn.Module):
 
   spec: BlockSpec
   shortcut: str
-  bn: Callable[..., nn.Module]
-  layers: layers_lib.Layers
-  dtype: Dtype = jnp.float32
-  padding: str = "torch"
+  parts: Parts
 
   @nn.compact
   def __call__(self, x: jax.Array, frozen_bn: bool) -> jax.Array:
-    b = self.spec
+    b, p = self.spec, self.parts
     act = layers_lib.activation(b.act)
     cin = x.shape[-1]
-    bn = lambda name: (lambda h: self.bn(name=name)(h, frozen_bn))
+    bn = lambda name: (lambda h: p.bn(name=name)(h, frozen_bn))
+    conv = functools.partial(p.layers.conv, dtype=p.dtype)
     # The strided k×k conv of every kind pads per ModelSpec.padding.
-    spatial = lambda c, h: padded_conv(c, h, b.kernel, b.stride, self.padding)
+    spatial = lambda c, h: padded_conv(c, h, b.kernel, b.stride, p.padding)
     if b.kind == "basic":
-      conv1 = self.layers.conv(b.width, b.kernel, b.stride, dtype=self.dtype, name="conv1")
-      h = act(bn("bn1")(spatial(conv1, x)))
-      h = bn("bn2")(self.layers.conv(b.out, b.kernel, 1, dtype=self.dtype, name="conv2")(h))
+      h = act(bn("bn1")(spatial(conv(b.width, b.kernel, b.stride, name="conv1"), x)))
+      h = bn("bn2")(conv(b.out, b.kernel, 1, name="conv2")(h))
     elif b.kind == "bottleneck":
-      h = act(bn("bn1")(self.layers.conv(b.width, 1, dtype=self.dtype, name="conv1")(x)))
-      h = act(bn("bn2")(spatial(self.layers.conv(b.width, b.kernel, b.stride, b.groups, dtype=self.dtype,
-                                            name="conv2"), h)))
-      h = bn("bn3")(self.layers.conv(b.out, 1, dtype=self.dtype, name="conv3")(h))
+      h = act(bn("bn1")(conv(b.width, 1, name="conv1")(x)))
+      h = act(bn("bn2")(spatial(conv(b.width, b.kernel, b.stride, b.groups, name="conv2"), h)))
+      h = bn("bn3")(conv(b.out, 1, name="conv3")(h))
     elif b.kind == "mbconv":
       h = x
       if b.width != cin:
-        h = act(bn("bn0")(self.layers.conv(b.width, 1, dtype=self.dtype, name="expand_conv")(h)))
-      h = act(bn("bn1")(spatial(self.layers.conv(b.width, b.kernel, b.stride, b.width, dtype=self.dtype,
-                                            name="depthwise_conv"), h)))
-      h = bn("bn2")(self.layers.conv(b.out, 1, dtype=self.dtype, name="project_conv")(h))
+        h = act(bn("bn0")(conv(b.width, 1, name="expand_conv")(h)))
+      h = act(bn("bn1")(spatial(conv(b.width, b.kernel, b.stride, b.width, name="depthwise_conv"), h)))
+      h = bn("bn2")(conv(b.out, 1, name="project_conv")(h))
     else:
       raise ValueError(f"unknown block kind {b.kind!r}; valid: basic, bottleneck, mbconv")
 
@@ -147,7 +157,7 @@ class Block(nn.Module):
       if same_shape:
         sc = x
       elif self.shortcut == "conv":
-        sc = self.layers.conv(b.out, 1, b.stride, dtype=self.dtype, name="downsample_conv")(x)
+        sc = conv(b.out, 1, b.stride, name="downsample_conv")(x)
         sc = bn("downsample_bn")(sc)
       elif self.shortcut == "option_a":
         sc = x[:, ::b.stride, ::b.stride, :] if b.stride > 1 else x
@@ -157,7 +167,7 @@ class Block(nn.Module):
         raise ValueError(f"unknown shortcut {self.shortcut!r}; valid: conv, option_a")
       y = act(h + sc)
     if b.adapter:
-      y = Adapter(b.adapter, self.layers, b.act, self.dtype, name="adapter")(y)
+      y = Adapter(b.adapter, p.layers, b.act, p.dtype, name="adapter")(y)
     return y
 
 
@@ -166,15 +176,12 @@ class Stage(nn.Module):
 
   blocks: tuple[BlockSpec, ...]
   shortcut: str
-  bn: Callable[..., nn.Module]
-  layers: layers_lib.Layers
-  dtype: Dtype = jnp.float32
-  padding: str = "torch"
+  parts: Parts
 
   @nn.compact
   def __call__(self, x: jax.Array, frozen_bn: bool) -> jax.Array:
     for b in self.blocks:
-      x = Block(b, self.shortcut, self.bn, self.layers, self.dtype, self.padding, name=b.name)(x, frozen_bn)
+      x = Block(b, self.shortcut, self.parts, name=b.name)(x, frozen_bn)
     return x
 
 
@@ -198,9 +205,10 @@ class Network(nn.Module):
   layers: layers_lib.Layers = layers_lib.Layers()
 
   @property
-  def _bn(self) -> Callable[..., nn.Module]:
-    return functools.partial(self.layers.norm, momentum=self.spec.bn_momentum,
-                             epsilon=self.spec.bn_eps, dtype=self.dtype)
+  def _parts(self) -> Parts:
+    bn = functools.partial(self.layers.norm, momentum=self.spec.bn_momentum, epsilon=self.spec.bn_eps,
+                           dtype=self.dtype)
+    return Parts(bn, self.layers, self.dtype, self.spec.padding)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False, return_all: bool = False) -> Any:
@@ -219,13 +227,13 @@ class Network(nn.Module):
     s = self.spec
     frozen = lambda name: (not train) or (name in self.frozen_bn)
     x = x.astype(self.dtype)
-    x = Stem(s.stem, self._bn, self.layers, self.dtype, s.padding, name="stem")(x, frozen("stem"))
+    parts = self._parts
+    x = Stem(s.stem, parts, name="stem")(x, frozen("stem"))
     for st in s.stages:
-      stage = Stage(st.blocks, s.shortcut, self._bn, self.layers, self.dtype, s.padding, name=st.name)
-      x = stage(x, frozen(st.name))
+      x = Stage(st.blocks, s.shortcut, parts, name=st.name)(x, frozen(st.name))
     if s.neck_width:
       x = self.layers.conv(s.neck_width, 1, dtype=self.dtype, name="neck_conv")(x)
-      x = layers_lib.activation(s.neck_act)(self._bn(name="neck_bn")(x, frozen("neck")))
+      x = layers_lib.activation(s.neck_act)(parts.bn(name="neck_bn")(x, frozen("neck")))
     features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     outputs = {}
     for h in s.heads:

@@ -1,4 +1,4 @@
-// oneDNN convolutions for XLA:CPU, as XLA FFI custom calls (see jaxft/models/onednn.py).
+// oneDNN convolutions for XLA:CPU, as XLA FFI custom calls (see jaxft/cpu/onednn.py).
 //
 // Three handlers, all float32, NHWC activations and HWIO kernels (jaxft's layouts; with G groups the
 // kernel is [KH, KW, C/G, O] and output channel o belongs to group o / (O/G)), no dilation, explicit

@@ -1,10 +1,10 @@
-"""Process-level tuning for running XLA:CPU fast: the C allocator.
+"""The C allocator for running XLA:CPU fast: glibc's malloc tuning and tcmalloc.
 
-``import jaxft`` calls :func:`retain_freed_memory` (``JAXFT_MALLOC_TUNING=0`` opts out) next to
-:func:`jaxft.models.conv.configure_cpu` (XLA flags). The command-line entry points (``python -m
-jaxft.train``, ``tools/bench.py``'s jaxft worker) go one step further when the machine has tcmalloc:
-they run under it (:func:`relaunch_with_tcmalloc`; ``JAXFT_TCMALLOC=0`` opts out). See
-docs/benchmarks.md.
+:func:`jaxft.cpu.enable` calls :func:`retain_freed_memory` (``JAXFT_MALLOC_TUNING=0`` opts out) and,
+with ``relaunch=True`` (the command-line entry points: ``python -m jaxft.train``, ``python -m
+jaxft.evaluate``, ``tools/bench.py``'s jaxft worker), :func:`relaunch_with_tcmalloc` where the machine
+has tcmalloc (``JAXFT_TCMALLOC=0`` opts out). Importing this module changes nothing. The measurements
+are in docs/benchmarks.md ("Allocator", "tcmalloc for the command-line entry points").
 """
 
 from __future__ import annotations
@@ -28,19 +28,18 @@ _applied = False
 def retain_freed_memory() -> bool:
   """Makes glibc's ``malloc`` reuse freed memory instead of handing it back to the kernel.
 
-  XLA:CPU allocates the temporaries of each execution as one block — ~340 MB for a ResNet-50 training
-  step at 32 px, batch 128; ~2.9 GB at 224 px, batch 32 — and frees it when the step ends. glibc serves
-  a block that large with ``mmap`` and unmaps it on ``free`` (or, in the per-thread arenas of XLA's
-  worker threads, deletes a heap as soon as it is empty), so every step faults the whole block in
-  again: ~83,000 page faults and ~170 ms of kernel time per 32 px step, ~700,000 per 224 px step.
-  With one arena, no ``mmap`` and no trimming of the heap top, freed blocks are reused (0 faults per
-  step after the first few). Other processes and non-glibc platforms are unaffected.
+  XLA:CPU allocates the temporaries of each execution as one block (hundreds of MB to GB for a
+  ResNet-50 step) and frees it when the step ends. glibc serves a block that large with ``mmap`` and
+  unmaps it on ``free`` (or, in the per-thread arenas of XLA's worker threads, deletes a heap as soon as
+  it is empty), so every step faults the whole block in again. With one arena, no ``mmap`` and no
+  trimming of the heap top, freed blocks are reused (no faults per step after the first few). Other
+  processes and non-glibc platforms are unaffected.
 
   Trade-off: memory freed by this process stays mapped for its lifetime (the way JAX's GPU allocator
   keeps device memory). Nothing leaks — freed blocks are reused — but the heap fragments until it
-  settles: peak RSS of ResNet-50 training 1.5 → 1.7 GB at 32 px, 3.9 → 6.5 GB at 224 px. Arenas
-  already created by running threads keep their behaviour, so call this before the first computation
-  (``import jaxft`` does).
+  settles (a higher peak RSS; docs/benchmarks.md, "Allocator"). Arenas already created by running
+  threads keep their behaviour, so call this before the first computation (:func:`jaxft.cpu.enable`
+  does).
 
   Returns:
     True when the settings were applied (Linux with glibc), False otherwise.
@@ -66,6 +65,9 @@ def retain_freed_memory() -> bool:
 # ---------------------------------------------------------------------------------------------------
 # tcmalloc for the command-line entry points
 # ---------------------------------------------------------------------------------------------------
+
+MALLOC_TUNING_ENV = "JAXFT_MALLOC_TUNING"
+"""``0``: :func:`jaxft.cpu.enable` leaves glibc's malloc settings alone."""
 
 TCMALLOC_ENV = "JAXFT_TCMALLOC"
 """``0``: never relaunch under tcmalloc; a path: use that library instead of searching for one."""
@@ -159,9 +161,9 @@ def relaunch_with_tcmalloc(argv: Sequence[str] | None = None) -> None:
 
   Why: XLA:CPU's convolutions call oneDNN's GEMM, which allocates a workspace on every call, and XLA
   frees and re-allocates each step's temporaries; tcmalloc serves both from per-thread caches where
-  glibc walks the bins of one large heap. Measured in interleaved A/B runs (docs/benchmarks.md):
-  ResNet-50 training at 32 px +12–19%, compilation 33–45% faster; at 224 px +2% and +8% in two runs.
-  If the relaunch itself fails (``argv[0]`` not executable), this process goes on with its allocator.
+  glibc walks the bins of one large heap (faster steps and compilation in interleaved A/B runs:
+  docs/benchmarks.md, "Fourth session"). If the relaunch itself fails (``argv[0]`` not executable),
+  this process goes on with its allocator.
   """
   if argv is None:
     argv = [sys.executable, *getattr(sys, "orig_argv", sys.argv)[1:]]

@@ -1,24 +1,26 @@
 """oneDNN's direct convolutions inside jitted JAX code on CPU, as XLA FFI custom calls.
 
-XLA:CPU computes convolutions with Eigen's spatial convolution (patches packed for a GEMM), which on
-a 2-core AVX-512 machine runs a ResNet-50 224 px step's convolutions ~20% slower than PyTorch, whose
-CPU convolutions are oneDNN's direct (JIT-generated, blocked) kernels. This module calls the same
-library: ``onednn_conv.cc`` (beside this file) wraps oneDNN's convolution forward, backward-data and
-backward-weights primitives as three XLA FFI handlers, compiled on first use against the system's
-oneDNN (Debian/Ubuntu: ``apt-get install libdnnl-dev``; elsewhere ``DNNLROOT`` names an install
-prefix) and jaxlib's FFI headers, and cached in ``$JAXFT_NATIVE_CACHE_DIR`` (default
-``~/.cache/jaxft/native``).
+XLA:CPU computes convolutions with Eigen's spatial convolution (patches packed for a GEMM), slower than
+PyTorch's CPU convolutions, which are oneDNN's direct (JIT-generated, blocked) kernels
+(docs/benchmarks.md, "Fifth session"). This module calls the same library: ``onednn_conv.cc`` (beside
+this file) wraps oneDNN's convolution forward, backward-data and backward-weights primitives as three
+XLA FFI handlers, compiled against the system's oneDNN (Debian/Ubuntu: ``apt-get install
+libdnnl-dev``; elsewhere ``DNNLROOT`` names an install prefix) and jaxlib's FFI headers, and cached in
+``$JAXFT_NATIVE_CACHE_DIR`` (default ``~/.cache/jaxft/native``).
 
-Nothing here is required: without a C++ compiler or oneDNN, :func:`available` is False and jaxft's
-convolutions use XLA's own (``jaxft.models.conv``). ``JAXFT_ONEDNN=0`` turns it off;
-``JAXFT_ONEDNN=1`` makes its absence an error (CI uses this so that the tests cannot silently skip
-it).
+Building and loading are explicit steps — :func:`build` (``python -m jaxft.cpu build``) and
+:func:`load` (called by :func:`jaxft.cpu.enable`) — never a side effect of tracing: everything the
+convolutions ask while a function is traced (:func:`loaded`, :func:`supported`, :func:`status`) only
+reads what was loaded. Nothing here is required: without a C++ compiler or oneDNN, :func:`load` returns
+False and jaxft's CPU convolutions use XLA's own (``jaxft.cpu.conv``). ``JAXFT_ONEDNN=0`` turns it
+off; ``JAXFT_ONEDNN=1`` makes its absence an error (CI uses this so that the tests cannot silently
+skip it).
 
 Supported: float32, NHWC × HWIO, any feature groups (depthwise included), no dilation, non-negative
 explicit padding, one device in all (the custom calls have no sharding rule, so with several devices
-XLA would gather the batch onto each; :func:`supported` says no). The backward passes are custom calls too, so a function that
-uses these convolutions can be differentiated once, not twice (``impl_scope("lax")`` for
-higher-order derivatives).
+XLA would gather the batch onto each; :func:`supported` says no). The backward passes are custom calls
+too, so a function that uses these convolutions can be differentiated once, not twice (plain layers,
+or ``impl_scope("lax")``, for higher-order derivatives).
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ _state: dict[str, object] = {}
 
 
 class OneDNNUnavailableError(RuntimeError):
-  """``JAXFT_ONEDNN=1`` was set but the oneDNN convolutions could not be built or loaded."""
+  """The oneDNN convolutions were required (``JAXFT_ONEDNN=1``, or ``impl="onednn"``) but could not be
+  built or loaded, or were not loaded."""
 
 
 def _mode() -> str:
@@ -161,10 +164,14 @@ def _load() -> ctypes.CDLL | None:
     return _state.get("lib")  # type: ignore[return-value]
 
 
-def available() -> bool:
-  """True when the oneDNN convolutions are built and registered with XLA (building them on the first
-  call, ~6 s on 2 cores). False when ``JAXFT_ONEDNN=0``, or when building or loading failed and
-  ``JAXFT_ONEDNN`` is not ``1``.
+def load() -> bool:
+  """Builds the oneDNN convolutions if needed (:func:`build`) and registers them with XLA: the one
+  explicit step (:func:`jaxft.cpu.enable` calls it). Tried once per process; later calls return the
+  first answer.
+
+  Returns:
+    True when they are loaded; False when ``JAXFT_ONEDNN=0`` (nothing is built), or when building or
+    loading failed and ``JAXFT_ONEDNN`` is not ``1`` (:func:`status` says why).
 
   Raises:
     OneDNNUnavailableError: when ``JAXFT_ONEDNN=1`` and they cannot be built or loaded.
@@ -180,21 +187,30 @@ def available() -> bool:
   return False
 
 
+def loaded() -> bool:
+  """Whether the oneDNN convolutions are loaded and registered with XLA (and not turned off by
+  ``JAXFT_ONEDNN=0``). Never builds or loads anything: safe while tracing."""
+  return _mode() != "off" and "lib" in _state
+
+
 def status() -> str:
-  """One line: which oneDNN version is in use, or why none is."""
+  """One line: which oneDNN is in use, or why none is. Never builds or loads anything."""
   if _mode() == "off":
     return "off (JAXFT_ONEDNN=0)"
-  lib = _load()
-  if lib is None:
+  if "error" in _state:
     return f"unavailable ({_state['error']})"
+  lib = _state.get("lib")
+  if lib is None:
+    built = "built" if os.path.exists(library_path()) else "not built"
+    return f"not loaded ({built}; jaxft.cpu.enable() loads it)"
   v = lib.jaxft_onednn_version()
   return f"oneDNN {v // 10000}.{v // 100 % 100}.{v % 100} ({_state['path']})"
 
 
 def supported(x_shape: Sequence[int], kernel_shape: Sequence[int], dtype, strides: Sequence[int],
               padding: Sequence[Sequence[int]], groups: int = 1) -> bool:
-  """Whether :func:`conv` can compute this convolution here (without building anything when the
-  answer is no for another reason)."""
+  """Whether :func:`conv` can compute this convolution here: a float32 convolution it supports, on
+  a single CPU device, with the library loaded (:func:`loaded`; nothing is built)."""
   if (len(x_shape) != 4 or len(kernel_shape) != 4 or jnp.dtype(dtype) != jnp.float32
       or groups < 1 or kernel_shape[2] * groups != x_shape[3] or kernel_shape[3] % groups
       or len(strides) != 2 or min(strides) < 1
@@ -204,7 +220,7 @@ def supported(x_shape: Sequence[int], kernel_shape: Sequence[int], dtype, stride
     return False
   if jax.default_backend() != "cpu" or jax.device_count() != 1:
     return False
-  return available()
+  return loaded()
 
 
 def _out_shape(x_shape, kernel_shape, strides, padding) -> tuple[int, int, int, int]:
@@ -215,12 +231,12 @@ def _out_shape(x_shape, kernel_shape, strides, padding) -> tuple[int, int, int, 
 
 
 def _call(name: str, shape, *args, strides, padding, groups) -> jax.Array:
-  if _mode() == "off" or _load() is None:  # the targets must be registered before XLA compiles
+  if not loaded():  # the targets must be registered before XLA compiles
     raise OneDNNUnavailableError(f"oneDNN convolutions are {status()}")
   for a in args:
     if a.dtype != jnp.float32:
       raise ValueError(f"oneDNN convolutions take float32 arrays, got {a.dtype}; cast, or use "
-                       "jaxft.models.conv.Conv, which falls back for other dtypes")
+                       "jaxft.cpu.layers.Conv, which falls back for other dtypes")
   return jax.ffi.ffi_call(_TARGETS[name], jax.ShapeDtypeStruct(tuple(shape), jnp.float32),
                           vmap_method="sequential")(
       *args, strides=np.asarray(strides, np.int64),

@@ -1,170 +1,45 @@
-"""Convolutions as matrix products, for backends where ``lax.conv`` is slow (XLA:CPU).
+"""Convolutions as matrix products: the CPU convolution plans (XLA:CPU's ``lax.conv`` is slow).
 
-XLA:CPU's convolutions are far from the machine's GEMM peak on small feature maps (a 3×3 512→512
-convolution on a 2×2 map took 450 ms where torch takes 7 ms) and in some gradient passes on large
-ones (1×1 kernel gradients, stride-2 input gradients), while its dot — YNNPACK's GEMM with
-:data:`CPU_XLA_FLAGS` — runs near the machine's peak. So on CPU each pass picks its formulation:
+XLA:CPU's convolutions are far from the machine's GEMM peak on small feature maps and in some gradient
+passes on large ones (1×1 kernel gradients, stride-2 input gradients), while its dot — YNNPACK's GEMM
+with :data:`jaxft.cpu.flags.CPU_XLA_FLAGS` — runs near the machine's peak (docs/benchmarks.md). So on
+CPU each pass picks its formulation (:func:`jaxft.cpu.impl.resolve_impl` chooses which):
 
-* ``onednn`` (convolutions on maps of at least :data:`ONEDNN_MIN_PIXELS` pixels, where oneDNN is
-  installed): every pass is oneDNN's direct convolution — the kernels PyTorch runs on CPU — called as
-  an XLA custom call (:mod:`jaxft.models.onednn`); 15% less convolution time than the formulations
-  below for a ResNet-50 step at 224 px, and depthwise gradients 5–20× faster than the shifted
-  products. Everything else (smaller maps, other dtypes, several devices, machines without oneDNN)
-  follows this plan:
-* ``matmul`` (maps of at most :data:`SMALL_MAP_PIXELS` pixels): every pass is one 2-D GEMM — 1×1
-  convolutions directly; k×k ones over patches (symmetric padding + strided slices of the *live*
-  taps concatenated along channels, which is the row order of the HWIO kernel reshaped to 2-D; taps
-  that only ever read padding are dropped, so a 3×3 convolution on a 1×1 map is a 1×1 one); and where
-  the map has fewer pixels than live taps (3×3 stride 1 on 2×2), one dense ``[H·W·Cin, Ho·Wo·Cout]``
-  matrix built from the kernel, 2.25× fewer FLOPs than patches.
+* ``onednn`` (maps of at least :data:`~jaxft.cpu.impl.ONEDNN_MIN_PIXELS` pixels, once the wrapper is
+  loaded): every pass is oneDNN's direct convolution — the kernels PyTorch runs on CPU — called as an
+  XLA custom call (:mod:`jaxft.cpu.onednn`). Everything else (smaller maps, other dtypes, several
+  devices, oneDNN not loaded) follows this plan:
+* ``matmul`` (maps of at most :data:`~jaxft.cpu.impl.SMALL_MAP_PIXELS` pixels): every pass is one 2-D
+  GEMM — 1×1 convolutions directly; k×k ones over patches (symmetric padding + strided slices of the
+  *live* taps concatenated along channels, which is the row order of the HWIO kernel reshaped to 2-D;
+  taps that only ever read padding are dropped, so a 3×3 convolution on a 1×1 map is a 1×1 one); and
+  where the map has fewer pixels than live taps (3×3 stride 1 on 2×2), one dense
+  ``[H·W·Cin, Ho·Wo·Cout]`` matrix built from the kernel, 2.25× fewer FLOPs than patches.
 * ``hybrid`` (larger maps): ``lax.conv`` forward; kernel gradient by ``lax.conv`` for k×k kernels and
   one GEMM for 1×1; input gradient by ``lax.conv`` at stride 1 and a GEMM folded back onto the input
   grid (k² padded adds that XLA fuses) at stride 2 (:func:`_grad_plan`). 3×3 stride-1 convolutions
-  on maps of :data:`WINOGRAD_MAP_SIZES` run their forward and input-gradient passes as Winograd
-  F(2×2, 3×3) (:func:`winograd_3x3`); 1×1 kernel gradients with more than 64 input channels write the
+  on mid-sized maps run their forward and input-gradient passes as Winograd F(2×2, 3×3)
+  (:mod:`jaxft.cpu.winograd`); 1×1 kernel gradients with more than 64 input channels write the
   transposed input out for a plain GEMM (:func:`_transposed_lhs_dot`).
 * depthwise convolutions: a sum of k² shifted slices times one kernel tap each (no GEMM at all);
 * any other grouped convolution: ``lax.conv_general_dilated``.
 
 The VJPs are written by hand (:func:`gemm_conv`, :func:`depthwise`) so that each pass is exactly the
-chosen computation, without the transposed copies autodiff would add.
-
-:class:`Conv` is a drop-in for ``flax.linen.Conv`` (it subclasses it) with the same parameter tree —
-``kernel`` HWIO and optional ``bias`` — so checkpoints and weight conversion do not depend on the
-implementation. ``impl="auto"`` picks as above when the default backend is CPU and ``lax.conv``
-elsewhere (cuDNN is already fast). :func:`configure_cpu` sets XLA flags that help on CPU.
+chosen computation, without the transposed copies autodiff would add. Every function here computes
+the same values as ``lax.conv_general_dilated``; the module :class:`jaxft.cpu.layers.Conv` wraps them.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import os
-import threading
-from typing import Iterator, Sequence
+from typing import Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxft.models import onednn
-
-IMPLS = ("auto", "lax", "matmul", "hybrid", "onednn")
-
-# On CPU, ``auto`` is ``onednn`` (every pass by oneDNN's direct convolutions, jaxft.models.onednn) for
-# dense and depthwise convolutions whose input has at least this many pixels, when oneDNN is available
-# (other grouped convolutions only when asked for: not measured). On 2×2 and
-# 1×1 maps one GEMM is faster (ResNet-50 at 32 px, batch 128: 1×1 2048→512 on 1×1, 3×3 512→512 on 2×2
-# take 1.5–4× as long in oneDNN), from 4×4 up oneDNN is as fast or faster in every pass (3×3 128→128
-# on 4×4: 2.1 vs 5.8 ms forward). See docs/benchmarks.md.
-ONEDNN_MIN_PIXELS = 9
-
-# On CPU, ``auto`` is ``matmul`` for convolutions whose input has at most this many pixels (H·W) and
-# ``hybrid`` above: XLA:CPU's convolution is pathological on tiny maps (a 3×3 512→512 stride-2 conv on a
-# 2×2 map, batch 128: 1.29 s fwd+bwd vs 33 ms as a matmul), while on large maps its forward pass beats
-# the patch GEMM (56×56×64 3×3, batch 32: 177 vs 39 GFLOP/s), whose k²-times larger patch matrix costs
-# more memory traffic than it saves. Without oneDNN (or below ONEDNN_MIN_PIXELS), depthwise convolutions
-# use shifted products: XLA:CPU's depthwise conv is ~100× slower in the forward pass. See
-# docs/benchmarks.md.
-SMALL_MAP_PIXELS = 16
-
-# XLA:CPU's YNNPACK integration: its GEMM kernels ("individual_dot": each dot on its own) run the
-# matmul-formulated convolutions ~20% faster than XLA's Eigen dots on a 2-core Zen3, while its
-# convolution and fused element-wise/reduce kernels are slower here (13% at 32 px, 2.2× at 224 px with
-# lax.conv). See docs/benchmarks.md.
-CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=individual_dot",)
-
-
-_scope = threading.local()
-
-
-@contextlib.contextmanager
-def impl_scope(impl: str) -> Iterator[None]:
-  """Within this context, convolutions (and BatchNorm / max-pool layers) built with ``impl="auto"``
-  use ``impl`` instead.
-
-  The choice is made when a function is traced, so wrap the first call of a jitted function (the
-  one that compiles), e.g. to compare implementations on the same model::
-
-    with impl_scope("lax"):
-      y = jax.jit(lambda v, x: net.apply(v, x))(variables, x)
-
-  jax caches the trace of a function it has jitted before (keyed by the function, not by this
-  scope), so give each implementation a new function object, as the ``lambda`` above does.
-  """
-  resolve_impl(impl)  # validates the name
-  prev = getattr(_scope, "impl", "auto")
-  _scope.impl = impl
-  try:
-    yield
-  finally:
-    _scope.impl = prev
-
-
-def resolve_impl(impl: str, pixels: int | None = None, depthwise: bool = False,
-                 grouped: bool = False) -> str:
-  """Maps ``auto`` to the enclosing :func:`impl_scope`, else to the best implementation here.
-
-  On a CPU default backend ``auto`` is ``onednn`` for dense and depthwise convolutions (not other
-  ``grouped`` ones, whose speed in oneDNN is unmeasured) on inputs of at least
-  :data:`ONEDNN_MIN_PIXELS` pixels when :func:`jaxft.models.onednn.available` (one
-  device, oneDNN built); otherwise ``matmul`` (GEMMs forward and backward; shifted products when
-  depthwise) for depthwise convolutions and for inputs of at most :data:`SMALL_MAP_PIXELS` pixels (or
-  ``pixels`` None), and ``hybrid`` (``lax.conv`` forward, GEMM gradients) above. On other backends it
-  is ``lax`` (also for an explicit ``onednn``). ``hybrid`` falls back to ``matmul`` for depthwise
-  convolutions.
-
-  Raises:
-    ValueError: for an unknown implementation name.
-  """
-  if impl not in IMPLS:
-    raise ValueError(f"unknown conv impl {impl!r}; valid: {', '.join(IMPLS)}")
-  if impl == "auto":
-    impl = getattr(_scope, "impl", "auto")
-  if impl == "auto":
-    if jax.default_backend() != "cpu":
-      return "lax"
-    if (pixels is not None and pixels >= ONEDNN_MIN_PIXELS and not grouped
-        and jax.device_count() == 1 and onednn.available()):
-      return "onednn"
-    small = pixels is None or pixels <= SMALL_MAP_PIXELS
-    return "matmul" if small or depthwise else "hybrid"
-  if impl == "onednn" and jax.default_backend() != "cpu":
-    return "lax"  # oneDNN here is a CPU library; elsewhere the backend's own convolutions
-  if impl == "hybrid" and depthwise:
-    return "matmul"
-  return impl
-
-
-def _backend_initialised() -> bool:
-  # jax has no public "is the backend up" query; the bridge's cache is the only signal.
-  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
-  return bool(getattr(xla_bridge, "_backends", None))
-
-
-def configure_cpu(force: bool = False) -> bool:
-  """Adds :data:`CPU_XLA_FLAGS` to ``XLA_FLAGS`` so that XLA:CPU runs convolution nets fast.
-
-  XLA reads ``XLA_FLAGS`` once, when the first backend starts, so this must run before any array is
-  created. It does nothing (and returns False) when a backend is already running, or — unless
-  ``force`` — when the user has already set any of these flags themselves. Flags already present in
-  ``XLA_FLAGS`` are kept.
-
-  Returns:
-    True when ``XLA_FLAGS`` was changed.
-  """
-  if _backend_initialised():
-    return False
-  current = os.environ.get("XLA_FLAGS", "")
-  names = [f.split("=")[0] for f in CPU_XLA_FLAGS]
-  if not force and any(n in current for n in names):
-    return False
-  missing = [f for f, n in zip(CPU_XLA_FLAGS, names) if n not in current]
-  if not missing:
-    return False
-  os.environ["XLA_FLAGS"] = " ".join([current, *missing]).strip()
-  return True
+from jaxft.cpu import onednn, winograd
+from jaxft.cpu.impl import SMALL_MAP_PIXELS, resolve_impl
 
 
 def _pad_hw(x: jax.Array, padding: Sequence[tuple[int, int]]) -> jax.Array:
@@ -225,7 +100,7 @@ def depthwise(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
               padding: tuple[tuple[int, int], ...]) -> jax.Array:
   """Depthwise NHWC convolution (``kernel [kh, kw, C]``) as a sum of k² shifted products.
 
-  XLA:CPU's depthwise ``lax.conv`` is ~100× slower in the forward pass. The gradients are written by
+  XLA:CPU's depthwise ``lax.conv`` is far slower in the forward pass. The gradients are written by
   hand: autodiff of the slices would materialise k² padded copies of the output gradient, while the
   input gradient is itself a stride-1 depthwise correlation of the (dilated, padded) output gradient
   with the flipped kernel, and the kernel gradient k² fused reductions.
@@ -356,8 +231,8 @@ def gemm_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
   padded adds that XLA fuses into one loop; ``lax`` passes are XLA's own convolution gradients.
   """
   if lax_forward:
-    if _use_winograd(x, kernel.shape, strides, padding):
-      return winograd_3x3(x, kernel.astype(x.dtype))
+    if winograd.use_winograd(x, kernel.shape, strides, padding):
+      return winograd.winograd_3x3(x, kernel.astype(x.dtype))
     return _lax_conv(x, kernel.astype(x.dtype), strides, padding)
   out_hw = _dense_out_hw(x.shape, kernel.shape, strides, padding)
   if out_hw is not None:
@@ -376,9 +251,10 @@ def _fusion_barrier(x: jax.Array, witness: jax.Array) -> jax.Array:
   XLA:CPU fuses cheap element-wise producers into every consumer, so the transposed copies that feed
   its kernel-gradient convolutions recompute a saved activation's BatchNorm + residual add + ReLU
   chain — back through several blocks — instead of reading the tensor the forward pass already wrote
-  (CIFAR ResNet-56: 57–64% of a training step). ``lax.optimization_barrier`` does not stop that
-  (XLA:CPU still fused the producers into those copies; it does keep a transpose from being folded
-  into a dot, which :func:`_transposed_lhs_dot` uses); a conditional is a fusion boundary that stays.
+  (most of a CIFAR ResNet-56 training step; docs/benchmarks.md). ``lax.optimization_barrier`` does
+  not stop that (XLA:CPU still fused the producers into those copies; it does keep a transpose from
+  being folded into a dot, which :func:`_transposed_lhs_dot` uses); a conditional is a fusion boundary
+  that stays.
   Its predicate ``w == w or w != w`` (on one element of ``witness``) is true for every value, NaN
   included, but XLA does not fold it; the other branch (zeros, needed so that XLA does not merge
   identical branches) is never taken.
@@ -387,60 +263,9 @@ def _fusion_barrier(x: jax.Array, witness: jax.Array) -> jax.Array:
   return lax.cond((w == w) | (w != w), lambda v: v, jnp.zeros_like, x)
 
 
-# 3×3 stride-1 convolutions on maps of this many rows and columns (inclusive) run their forward and
-# input-gradient passes as Winograd F(2×2, 3×3) in the hybrid implementation (see winograd_3x3).
-WINOGRAD_MAP_SIZES = (12, 32)
-
-
-def _use_winograd(x: jax.Array, kernel_shape: Sequence[int], strides: tuple[int, int],
-                  padding: tuple[tuple[int, int], ...]) -> bool:
-  lo, hi = WINOGRAD_MAP_SIZES
-  return (tuple(kernel_shape[:2]) == (3, 3) and tuple(strides) == (1, 1)
-          and tuple(map(tuple, padding)) == ((1, 1), (1, 1)) and x.dtype == jnp.float32
-          and lo <= x.shape[1] <= hi and lo <= x.shape[2] <= hi)
-
-
-# Winograd F(2×2, 3×3) kernel transform G (Lavin & Gray, 2016); the input and output transforms
-# Bᵀ = [[1,0,-1,0],[0,1,1,0],[0,-1,1,0],[0,1,0,-1]] and Aᵀ = [[1,1,1,0],[0,1,-1,-1]] are written out
-# as additions in winograd_3x3.
-_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
-
-
-def winograd_3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """3×3 stride-1 'same' convolution (padding 1) of NHWC ``x`` with HWIO ``kernel`` by Winograd
-  F(2×2, 3×3): 2.25× fewer multiplications than the direct convolution, as one batched GEMM of 16 ×
-  ``[tiles, Cin] · [Cin, Cout]`` between additions-only transforms of 4×4 input tiles (strided slices
-  that XLA fuses) and of the 2×2 output tiles. Same values as ``lax.conv`` to float32 rounding
-  (relative error ~1e-6); neither input is mutated.
-
-  Measured on the 2-core Zen 4 VM, batch 32, forward pass: 31.6 vs 38.2 ms (28×28×128), 27.0 vs
-  35.7 ms (14×14×256), a tie on 56×56×64 and a loss on 7×7×512 (the map is padded to 8×8), hence
-  :data:`WINOGRAD_MAP_SIZES`; ResNet-50 training at 224 px +1.2% in two interleaved A/B runs.
-  """
-  n, h, w, c = x.shape
-  co = kernel.shape[-1]
-  th, tw = (h + 1) // 2, (w + 1) // 2
-  xp = jnp.pad(x, ((0, 0), (1, 2 * th + 1 - h), (1, 2 * tw + 1 - w), (0, 0)))
-  r = [xp[:, i:i + 2 * th:2] for i in range(4)]
-  t = [r[0] - r[2], r[1] + r[2], r[2] - r[1], r[1] - r[3]]
-  v = []
-  for ta in t:
-    cc = [ta[:, :, j:j + 2 * tw:2] for j in range(4)]
-    v += [cc[0] - cc[2], cc[1] + cc[2], cc[2] - cc[1], cc[1] - cc[3]]
-  v = jnp.stack(v, 0).reshape(16, n * th * tw, c)
-  g = jnp.asarray(_G, jnp.float32)
-  u = jnp.einsum("ai,ijco,bj->abco", g, kernel.astype(jnp.float32), g).reshape(16, c, co)
-  m = lax.dot_general(v, u.astype(v.dtype), (((2,), (1,)), ((0,), (0,)))).reshape(4, 4, n, th, tw, co)
-  pr = [m[0] + m[1] + m[2], m[1] - m[2] - m[3]]
-  y = [[pa[0] + pa[1] + pa[2], pa[1] - pa[2] - pa[3]] for pa in pr]
-  y = jnp.stack([jnp.stack(ya, 3) for ya in y], 2)
-  return y.reshape(n, 2 * th, 2 * tw, co)[:, :h, :w]
-
-
 def _gemm_conv_fwd(x, kernel, strides, padding, lax_forward):
   # hybrid: XLA's own kernel-gradient convolution reads x, so keep it from recomputing x's producers
-  # (CIFAR ResNet-56 training 76 → 118 img/s, ResNet-50 at 32 px +3%; on the GEMM path it only adds
-  # a copy: -3%).
+  # (on the GEMM path the barrier would only add a copy; docs/benchmarks.md).
   saved = _fusion_barrier(x, kernel) if lax_forward else x
   return gemm_conv(x, kernel, strides, padding, lax_forward), (saved, kernel)
 
@@ -449,11 +274,10 @@ def _grad_plan(kernel_hw: tuple[int, int], strides: tuple[int, int], lax_forward
                ) -> tuple[str, str]:
   """How the ``hybrid`` implementation computes (kernel gradient, input gradient) on large maps.
 
-  Measured on a 2-core Zen3 at 224 px (GFLOP/s): XLA's own kernel-gradient convolution is fast for
-  k×k kernels (100–210) but slow for 1×1 ones (38–46, where one GEMM needs no patches); its input
-  gradient is fast at stride 1 (170–200) but slow at stride 2 (47, a dilated convolution). The patch
-  GEMMs lose on large maps, where k²-times larger patch matrices cost more memory traffic than they
-  save. Everything else uses GEMMs.
+  XLA's own kernel-gradient convolution is fast for k×k kernels but slow for 1×1 ones (where one GEMM
+  needs no patches); its input gradient is fast at stride 1 but slow at stride 2 (a dilated
+  convolution). The patch GEMMs lose on large maps, where k²-times larger patch matrices cost more
+  memory traffic than they save. Everything else uses GEMMs. Per-pass rates: docs/benchmarks.md.
   """
   if not lax_forward:
     return "gemm", "gemm"
@@ -468,13 +292,12 @@ def _transposed_lhs_dot(a: jax.Array, b: jax.Array, write_transpose: bool) -> ja
 
   ``write_transpose`` allows writing ``aᵀ`` out (below); only where ``a`` is materialised already —
   elsewhere XLA would fuse ``a``'s producers into that copy and recompute them in transposed order
-  (ResNet-50 at 32 px: -18% when applied to every kernel gradient).
+  (a loss when applied to every kernel gradient).
 
   XLA:CPU hands a dot with a transposed left operand to Eigen (YNNPACK takes only row-major ones),
-  which runs these long-K products at 80–120 GFLOP/s. For ``M`` > 64 it pays to write ``aᵀ`` out
-  and give YNNPACK a plain GEMM: ResNet-50's 1×1 kernel gradients at 224 px, batch 32, take 897
-  instead of 1,050 ms per step when timed alone (+1% for the whole training step in two interleaved
-  A/B runs). The optimization barrier keeps XLA from folding the transpose back into the dot (in the
+  which runs these long-K products slowly. For ``M`` > 64 it pays to write ``aᵀ`` out and give
+  YNNPACK a plain GEMM (docs/benchmarks.md, "Fourth session"). The optimization barrier keeps XLA
+  from folding the transpose back into the dot (in the
   compiled HLO the transpose stays a copy fusion feeding YNNPACK's GEMM; without the barrier the dot
   reads ``a`` with its contracting dimension first and goes to Eigen).
   Inputs are not mutated.
@@ -511,11 +334,11 @@ def _gemm_conv_bwd(strides, padding, lax_forward, res, dy):
     dw = jnp.pad(dwl.reshape(rows[1] - rows[0], cols[1] - cols[0], cin, cout),
                  ((rows[0], kh - rows[1]), (cols[0], kw - cols[1]), (0, 0), (0, 0)))
   if plan_dx == "lax":
-    if _use_winograd(dy, kernel.shape, strides, padding):
+    if winograd.use_winograd(dy, kernel.shape, strides, padding):
       # The input gradient of a 3×3 'same' convolution is the same convolution of dy with the kernel
       # flipped in space and transposed in channels.
       flipped = jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2))
-      dx = winograd_3x3(dy, flipped.astype(dy.dtype))
+      dx = winograd.winograd_3x3(dy, flipped.astype(dy.dtype))
     else:
       dx = jax.vjp(lambda x: conv_of(x, kernel), x)[1](dy)[0]
     return dx.astype(x.dtype), dw.astype(kernel.dtype)
@@ -567,14 +390,14 @@ def conv_matmul(x: jax.Array, kernel: jax.Array, strides: tuple[int, int] = (1, 
 def convolve(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
              padding: Sequence[tuple[int, int]], groups: int = 1, impl: str = "auto") -> jax.Array:
   """NHWC × HWIO convolution (no dilation) computed by ``impl``, resolved by :func:`resolve_impl` for
-  this input. Same values as ``lax.conv_general_dilated`` with ``feature_group_count=groups`` (to
-  float32 rounding); neither input is mutated.
+  this input (nothing is built). Same values as ``lax.conv_general_dilated`` with
+  ``feature_group_count=groups`` (to float32 rounding); neither input is mutated.
 
   ``onednn`` for a convolution oneDNN cannot compute (not float32, several devices) runs ``hybrid``
   (or ``matmul`` on small maps and for depthwise convolutions) instead.
 
   Raises:
-    jaxft.models.onednn.OneDNNUnavailableError: for ``onednn`` when oneDNN cannot be built.
+    jaxft.cpu.onednn.OneDNNUnavailableError: for ``onednn`` when the oneDNN wrapper is not loaded.
   """
   strides = tuple(strides)
   padding = tuple(tuple(p) for p in padding)
@@ -586,49 +409,9 @@ def convolve(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
   if impl == "onednn":
     if onednn.supported(x.shape, kernel.shape, x.dtype, strides, padding, groups):
       return onednn.conv(x, kernel.astype(x.dtype), strides, padding, groups)
-    if not onednn.available():
+    if not onednn.loaded():
       raise onednn.OneDNNUnavailableError(f"conv impl 'onednn' but oneDNN is {onednn.status()}")
     impl = "hybrid" if pixels > SMALL_MAP_PIXELS and not depthwise else "matmul"
   return conv_matmul(x, kernel, strides, padding, groups, lax_forward=impl == "hybrid")
 
 
-class Conv(nn.Conv):
-  """``flax.linen.Conv`` whose computation is chosen by ``impl`` (``auto``, ``lax``, ``matmul``,
-  ``hybrid``, ``onednn``; see the module docstring and :func:`resolve_impl`).
-
-  Parameters (``kernel`` HWIO, ``bias``) are created exactly as ``nn.Conv`` creates them, with the same
-  names, shapes and initial values, whatever ``impl``. The matmul, hybrid and onednn paths support NHWC
-  inputs with explicit padding and no dilation; anything else runs ``nn.Conv`` itself. A convolution
-  ``onednn`` cannot compute (not float32, several devices) runs ``hybrid`` (or ``matmul``) instead.
-
-  Raises:
-    jaxft.models.onednn.OneDNNUnavailableError: for ``impl="onednn"`` when oneDNN cannot be built.
-  """
-
-  impl: str = "auto"
-
-  @nn.compact
-  def __call__(self, inputs: jax.Array) -> jax.Array:
-    g = self.feature_group_count
-    depthwise = g > 1 and g == inputs.shape[-1] == self.features
-    impl = resolve_impl(self.impl, inputs.shape[-3] * inputs.shape[-2] if inputs.ndim == 4 else None,
-                        depthwise, grouped=g > 1 and not depthwise)
-    plain = (isinstance(self.padding, str) or self.input_dilation not in (None, 1)
-             or self.kernel_dilation not in (None, 1) or inputs.ndim != 4 or self.mask is not None
-             or len(self.kernel_size) != 2)
-    if impl == "lax" or plain:
-      return super().__call__(inputs)
-    cin = inputs.shape[-1]
-    if cin % self.feature_group_count:
-      raise ValueError(f"input channels {cin} not divisible by groups {self.feature_group_count}")
-    kernel_shape = (*self.kernel_size, cin // self.feature_group_count, self.features)
-    kernel = self.param("kernel", self.kernel_init, kernel_shape, self.param_dtype)
-    bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-            if self.use_bias else None)
-    inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
-    strides = (self.strides,) * 2 if isinstance(self.strides, int) else tuple(self.strides or (1, 1))
-    padding = tuple((p, p) if isinstance(p, int) else tuple(p) for p in self.padding)
-    y = convolve(inputs, kernel, strides, padding, g, impl)
-    if bias is not None:
-      y = y + bias
-    return y
