@@ -92,15 +92,14 @@ class JaxWorker:
     cfg.unlock()
     cfg.update(name="sgd", lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     opt = optim.build_optimizer(cfg, model.params, spec=model.spec, total_steps=10**6)
-    trainable, frozen = optim.partition(model.params, opt.trainable_mask)
+    trainable, frozen = opt.split(model.params)
     dtype = jnp.bfloat16 if w["dtype"] == "bfloat16" else jnp.float32
     net = models.Network(model.spec, dtype=dtype, frozen_bn=tuple(opt.frozen_bn),
                          layers=jaxft.cpu.network_layers(w["conv_impl"]))
     sc = train.StepConfig(crop_padding=CROP_PADDING, flip=True, out_size=None, mean=MEAN, std=STD,
                           label_smoothing=0.0)
-    self.state = jax.device_put({"step": jnp.int32(0), "params": trainable, "frozen": frozen,
-                                 "batch_stats": model.batch_stats,
-                                 "opt_state": opt.tx.init(trainable)})
+    self.state = jax.device_put(train.TrainState.create(trainable, frozen, model.batch_stats,
+                                                        opt.tx.init(trainable)))
     self.train_step = jax.jit(train.make_train_step(net, opt.tx, opt.schedule, sc, seed=0),
                               donate_argnums=(0,))
     self.eval_step = jax.jit(train.make_eval_step(net, sc))
@@ -116,7 +115,7 @@ class JaxWorker:
     if mode == "train":
       lowered = self.train_step.lower(self.state, self.train_batch)
     else:
-      lowered = self.eval_step.lower(self.state, self.eval_images)
+      lowered = self.eval_step.lower(self.state.variables(), self.eval_images)
     compiled = lowered.compile()
     try:
       ma = compiled.memory_analysis()
@@ -138,7 +137,7 @@ class JaxWorker:
         self.state, metrics = self.train_step(self.state, self.train_batch)
         self.jax.block_until_ready(metrics)
       else:
-        self.jax.block_until_ready(self.eval_step(self.state, self.eval_images))
+        self.jax.block_until_ready(self.eval_step(self.state.variables(), self.eval_images))
       times.append(time.perf_counter() - t0)
     return times
 

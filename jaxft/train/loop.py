@@ -6,12 +6,13 @@ random number are functions of (seed, step), so k steps + resume + k steps equal
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -54,6 +55,13 @@ def _finish(workdir: Path, result: dict[str, Any], val: dict[str, Any] | None,
     report.plot_confusion(val["confusion"], val_ds.class_names, workdir / "confusion_matrix.png")
     (workdir / "final_metrics.json").write_text(json.dumps(result, indent=2))
   report.plot_curves(report.read_metrics(workdir), workdir / "curves.png")
+
+
+def _log_devices(mesh: DataMesh) -> None:
+  """Logs the devices, and on CPU which backend kernels and allocator run."""
+  logging.info("%d × %s device(s)", mesh.num_devices, jax.devices()[0].device_kind)
+  if jax.devices()[0].platform == "cpu":
+    logging.info("CPU backend: %s", cpu.status())
 
 
 def _surgery_report(base: Model, model: Model) -> Any:
@@ -100,9 +108,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
   # --- Devices and the starting state: resume this workdir, else step 0. ---
   mesh = DataMesh.create(config.train.batch_size)
-  logging.info("%d × %s device(s)", mesh.num_devices, jax.devices()[0].device_kind)
-  if jax.devices()[0].platform == "cpu":
-    logging.info("CPU backend: %s", cpu.status())
+  _log_devices(mesh)
   trainable, frozen = opt.split(model.params)
   fresh = TrainState.create(trainable, frozen, model.batch_stats, opt.tx.init(trainable),
                             ema=bool(config.ema.decay))
@@ -128,34 +134,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                          checkpoint_dir=workdir / ckpt_lib.CHECKPOINTS_SUBDIR, last_good=mngr.latest_step())
   batches = data_lib.iterate(train_ds, config.train.batch_size, seed=config.seed, start_step=start,
                              num_steps=total_steps - start)
-  eval_every, ckpt_every = config.train.eval_every, config.train.checkpoint_every
-  val, interrupted = None, False
-  with StopFlag() as stop:
-    try:
-      for s, images, labels in _timed(batches, monitor):
-        state, metrics = train_step(state, {"image": mesh.shard(images), "label": mesh.shard(labels)},
-                                    teacher_variables)
-        step = s + 1
-        monitor.dispatched(step, metrics)
-        is_last = step == total_steps
-        val = None
-        if evaluate is not None and ((eval_every and step % eval_every == 0) or is_last):
-          val = evaluate(state)
-          writer.write(step, "val", evaluation.val_record(val))
-          logging.info("%s", evaluation.val_line(step, val))
-        if (ckpt_every and step % ckpt_every == 0) or is_last or stop.signal is not None:
-          monitor.check_pending()  # never checkpoint a non-finite state
-          ckpt_lib.save_train_state(mngr, state, model, val["top1"] if val else None)
-          monitor.saved(step)
-        if stop.signal is not None:
-          logging.warning("received signal %d at step %d: checkpoint saved; rerun the same command "
-                          "to resume", stop.signal, step)
-          interrupted = True
-          break
-      monitor.flush()
-    finally:
-      progress.close()
-      batches.close()
+  run = _Run(train_step, teacher_variables, mesh, monitor, evaluate, writer, mngr, model, total_steps,
+             config.train.eval_every, config.train.checkpoint_every)
+  try:
+    state, val, interrupted = _train(run, state, batches)
+  finally:
+    progress.close()
+    batches.close()
 
   # --- Final evaluation, plots. ---
   result: dict[str, Any] = {"step": int(state.step), "interrupted": interrupted}
@@ -168,6 +153,53 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   writer.close()
   mngr.close()
   return result
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+  """What the step loop needs besides the state and the batches (built once by train_and_evaluate)."""
+
+  train_step: Callable[..., Any]
+  teacher_variables: Any
+  mesh: DataMesh
+  monitor: TrainMonitor
+  evaluate: evaluation.Evaluator | None
+  writer: report.MetricWriter
+  mngr: ocp.CheckpointManager
+  model: Model
+  total_steps: int
+  eval_every: int
+  ckpt_every: int
+
+
+def _train(run: _Run, state: TrainState, batches: Any) -> tuple[TrainState, dict[str, Any] | None, bool]:
+  """Runs the steps: validates and checkpoints every N steps and at the end, stops (after saving) on
+  SIGTERM/SIGINT. Returns the last state, the last validation result (None if the last step had none)
+  and whether a signal stopped the run."""
+  val, interrupted = None, False
+  with StopFlag() as stop:
+    for s, images, labels in _timed(batches, run.monitor):
+      batch = {"image": run.mesh.shard(images), "label": run.mesh.shard(labels)}
+      state, metrics = run.train_step(state, batch, run.teacher_variables)
+      step = s + 1
+      run.monitor.dispatched(step, metrics)
+      is_last = step == run.total_steps
+      val = None
+      if run.evaluate is not None and ((run.eval_every and step % run.eval_every == 0) or is_last):
+        val = run.evaluate(state)
+        run.writer.write(step, "val", evaluation.val_record(val))
+        logging.info("%s", evaluation.val_line(step, val))
+      if (run.ckpt_every and step % run.ckpt_every == 0) or is_last or stop.signal is not None:
+        run.monitor.check_pending()  # never checkpoint a non-finite state
+        ckpt_lib.save_train_state(run.mngr, state, run.model, val["top1"] if val else None)
+        run.monitor.saved(step)
+      if stop.signal is not None:
+        logging.warning("received signal %d at step %d: checkpoint saved; rerun the same command "
+                        "to resume", stop.signal, step)
+        interrupted = True
+        break
+    run.monitor.flush()
+  return state, val, interrupted
 
 
 def _timed(batches: Any, monitor: TrainMonitor) -> Any:

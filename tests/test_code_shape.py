@@ -1,0 +1,34 @@
+"""The shape of the code itself: short functions (docs/architecture.md promises ≤ 80 lines each)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "jaxft"
+MAX_FUNCTION_LINES = 80
+
+
+def _functions(tree: ast.AST):
+  for node in ast.walk(tree):
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+      yield node
+
+
+def _long_functions(source: str, limit: int) -> list[tuple[str, int, int]]:
+  """(name, first line, length) of every function in ``source`` longer than ``limit`` lines."""
+  return [(f.name, f.lineno, f.end_lineno - f.lineno + 1) for f in _functions(ast.parse(source))
+          if f.end_lineno - f.lineno + 1 > limit]
+
+
+def test_the_check_finds_a_long_function():
+  body = "\n".join(f"  x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+  assert _long_functions(f"def f():\n{body}\n", MAX_FUNCTION_LINES) == [("f", 1, MAX_FUNCTION_LINES + 1)]
+  assert _long_functions("def g():\n  return 1\n", MAX_FUNCTION_LINES) == []
+
+
+@pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_no_function_is_longer_than_80_lines(path: Path):
+  assert _long_functions(path.read_text(), MAX_FUNCTION_LINES) == []
