@@ -7,8 +7,7 @@ speed-ups are one explicit call, :func:`jaxft.cpu.enable`.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from jaxft import _lazy
 
 __version__ = "0.1.0"
 
@@ -20,22 +19,7 @@ _EXPORTS = {
     "save_model": "jaxft.checkpoint", "convert_file": "jaxft.convert",
 }
 
-__all__ = sorted(_EXPORTS)
+_SUBMODULES = ("checkpoint", "config", "convert", "cpu", "data", "ema", "evaluate", "losses", "models",
+               "optim", "paths", "report", "surgery", "train")
 
-
-def __getattr__(name: str) -> Any:
-  if name in _EXPORTS:
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-  if not name.startswith("_"):  # a submodule (`jaxft.models` after a bare `import jaxft`)
-    try:
-      return importlib.import_module(f"{__name__}.{name}")
-    except ModuleNotFoundError as e:
-      if e.name != f"{__name__}.{name}":
-        raise
-  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-  return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__, __all__ = _lazy.attach(__name__, _EXPORTS, _SUBMODULES)

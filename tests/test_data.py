@@ -149,8 +149,10 @@ def test_decode_worker_loads_no_jax_beyond_jaxft():
 
 
 def test_package_reexports_the_public_names():
-  for name in data.__all__:  # jaxft.data.NAME is the submodule's own object
-    assert getattr(data, name) is getattr(importlib.import_module(f"jaxft.data.{data._EXPORTS[name]}"), name)
+  for module, names in data._NAMES.items():  # jaxft.data.NAME is the submodule's own object
+    for name in names:
+      assert getattr(data, name) is getattr(importlib.import_module(f"jaxft.data.{module}"), name)
+  assert sorted(n for names in data._NAMES.values() for n in names) == data.__all__
   assert {"load_source", "Dataset", "DataError", "iterate", "augment", "preprocess_eval"} <= set(data.__all__)
   assert data.transforms.mix_batch is not None and "sources" in dir(data)
   with pytest.raises(AttributeError, match="module 'jaxft.data' has no attribute 'nope'"):

@@ -30,8 +30,7 @@ costs nothing until something is converted.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from jaxft import _lazy
 
 # public name → the submodule defining it
 _EXPORTS: dict[str, str] = {
@@ -48,11 +47,4 @@ _EXPORTS: dict[str, str] = {
     "new_head": "core", "num_params": "core",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-  """Returns the public ``name`` from its submodule, importing that on first use (PEP 562)."""
-  if name not in _EXPORTS:
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-  return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+__getattr__, __dir__, __all__ = _lazy.attach(__name__, {k: '.' + v for k, v in _EXPORTS.items()})

@@ -20,8 +20,9 @@ build`` builds the oneDNN wrapper ahead of time; ``python -m jaxft.cpu status`` 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from jaxft import _lazy
 from jaxft.cpu import allocator, flags
 
 if TYPE_CHECKING:
@@ -97,16 +98,9 @@ def status() -> str:
           f"{onednn.status()}; XLA_FLAGS {xla}")
 
 
-_LAZY = {"impl_scope": "jaxft.cpu.impl", "cpu_layers": "jaxft.cpu.layers",
-         "clip_by_global_norm": "jaxft.cpu.clip", "OneDNNUnavailableError": "jaxft.cpu.onednn"}
+# These need jax and flax, which `import jaxft.cpu` must not load (enable() may relaunch first).
+__getattr__, __dir__, _lazy_names = _lazy.attach(__name__, {
+    "impl_scope": ".impl", "cpu_layers": ".layers", "clip_by_global_norm": ".clip",
+    "OneDNNUnavailableError": ".onednn"})
 
-
-def __getattr__(name: str) -> Any:
-  # PEP 562: these need jax and flax, which `import jaxft.cpu` must not load (enable() relaunches first).
-  if name in _LAZY:
-    import importlib  # pylint: disable=g-import-not-at-top
-    return getattr(importlib.import_module(_LAZY[name]), name)
-  raise AttributeError(f"module 'jaxft.cpu' has no attribute {name!r}")
-
-
-__all__ = ["enable", "enabled", "network_layers", "status", *_LAZY]
+__all__ = ["enable", "enabled", "network_layers", "status", *_lazy_names]

@@ -14,22 +14,24 @@ See docs/data.md.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-# public name -> submodule that defines it
-_EXPORTS = {
-    "Dataset": "dataset", "DataError": "dataset", "describe": "dataset",
-    "load_source": "sources", "SCHEMES": "sources", "NAMED_SCHEMES": "sources",
-    "IMAGE_EXTENSIONS": "sources", "SPLIT_NAMES": "sources", "SKLEARN_DATASETS": "sources",
-    "default_cache_dir": "cache",
-    "split_train_val": "pipeline", "epoch_permutation": "pipeline", "steps_per_epoch": "pipeline",
-    "batch_indices": "pipeline", "Batch": "pipeline", "Prefetcher": "pipeline", "iterate": "pipeline",
-    "normalize": "transforms", "augment": "transforms", "preprocess_eval": "transforms",
+from jaxft import _lazy
+
+# submodule → the public names it defines
+_NAMES = {
+    "dataset": ("Dataset", "DataError", "describe"),
+    "sources": ("load_source", "SCHEMES", "NAMED_SCHEMES", "IMAGE_EXTENSIONS", "SPLIT_NAMES",
+                "SKLEARN_DATASETS"),
+    "cache": ("default_cache_dir",),
+    "pipeline": ("split_train_val", "epoch_permutation", "steps_per_epoch", "batch_indices", "Batch",
+                 "Prefetcher", "iterate"),
+    "transforms": ("normalize", "augment", "preprocess_eval"),
 }
 _SUBMODULES = ("cache", "dataset", "decode", "pipeline", "sources", "transforms")
 
-__all__ = sorted(_EXPORTS)
+__getattr__, __dir__, __all__ = _lazy.attach(
+    __name__, {name: '.' + module for module, names in _NAMES.items() for name in names}, _SUBMODULES)
 
 if TYPE_CHECKING:
   from jaxft.data.cache import default_cache_dir
@@ -39,18 +41,3 @@ if TYPE_CHECKING:
   from jaxft.data.sources import (IMAGE_EXTENSIONS, NAMED_SCHEMES, SCHEMES, SKLEARN_DATASETS, SPLIT_NAMES,
                                   load_source)
   from jaxft.data.transforms import augment, normalize, preprocess_eval
-
-
-def __getattr__(name: str) -> Any:
-  if name in _EXPORTS:
-    value = getattr(importlib.import_module(f"jaxft.data.{_EXPORTS[name]}"), name)
-  elif name in _SUBMODULES:
-    value = importlib.import_module(f"jaxft.data.{name}")
-  else:
-    raise AttributeError(f"module 'jaxft.data' has no attribute {name!r}")
-  globals()[name] = value  # later look-ups skip this function
-  return value
-
-
-def __dir__() -> list[str]:
-  return sorted({*globals(), *_EXPORTS, *_SUBMODULES})

@@ -36,8 +36,7 @@ is cheap.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from jaxft import _lazy
 
 from jaxft.paths import PathError  # re-exported: every op raises it
 
@@ -53,11 +52,5 @@ _EXPORTS: dict[str, str] = {
     "REGISTRY": "history", "apply_ops": "history", "replay": "history",
 }
 
-__all__ = sorted([*_EXPORTS, "PathError"])
-
-
-def __getattr__(name: str) -> Any:
-  """Returns the public ``name`` from its submodule, importing that on first use (PEP 562)."""
-  if name not in _EXPORTS:
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-  return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+__getattr__, __dir__, _names = _lazy.attach(__name__, {k: '.' + v for k, v in _EXPORTS.items()})
+__all__ = sorted([*_names, "PathError"])
