@@ -437,7 +437,9 @@ def _bool_tree(tree: Tree, rules: Any, what: str, log_name: str) -> dict[str, An
 
 def build_optimizer(cfg: ml_collections.ConfigDict, params: Tree, *, spec: ModelSpec | None = None,
                     total_steps: int, anchor: Tree | None = None,
-                    new_leaf_mask: Tree | None = None) -> Optimizer:
+                    new_leaf_mask: Tree | None = None,
+                    clip: Callable[[float], optax.GradientTransformation] = optax.clip_by_global_norm
+                    ) -> Optimizer:
   """Builds the optax chain described in the module docstring from a ``config.optim`` section.
 
   Args:
@@ -448,6 +450,8 @@ def build_optimizer(cfg: ml_collections.ConfigDict, params: Tree, *, spec: Model
     anchor: L2-SP anchor (the pretrained params); default ``params`` itself.
     new_leaf_mask: params-shaped bools, True = created by surgery (not pretrained); default
       ``cfg.l2sp.new_rules``. Leaves absent from ``anchor`` count as new either way.
+    clip: ``clip(max_norm)`` → the clipping transformation (``jaxft.cpu.norm_functions()`` supplies the
+      CPU backend's, with the same updates).
 
   Returns:
     An :class:`Optimizer`.
@@ -487,7 +491,7 @@ def build_optimizer(cfg: ml_collections.ConfigDict, params: Tree, *, spec: Model
   # The chain, over the trainable subtree only.
   chain: list[optax.GradientTransformation] = []
   if cfg.clip_norm:
-    chain.append(optax.clip_by_global_norm(float(cfg.clip_norm)))
+    chain.append(clip(float(cfg.clip_norm)))
   chain += _direction(cfg)
   if cfg.weight_decay:
     wd_mask = _bool_tree(trainable, cfg.wd_rules, "wd_rules", "weight decay mask")

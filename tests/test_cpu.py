@@ -78,10 +78,11 @@ _ENABLE = r"""
 import json, os
 import jaxft.cpu
 jaxft.cpu.enable()
-from jaxft.cpu import allocator, layers, onednn
+from jaxft.cpu import allocator, clip, layers, onednn
 print(json.dumps({"loaded": onednn.loaded(), "flags": os.environ.get("XLA_FLAGS"),
                   "malloc": allocator._applied, "enabled": jaxft.cpu.enabled(),
                   "cpu_layers": jaxft.cpu.network_layers() is layers.cpu_layers("auto"),
+                  "gemv_norms": jaxft.cpu.norm_functions() == (clip.global_norm, clip.clip_by_global_norm),
                   "status": jaxft.cpu.status()}))
 """
 
@@ -95,7 +96,7 @@ def test_enable_builds_into_the_cache_and_switches_the_layers(tmp_path):
     pytest.skip(f"oneDNN does not build here: {got['status']}")
   files = os.listdir(cache)
   assert len(files) == 1 and files[0].startswith("libjaxft_onednn-") and files[0].endswith(".so")
-  assert got["enabled"] and got["cpu_layers"] and got["flags"] == (
+  assert got["enabled"] and got["cpu_layers"] and got["gemv_norms"] and got["flags"] == (
       "--xla_cpu_experimental_ynn_fusion_type=individual_dot")
   assert "oneDNN convolutions oneDNN " in got["status"] and str(cache) in got["status"]
   # The command line: status reports the cached library, build finds it cached.
@@ -158,3 +159,12 @@ def test_docstring_examples_run():
   import doctest  # pylint: disable=g-import-not-at-top
   result = doctest.testmod(clip)
   assert result.attempted >= 1 and result.failed == 0
+
+
+def test_without_enable_the_norms_and_layers_are_optax_and_plain():
+  import optax  # pylint: disable=g-import-not-at-top
+  import jaxft.cpu  # pylint: disable=g-import-not-at-top
+  from jaxft.models.layers import Layers  # pylint: disable=g-import-not-at-top
+  assert not jaxft.cpu.enabled()  # nothing in the test process switches the backend on
+  assert jaxft.cpu.norm_functions() == (optax.tree.norm, optax.clip_by_global_norm)
+  assert jaxft.cpu.network_layers() == Layers()

@@ -100,7 +100,8 @@ class JaxWorker:
                           label_smoothing=0.0)
     self.state = jax.device_put(train.TrainState.create(trainable, frozen, model.batch_stats,
                                                         opt.tx.init(trainable)))
-    self.train_step = jax.jit(train.make_train_step(net, opt.tx, opt.schedule, sc, seed=0),
+    self.train_step = jax.jit(train.make_train_step(net, opt.tx, opt.schedule, sc, seed=0,
+                                                    norm=jaxft.cpu.norm_functions().global_norm),
                               donate_argnums=(0,))
     self.eval_step = jax.jit(train.make_eval_step(net, sc))
     images, labels = _batch(w["batch"], w["size"], w["num_classes"])

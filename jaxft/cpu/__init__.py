@@ -20,7 +20,7 @@ build`` builds the oneDNN wrapper ahead of time; ``python -m jaxft.cpu status`` 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 from jaxft import _lazy
 from jaxft.cpu import allocator, flags
@@ -88,6 +88,26 @@ def network_layers(impl: str = "auto") -> "Layers":
   return layers if _enabled and jax.default_backend() == "cpu" else Layers()
 
 
+class NormFunctions(NamedTuple):
+  """The global norm and clipping a train step should use (same values whichever is returned)."""
+
+  global_norm: Callable[[Any], Any]  # tree → float32 scalar, as ``optax.tree.norm``
+  clip_by_global_norm: Callable[[float], Any]  # max_norm → a GradientTransformation, as optax's
+
+
+def norm_functions() -> NormFunctions:
+  """Returns the CPU backend's GEMV norm and clipping (:mod:`jaxft.cpu.clip`) once :func:`enable` was
+  called and the default backend is CPU, else optax's (``optax.tree.norm``,
+  ``optax.clip_by_global_norm``). Kept because they make a train step measurably faster on XLA:CPU
+  (docs/benchmarks.md, "Norms")."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  if _enabled and jax.default_backend() == "cpu":
+    from jaxft.cpu import clip  # pylint: disable=g-import-not-at-top
+    return NormFunctions(clip.global_norm, clip.clip_by_global_norm)
+  return NormFunctions(optax.tree.norm, optax.clip_by_global_norm)
+
+
 def status() -> str:
   """Returns one line: whether :func:`enable` ran, the allocator in use, the oneDNN convolutions in
   use (or why none are) and the XLA flags. Builds and loads nothing."""
@@ -103,4 +123,4 @@ __getattr__, __dir__, _lazy_names = _lazy.attach(__name__, {
     "impl_scope": ".impl", "cpu_layers": ".layers", "clip_by_global_norm": ".clip",
     "OneDNNUnavailableError": ".onednn"})
 
-__all__ = ["enable", "enabled", "network_layers", "status", *_lazy_names]
+__all__ = ["NormFunctions", "enable", "enabled", "network_layers", "norm_functions", "status", *_lazy_names]

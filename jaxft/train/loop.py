@@ -118,7 +118,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
   # --- The compiled steps. ---
   train_step = jax.jit(make_train_step(net, opt.tx, opt.schedule, sc, config.seed,
-                                       config.optim.accumulate_steps, objective, teacher_net),
+                                       config.optim.accumulate_steps, objective, teacher_net,
+                                       norm=cpu.norm_functions().global_norm),
                        donate_argnums=(0,))
   if teacher_variables is not None:
     # Copied: a 'base' teacher shares arrays with the student's (donated) state.

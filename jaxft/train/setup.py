@@ -195,7 +195,8 @@ def build_optimizer(config: Config, base: Model, model: Model, steps: int) -> op
   opt_steps = max(1, steps // config.optim.accumulate_steps)
   try:
     return optim.build_optimizer(config.optim, model.params, spec=model.spec, total_steps=opt_steps,
-                                 anchor=base.params, new_leaf_mask=new_leaf_mask(base, model))
+                                 anchor=base.params, new_leaf_mask=new_leaf_mask(base, model),
+                                 clip=cpu.norm_functions().clip_by_global_norm)
   except (ValueError, KeyError) as e:
     raise TrainError(f"config.optim: {e}") from e
 
