@@ -29,6 +29,7 @@ from __future__ import annotations
 import _compat_pickle
 import collections
 import io
+import math
 import pickle
 from typing import Any, Callable, Mapping
 
@@ -148,7 +149,7 @@ def _as_dtype(x: Any) -> np.dtype:
 
 def _from_bytes(raw: bytes | bytearray, dt: np.dtype, shape: tuple[int, ...], order: str) -> np.ndarray:
   """A writable array of ``shape`` over exactly ``raw`` (copied unless it is already a private buffer)."""
-  n = int(np.prod(shape, dtype=np.int64))
+  n = math.prod(shape)
   if len(raw) != n * dt.itemsize:
     raise UnsafePickleError(f"array data is {len(raw)} bytes, its shape {shape} and dtype {dt} need "
                             f"{n * dt.itemsize}")

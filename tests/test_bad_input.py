@@ -139,6 +139,9 @@ def test_convert_file_refuses_and_says_how_to_proceed(kind, payload, tmp_path):
   msg = str(e.value)
   assert f"needs {name}" in msg and "trust_pickle=True" in msg and "--trust-pickle" in msg
   assert "\n" not in msg
+  # convert_source is what training's model.pretrained / distill.teacher files go through.
+  with pytest.raises(convert.ConversionError, match=f"needs {name}"):
+    convert.convert_source(str(p), "cifar_resnet20")
   assert not marker.exists()
 
 
