@@ -281,13 +281,15 @@ class Unpickler(pickle.Unpickler):
     allowed: ``{(module, name): stand-in}``, e.g. ``{**NUMPY, **BUILTINS}``.
     persistent_load: called with each persistent id (torch's storages); without it they are an error.
     encoding: how Python 2 byte strings decode (``"bytes"`` keeps them bytes), as for :func:`pickle.load`.
+    reader: who refuses, in the error message.
   """
 
   def __init__(self, file: Any, allowed: Allowed, *, persistent_load: Callable[[Any], Any] | None = None,
-               encoding: str = "ASCII"):
+               encoding: str = "ASCII", reader: str = "jaxft"):
     super().__init__(file, encoding=encoding)
     self._allowed = allowed
     self._persistent = persistent_load
+    self._reader = reader
 
   def find_class(self, module: str, name: str) -> Any:
     """Returns the stand-in for ``module.name``; raises UnsafePickleError for anything not allowed."""
@@ -298,8 +300,8 @@ class Unpickler(pickle.Unpickler):
       return self._allowed[key]
     # Named as Python 3 names it (a protocol-2 pickle writes builtins.exec as __builtin__.exec).
     full = ".".join(key)
-    raise UnsafePickleError(f"the pickle needs {full}, which jaxft does not load: unpickling it could run "
-                            "code from the file", global_name=full)
+    raise UnsafePickleError(f"the pickle needs {full}, which {self._reader} does not load: unpickling it "
+                            "could run code from the file", global_name=full)
 
   def persistent_load(self, pid: Any) -> Any:
     """Passes ``pid`` to the ``persistent_load`` given; refuses it when none was."""

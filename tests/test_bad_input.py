@@ -361,3 +361,17 @@ def test_plain_data_round_trips_like_pickle():
         np.testing.assert_array_equal(got[k], want[k])
       else:
         assert got[k] == want[k] and type(got[k]) is type(want[k]), k
+
+
+@pytest.mark.parametrize("damage", ["huge size", "cut short", "size differs from the pickle's"])
+def test_legacy_storage_sizes_are_checked_before_reading(damage, tmp_path):
+  torch = pytest.importorskip("torch")
+  p = tmp_path / "w.pth"
+  torch.save({"w": torch.ones(2)}, p, _use_new_zipfile_serialization=False)
+  raw = p.read_bytes()  # ends with the one storage: int64 numel (2), then 2 float32s
+  assert raw[-16:-8] == struct.pack("<q", 2)
+  raw = {"huge size": raw[:-16] + struct.pack("<q", 1 << 60) + raw[-8:], "cut short": raw[:-4],
+         "size differs from the pickle's": raw[:-16] + struct.pack("<q", 1) + raw[-8:-4]}[damage]
+  p.write_bytes(raw)
+  with pytest.raises(convert.ConversionError, match="is truncated"):
+    read_torch_file(p)

@@ -186,6 +186,13 @@ TENSOR_GLOBALS: safe_pickle.Allowed = {
 """The globals a torch file of tensors in dicts/lists needs (with numpy scalars, e.g. a stored accuracy)."""
 
 
+def _unpickler(f: Any, allowed: safe_pickle.Allowed | None = None, data: _Bytes | None = None
+               ) -> safe_pickle.Unpickler:
+  """The restricted unpickler for one pickle of a torch file (no globals unless ``allowed``)."""
+  return safe_pickle.Unpickler(f, allowed or {}, reader="the torch-free reader",
+                               persistent_load=None if data is None else data.persistent_load)
+
+
 def _read_zip(path: Path) -> Any:
   with zipfile.ZipFile(path) as z:
     names = z.namelist()
@@ -197,8 +204,7 @@ def _read_zip(path: Path) -> Any:
     if f"{root}byteorder" in names and z.read(f"{root}byteorder").strip() == b"big":
       order = ">"
     data = _Bytes()
-    obj = safe_pickle.Unpickler(io.BytesIO(z.read(pkl[0])), TENSOR_GLOBALS,
-                                persistent_load=data.persistent_load).load()
+    obj = _unpickler(io.BytesIO(z.read(pkl[0])), TENSOR_GLOBALS, data).load()
     for key, (dt, numel) in data.declared.items():
       with z.open(f"{root}data/{key}") as member:  # reads no more than the storage's size
         data.add(key, member.read(numel * dt.itemsize), order)
@@ -209,7 +215,7 @@ def _read_legacy(path: Path) -> Any:
   with open(path, "rb") as f:
     size = os.fstat(f.fileno()).st_size
     try:
-      magic = safe_pickle.Unpickler(f, {}).load()
+      magic = _unpickler(f).load()
     except UnsafePickleError:
       raise
     except Exception:  # noqa: BLE001 — any garbage raises something
@@ -217,22 +223,23 @@ def _read_legacy(path: Path) -> Any:
     if magic != _LEGACY_MAGIC:
       raise ConversionError(f"{path} is not a readable PyTorch weights file (neither torch's zip nor its "
                             "legacy format; truncated?)")
-    if safe_pickle.Unpickler(f, {}).load() != 1001:
+    if _unpickler(f).load() != 1001:
       raise ConversionError(f"{path} has an unknown torch legacy protocol")
-    sys_info = safe_pickle.resolve(safe_pickle.Unpickler(f, {}).load())
+    sys_info = safe_pickle.resolve(_unpickler(f).load())
     order = ">" if isinstance(sys_info, dict) and sys_info.get("little_endian") is False else "<"
     data = _Bytes()
-    obj = safe_pickle.Unpickler(f, TENSOR_GLOBALS, persistent_load=data.persistent_load).load()
-    keys = safe_pickle.resolve(safe_pickle.Unpickler(f, {}).load())
+    obj = _unpickler(f, TENSOR_GLOBALS, data).load()
+    keys = safe_pickle.resolve(_unpickler(f).load())
     if not (isinstance(keys, list) and all(k in data.declared for k in keys)):
       raise ConversionError(f"{path}: the storage keys after the pickle do not match the pickle's")
     for key in keys:
+      dt, numel = data.declared[key]
       head = f.read(8)
-      nbytes = data.declared[key][1] * data.declared[key][0].itemsize
-      if len(head) != 8 or int(np.frombuffer(head, order + "i8")[0]) != data.declared[key][1] \
-          or nbytes > size - f.tell():
+      stored = int(np.frombuffer(head, order + "i8")[0]) if len(head) == 8 else -1
+      # Checked before reading, so that a crafted size cannot make read() allocate it.
+      if stored != numel or numel * dt.itemsize > size - f.tell():
         raise ConversionError(f"{path} is truncated (storage {key} is incomplete)")
-      data.add(key, f.read(nbytes), order)
+      data.add(key, f.read(numel * dt.itemsize), order)
   return safe_pickle.resolve(obj)
 
 
