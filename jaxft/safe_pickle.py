@@ -10,9 +10,10 @@ plain values (numpy arrays are built with ``np.frombuffer``; no numpy ``__setsta
 An allow-list alone is not enough, because a pickle can still
 
 * call an allowed callable with arguments of its choosing (REDUCE) — so each stand-in validates them;
-* call ``__setstate__`` of whatever object is on its stack (BUILD) — so the stand-ins' results derive
-  from :class:`Placeholder` (``__slots__``, a ``__setstate__`` that refuses, or checks a state once);
-  a BUILD on a plain ``OrderedDict`` only sets instance attributes, which :func:`resolve` drops;
+* call ``__setstate__`` of whatever object is on its stack (BUILD) — so the stand-ins themselves
+  (:class:`StandIn`) and their results derive from :class:`Placeholder` (``__slots__``, a
+  ``__setstate__`` that refuses, or checks a state once); no real numpy object is on the stack; a BUILD
+  on a plain ``OrderedDict`` only sets instance attributes, which :func:`resolve` drops;
 * ask for ``cls.__new__(cls, …)`` (NEWOBJ) — refused by pickle itself, the stand-ins are not classes;
 * build cycles and shared objects — :func:`resolve` refuses cycles and shares repeated objects, so a
   small pickle cannot expand exponentially.
@@ -68,6 +69,37 @@ class Placeholder:
   def resolve(self) -> Any:
     """Returns the plain value this placeholder stands for."""
     raise UnsafePickleError(f"the pickle holds a bare {type(self).__name__} outside the value it belongs to")
+
+
+class StandIn(Placeholder):
+  """An allowed global: calls ``fn``. A pickle can neither instantiate it as a class (NEWOBJ) nor change
+  it (BUILD), so one file cannot tamper with the stand-ins (e.g. their defaults) of the next."""
+
+  __slots__ = ("fn",)
+
+  def __init__(self, fn: Callable[..., Any]):
+    self.fn = fn
+
+  def __call__(self, *args: Any) -> Any:
+    return self.fn(*args)
+
+
+def allow(table: Mapping[tuple[str, str], Any]) -> Allowed:
+  """An allow-list from ``{(module, name): function or Placeholder}``: functions wrapped in StandIn."""
+  return {k: v if isinstance(v, Placeholder) else StandIn(v) for k, v in table.items()}
+
+
+class _Value(Placeholder):
+  """A value built during unpickling, handed out only by :func:`resolve` (a real numpy object on the
+  pickle's stack would let a BUILD call its ``__setstate__``)."""
+
+  __slots__ = ("value",)
+
+  def __init__(self, value: Any):
+    self.value = value
+
+  def resolve(self) -> Any:
+    return self.value
 
 
 def _text(x: Any, what: str) -> str:
@@ -189,31 +221,30 @@ class _Array(Placeholder):
 
 
 def _reconstruct(cls: Any, shape: Any, typecode: Any) -> _Array:
-  if cls is not _ndarray:
+  if cls is not NUMPY[("numpy", "ndarray")]:
     raise UnsafePickleError("numpy _reconstruct may only rebuild a numpy.ndarray")
   del shape, typecode  # the placeholder shape; the real one comes with the state
   return _Array()
 
 
-def _frombuffer(buf: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:
+def _frombuffer(buf: Any, dtype: Any, shape: Any, order: Any) -> _Value:
   order = _text(order, "an array order")
   if order not in ("C", "F"):
     raise UnsafePickleError(f"unknown array order {order!r}")
-  return _from_bytes(_raw(buf, "array data"), _as_dtype(dtype), dims(shape, "an array shape"), order)
+  return _Value(_from_bytes(_raw(buf, "array data"), _as_dtype(dtype), dims(shape, "an array shape"), order))
 
 
-def _scalar(dtype: Any, data: Any) -> Any:
-  dt = _as_dtype(dtype)
-  return _from_bytes(_raw(data, "scalar data"), dt, (), "C")[()]
+def _scalar(dtype: Any, data: Any) -> _Value:
+  return _Value(_from_bytes(_raw(data, "scalar data"), _as_dtype(dtype), (), "C")[()])
 
 
-NUMPY: Allowed = {
+NUMPY: Allowed = allow({
     **{(m, "_reconstruct"): _reconstruct for m in ("numpy.core.multiarray", "numpy._core.multiarray")},
     **{(m, "scalar"): _scalar for m in ("numpy.core.multiarray", "numpy._core.multiarray")},
     **{(m, "_frombuffer"): _frombuffer for m in ("numpy.core.numeric", "numpy._core.numeric")},
     ("numpy", "ndarray"): _ndarray,
     ("numpy", "dtype"): _dtype,
-}
+})
 """numpy arrays, scalars and dtypes of plain numeric types (what a CIFAR batch or a saved array holds)."""
 
 # ---------------------------------------------------------------------------------------------------------
@@ -254,13 +285,13 @@ def _frozenset(items: Any = ()) -> frozenset:
   return frozenset(_items(items))
 
 
-BUILTINS: Allowed = {
+BUILTINS: Allowed = allow({
     ("_codecs", "encode"): _encode,
     ("builtins", "bytes"): _bytes,
     ("builtins", "set"): _set,
     ("builtins", "frozenset"): _frozenset,
     ("collections", "OrderedDict"): _ordered_dict,
-}
+})
 """Plain values that protocols 0–2 build by calling a global (bytes, set, frozenset, OrderedDict)."""
 
 PLAIN_DATA: Allowed = {**BUILTINS, **NUMPY}
@@ -278,7 +309,7 @@ class Unpickler(pickle.Unpickler):
 
   Args:
     file: a binary file positioned at the pickle; only read.
-    allowed: ``{(module, name): stand-in}``, e.g. ``{**NUMPY, **BUILTINS}``.
+    allowed: ``{(module, name): stand-in}`` made by :func:`allow`, e.g. :data:`PLAIN_DATA`.
     persistent_load: called with each persistent id (torch's storages); without it they are an error.
     encoding: how Python 2 byte strings decode (``"bytes"`` keeps them bytes), as for :func:`pickle.load`.
     reader: who refuses, in the error message.
@@ -287,6 +318,8 @@ class Unpickler(pickle.Unpickler):
   def __init__(self, file: Any, allowed: Allowed, *, persistent_load: Callable[[Any], Any] | None = None,
                encoding: str = "ASCII", reader: str = "jaxft"):
     super().__init__(file, encoding=encoding)
+    if not all(isinstance(v, Placeholder) for v in allowed.values()):
+      raise TypeError("allow-list values must be Placeholders (functions wrapped by allow())")
     self._allowed = allowed
     self._persistent = persistent_load
     self._reader = reader
@@ -321,7 +354,7 @@ class Unpickler(pickle.Unpickler):
       raise pickle.UnpicklingError(f"malformed pickle: {type(e).__name__}: {e}") from None
 
 
-_SCALARS = (str, bytes, bytearray, int, float, complex, bool, type(None), np.generic)
+_SCALARS = (str, bytes, bytearray, int, float, complex, bool, type(None))
 _KEYS = (str, bytes, int, float, bool, type(None))
 
 
@@ -352,8 +385,6 @@ def resolve(obj: Any) -> Any:
       out = t(walk(v, depth + 1) for v in o)
     elif isinstance(o, Placeholder):
       out = o.resolve()
-    elif t is np.ndarray and o.dtype.kind in "biufc":  # from a stand-in (_frombuffer)
-      out = o
     else:
       raise UnsafePickleError(f"the pickle built a {t.__name__}, which is not plain data")
     active.discard(id(o))

@@ -280,6 +280,16 @@ CRAFTED_TENSORS = {
                                    + SETITEM) + BUILD + s("payload") + BUILD,
                                UnsafePickleError, "not a tensor"),
     "a cycle": (EMPTY_LIST + BINPUT + b"\x07" + BINGET + b"\x07" + APPEND, UnsafePickleError, "cycle"),
+    # A BUILD on an allowed global would otherwise set attributes (e.g. __defaults__) of the shared stand-in
+    # function, poisoning every later load in the process.
+    "BUILD on an allowed global": (g("collections", "OrderedDict") + t(NONE, EMPTY_DICT + s("__defaults__")
+                                   + t(t(t(s("injected"), i(1)))) + SETITEM) + BUILD, UnsafePickleError,
+                                   "sets the state of a StandIn"),
+    "an allowed global as a value": (g("collections", "OrderedDict"), UnsafePickleError, "bare StandIn"),
+    "BUILD on a numpy scalar": (g("numpy.core.multiarray", "scalar") + t(
+        g("numpy", "dtype") + t(s("u1"), FALSE, FALSE) + REDUCE
+        + t(i(3), s("|"), NONE, NONE, NONE, i(-1), i(-1), i(0)) + BUILD, s("a")) + REDUCE + t(NONE) + BUILD,
+                                UnsafePickleError, "sets the state of a _Value"),
 }
 
 

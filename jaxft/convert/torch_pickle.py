@@ -176,12 +176,14 @@ def _size(dims: Any = ()) -> tuple[int, ...]:
 
 
 TENSOR_GLOBALS: safe_pickle.Allowed = {
-    **safe_pickle.BUILTINS, **safe_pickle.NUMPY,
-    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    ("torch", "Size"): _size,
-    **{("torch", name): _StorageType(name) for name in _STORAGE_DTYPES},
+    **safe_pickle.PLAIN_DATA,
+    **safe_pickle.allow({
+        ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+        ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+        ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+        ("torch", "Size"): _size,
+        **{("torch", name): _StorageType(name) for name in _STORAGE_DTYPES},
+    }),
 }
 """The globals a torch file of tensors in dicts/lists needs (with numpy scalars, e.g. a stored accuracy)."""
 
