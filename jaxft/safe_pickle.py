@@ -102,6 +102,13 @@ class _Value(Placeholder):
     return self.value
 
 
+def shown(x: Any, limit: int = 80) -> str:
+  """``str(x)`` cut to ``limit`` characters, control characters escaped: for messages quoting a file's
+  content (which must not be able to drive the terminal)."""
+  text = str(x)[:limit]
+  return text if text.isprintable() else "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
 def _text(x: Any, what: str) -> str:
   # Python 2 pickles read with encoding="bytes" give bytes where Python 3 gives str.
   if isinstance(x, bytes):
@@ -125,7 +132,7 @@ def _raw(x: Any, what: str) -> bytes | bytearray:
 def dims(x: Any, what: str) -> tuple[int, ...]:
   """``x`` as a tuple of non-negative ints (bools refused), or UnsafePickleError."""
   if not isinstance(x, (tuple, list)) or not all(type(d) is int and d >= 0 for d in x):
-    raise UnsafePickleError(f"{what} must be a tuple of non-negative ints, got {str(x)[:80]}")
+    raise UnsafePickleError(f"{what} must be a tuple of non-negative ints, got {shown(x)}")
   return tuple(x)
 
 
@@ -149,7 +156,7 @@ class _Dtype(Placeholder):
     if self.order is not None:
       raise UnsafePickleError("the pickle sets the state of a numpy dtype twice")
     if not (isinstance(state, tuple) and len(state) == 8 and state[2:5] == (None, None, None)):
-      raise UnsafePickleError(f"unsupported numpy dtype state {str(state)[:80]} (structured or subarray?)")
+      raise UnsafePickleError(f"unsupported numpy dtype state {shown(state)} (structured or subarray?)")
     order = _text(state[1], "a dtype's byte order")
     if order not in ("<", ">", "|", "="):
       raise UnsafePickleError(f"unknown numpy byte order {order!r}")
@@ -207,7 +214,7 @@ class _Array(Placeholder):
     if isinstance(state, tuple) and len(state) == 5:
       state = state[1:]  # (version, shape, dtype, is_fortran, data)
     if not (isinstance(state, tuple) and len(state) == 4 and type(state[2]) in (bool, int)):
-      raise UnsafePickleError(f"unsupported numpy array state {str(state)[:80]}")
+      raise UnsafePickleError(f"unsupported numpy array state {shown(state)}")
     shape, dt, fortran, raw = state
     a = _from_bytes(_raw(raw, "array data"), _as_dtype(dt), dims(shape, "an array shape"),
                     "F" if fortran else "C")
@@ -333,13 +340,13 @@ class Unpickler(pickle.Unpickler):
       return self._allowed[key]
     # Named as Python 3 names it (a protocol-2 pickle writes builtins.exec as __builtin__.exec).
     full = ".".join(key)
-    raise UnsafePickleError(f"the pickle needs {full}, which {self._reader} does not load: unpickling it "
-                            "could run code from the file", global_name=full)
+    raise UnsafePickleError(f"the pickle needs {shown(full, 200)}, which {self._reader} does not load: "
+                            "unpickling it could run code from the file", global_name=full)
 
   def persistent_load(self, pid: Any) -> Any:
     """Passes ``pid`` to the ``persistent_load`` given; refuses it when none was."""
     if self._persistent is None:  # malformed for this kind of file rather than unsafe
-      raise pickle.UnpicklingError(f"a persistent id ({str(pid)[:40]}) where none is expected")
+      raise pickle.UnpicklingError(f"a persistent id ({shown(pid, 40)}) where none is expected")
     return self._persistent(pid)
 
   def load(self) -> Any:
@@ -351,7 +358,7 @@ class Unpickler(pickle.Unpickler):
     except EOFError:
       raise
     except Exception as e:  # noqa: BLE001 — crafted input makes stand-ins and opcodes raise many types
-      raise pickle.UnpicklingError(f"malformed pickle: {type(e).__name__}: {e}") from None
+      raise pickle.UnpicklingError(f"malformed pickle: {type(e).__name__}: {shown(e, 200)}") from None
 
 
 _SCALARS = (str, bytes, bytearray, int, float, complex, bool, type(None))
@@ -396,7 +403,7 @@ def resolve(obj: Any) -> Any:
   except pickle.UnpicklingError:
     raise
   except Exception as e:  # noqa: BLE001 — e.g. an array as a set member (unhashable)
-    raise pickle.UnpicklingError(f"malformed pickle: {type(e).__name__}: {e}") from None
+    raise pickle.UnpicklingError(f"malformed pickle: {type(e).__name__}: {shown(e, 200)}") from None
 
 
 def _key(k: Any) -> Any:

@@ -48,7 +48,8 @@ class _Exec:
     return exec, (f"open({str(self.marker)!r}, 'w').close()",)
 
 
-PAYLOADS = {"os.system": (_System, f"{os.system.__module__}.system"), "builtins.exec": (_Exec, "builtins.exec")}
+PAYLOADS = {"os.system": (_System, f"{os.system.__module__}.system"),
+            "builtins.exec": (_Exec, "builtins.exec")}
 
 
 @pytest.fixture(params=sorted(PAYLOADS))
@@ -244,7 +245,9 @@ def torch_zip(path: Path, body: bytes, storages: dict[str, bytes] | None = None)
   """A torch zip file whose data.pkl is ``{'w': body}``."""
   with zipfile.ZipFile(path, "w") as z:
     z.writestr("archive/data.pkl", PROTO + EMPTY_DICT + s("w") + body + SETITEM + STOP)
-    for key, raw in (storages if storages is not None else {"0": np.arange(4, dtype="<f4").tobytes()}).items():
+    if storages is None:
+      storages = {"0": np.arange(4, dtype="<f4").tobytes()}
+    for key, raw in storages.items():
       z.writestr(f"archive/data/{key}", raw)
   return path
 
@@ -276,8 +279,9 @@ CRAFTED_TENSORS = {
     # An OrderedDict whose BUILD installs an allowed callable as its __setstate__, then BUILDs again:
     # the second BUILD may only call that stand-in, which checks its argument.
     "a crafted __setstate__": (g("collections", "OrderedDict") + EMPTY_TUPLE + REDUCE
-                               + t(NONE, EMPTY_DICT + s("__setstate__") + g("torch._utils", "_rebuild_parameter")
-                                   + SETITEM) + BUILD + s("payload") + BUILD,
+                               + t(NONE, EMPTY_DICT + s("__setstate__")
+                                   + g("torch._utils", "_rebuild_parameter") + SETITEM)
+                               + BUILD + s("payload") + BUILD,
                                UnsafePickleError, "not a tensor"),
     "a cycle": (EMPTY_LIST + BINPUT + b"\x07" + BINGET + b"\x07" + APPEND, UnsafePickleError, "cycle"),
     # A BUILD on an allowed global would otherwise set attributes (e.g. __defaults__) of the shared stand-in
@@ -347,6 +351,9 @@ def test_many_views_of_one_storage_are_bounded(tmp_path, monkeypatch):
     ("getattr", g("builtins", "getattr") + t(NONE, s("x")) + REDUCE, "needs builtins.getattr"),
     ("python 2 eval", g("__builtin__", "eval") + t(s("1")) + REDUCE, "needs builtins.eval"),
     ("subprocess", g("subprocess", "check_call") + t(s("true")) + REDUCE, "needs subprocess.check_call"),
+    # STACK_GLOBAL takes any strings: control characters are escaped in the message.
+    ("escape sequences", s("os\x1b[2J") + s("system\nok") + b"\x93",
+     r"needs os\\x1b\[2J\.system\\nok, which"),
 ])
 def test_crafted_plain_data_is_refused(case, body, message):
   with pytest.raises(pickle.UnpicklingError, match=message):

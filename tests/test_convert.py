@@ -225,10 +225,10 @@ def test_pickle_needing_more_than_tensors_needs_trust_pickle(tmp_path: Path,
     convert.convert_file(p, "cifar_resnet20")
   assert str(e.value) == (
       "old.th: the pickle needs argparse.Namespace, which the torch-free reader does not load: unpickling it "
-      "could run code from the file; torch.load(weights_only=True) refuses it too (UnpicklingError). If you "
-      "made this file yourself, pass trust_pickle=True (tools/convert_torch_weights.py --trust-pickle), which "
-      "runs code from the file; otherwise re-save only its tensors (torch.save(model.state_dict(), …) or "
-      ".safetensors) where running it is safe.")
+      "could run code from the file; torch.load(weights_only=True) refuses it too (UnpicklingError). If "
+      "you made this file yourself, pass trust_pickle=True (tools/convert_torch_weights.py --trust-pickle), "
+      "which runs code from the file; otherwise re-save only its tensors (torch.save(model.state_dict(), …) "
+      "or .safetensors) where running it is safe.")
   with caplog.at_level(logging.WARNING, logger="jaxft.convert"):
     model = convert.convert_file(p, "cifar_resnet20", trust_pickle=True)
   assert "loading it with torch.load(weights_only=False) as trust_pickle=True asks" in caplog.text
@@ -294,8 +294,8 @@ def test_torch_pickle_without_torch_says_so(tmp_path: Path) -> None:
   p = tmp_path / "w.pth"
   torch.save({"state_dict": {k: torch.from_numpy(v) for k, v in fake_state_dict("cifar_resnet20").items()},
               "args": argparse.Namespace(lr=0.1)}, p)
-  for trust, want in ((False, "w.pth: the pickle needs argparse.Namespace, which the torch-free reader does not load"),
-                      (True, "reading w.pth needs PyTorch (pip install torch)")):
+  refused = "w.pth: the pickle needs argparse.Namespace, which the torch-free reader does not load"
+  for trust, want in ((False, refused), (True, "reading w.pth needs PyTorch (pip install torch)")):
     code = ("import sys; sys.modules['torch'] = None\n"
             "from jaxft import convert\n"
             f"convert.convert_file({str(p)!r}, 'cifar_resnet20', trust_pickle={trust})\n")

@@ -32,8 +32,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--seed", type=int, default=0, help="seed of a new head")
   parser.add_argument("--force", action="store_true", help="overwrite OUT")
   parser.add_argument("--trust-pickle", action="store_true",
-                      help="unpickle SRC with torch.load(weights_only=False) when it holds more than tensors; "
-                      "runs code from the file: only for files you made yourself")
+                      help="unpickle SRC with torch.load(weights_only=False) when it holds more than "
+                      "tensors; runs code from the file: only for files you made yourself")
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 

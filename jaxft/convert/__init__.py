@@ -39,7 +39,8 @@ from typing import Any
 _MODULES: dict[str, tuple[str, ...]] = {
     "errors": ("ConversionError",),
     "tables": ("Entry", "FAMILY_MARKERS", "MAPPINGS", "RULES", "cifar_resnet_mapping",
-               "efficientnet_lite_mapping", "mapping_table", "resnet_mapping", "target_shapes", "torch_shape"),
+               "efficientnet_lite_mapping", "mapping_table", "resnet_mapping", "target_shapes",
+               "torch_shape"),
     "torch_pickle": ("read_torch_file",),
     "files": ("IGNORED_SUFFIXES", "SAFETENSORS_SUFFIXES", "TORCH_SUFFIXES", "WRAPPER_KEYS", "load_state_dict",
               "sha256", "unwrap_state_dict"),

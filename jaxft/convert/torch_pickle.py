@@ -27,7 +27,7 @@ import numpy as np
 
 from jaxft import safe_pickle
 from jaxft.convert.errors import ConversionError
-from jaxft.safe_pickle import Placeholder, UnsafePickleError
+from jaxft.safe_pickle import Placeholder, UnsafePickleError, shown
 
 log = logging.getLogger(__name__)
 
@@ -89,23 +89,23 @@ class _Bytes:
     if not (type(pid) is tuple and len(pid) in (5, 6) and pid[0] == "storage"
             and isinstance(pid[1], _StorageType) and isinstance(pid[2], str) and type(pid[4]) is int
             and pid[4] >= 0):
-      raise UnsafePickleError(f"unknown persistent id {str(pid)[:80]}")
+      raise UnsafePickleError(f"unknown persistent id {shown(pid)}")
     key, numel, dt = pid[2], pid[4], pid[1].dtype
     if self.declared.setdefault(key, (dt, numel)) != (dt, numel):
-      raise pickle.UnpicklingError(f"storage {key[:20]} is declared twice with different types or sizes")
+      raise pickle.UnpicklingError(f"storage {shown(key, 20)} is declared twice with different types/sizes")
     view = pid[5] if len(pid) == 6 else None
     if view is None:
       return _Storage(self, key, 0, numel, dt)
     if not (type(view) is tuple and len(view) == 3 and type(view[1]) is int and type(view[2]) is int
             and 0 <= view[1] and 0 <= view[2] and view[1] + view[2] <= numel):
-      raise UnsafePickleError(f"invalid storage view {str(view)[:80]}")
+      raise UnsafePickleError(f"invalid storage view {shown(view)}")
     return _Storage(self, key, view[1], view[2], dt)
 
   def add(self, key: str, raw: bytes, order: str) -> None:
     """Stores the bytes of storage ``key`` (``order``: ``<`` or ``>``)."""
     dt, numel = self.declared[key]
     if len(raw) != numel * dt.itemsize:
-      raise ConversionError(f"the file is truncated (storage {key} has {len(raw)} of its "
+      raise ConversionError(f"the file is truncated (storage {shown(key, 20)} has {len(raw)} of its "
                             f"{numel * dt.itemsize} bytes)")
     self.arrays[key] = np.frombuffer(raw, dt.newbyteorder(order))
     self.budget += _EXPANSION * len(raw)
@@ -128,7 +128,7 @@ class _LazyTensor(Placeholder):
   def resolve(self) -> np.ndarray:
     st = self.storage
     if st.key not in st.data.arrays:
-      raise pickle.UnpicklingError(f"no bytes were found for storage {st.key[:20]}")
+      raise pickle.UnpicklingError(f"no bytes were found for storage {shown(st.key, 20)}")
     data = st.data.arrays[st.key][st.start:st.start + st.numel]
     if 0 in self.size:
       return np.zeros(self.size, data.dtype)
@@ -146,7 +146,7 @@ def _rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any) -
     raise UnsafePickleError(f"a tensor rebuilt from a {type(storage).__name__}, not a storage")
   size, stride = safe_pickle.dims(size, "a tensor size"), safe_pickle.dims(stride, "a tensor stride")
   if type(storage_offset) is not int or storage_offset < 0 or len(size) != len(stride) or len(size) > 64:
-    raise UnsafePickleError(f"invalid tensor offset/size/stride {storage_offset}, {size}, {stride}")
+    raise UnsafePickleError(f"invalid tensor offset/size/stride {shown(storage_offset)}, {size}, {stride}")
   return _LazyTensor(storage, storage_offset, size, stride)
 
 
@@ -240,7 +240,7 @@ def _read_legacy(path: Path) -> Any:
       stored = int(np.frombuffer(head, order + "i8")[0]) if len(head) == 8 else -1
       # Checked before reading, so that a crafted size cannot make read() allocate it.
       if stored != numel or numel * dt.itemsize > size - f.tell():
-        raise ConversionError(f"{path} is truncated (storage {key} is incomplete)")
+        raise ConversionError(f"{path} is truncated (storage {shown(key, 20)} is incomplete)")
       data.add(key, f.read(numel * dt.itemsize), order)
   return safe_pickle.resolve(obj)
 
