@@ -351,6 +351,8 @@ def test_many_views_of_one_storage_are_bounded(tmp_path, monkeypatch):
     ("getattr", g("builtins", "getattr") + t(NONE, s("x")) + REDUCE, "needs builtins.getattr"),
     ("python 2 eval", g("__builtin__", "eval") + t(s("1")) + REDUCE, "needs builtins.eval"),
     ("subprocess", g("subprocess", "check_call") + t(s("true")) + REDUCE, "needs subprocess.check_call"),
+    # EXT1 looks a global up in copyreg's registry, which is empty unless the host process fills it.
+    ("extension code", b"\x82\x01", "unregistered extension code 1"),
     # STACK_GLOBAL takes any strings: control characters are escaped in the message.
     ("escape sequences", s("os\x1b[2J") + s("system\nok") + b"\x93",
      r"needs os\\x1b\[2J\.system\\nok, which"),
