@@ -216,14 +216,53 @@ def test_wrapped_and_prefixed_state_dict_converts_the_same() -> None:
                                 sd["layer2.1.bn2.running_var"])
 
 
-def test_old_pickle_falls_back_with_a_log_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_pickle_needing_more_than_tensors_needs_trust_pickle(tmp_path: Path,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
   sd = {k: torch.from_numpy(v) for k, v in fake_state_dict("cifar_resnet20").items()}
   p = tmp_path / "old.th"
   torch.save({"state_dict": sd, "args": argparse.Namespace(lr=0.1)}, p)  # refused by weights_only=True
+  with pytest.raises(convert.ConversionError) as e:
+    convert.convert_file(p, "cifar_resnet20")
+  assert str(e.value) == (
+      "old.th: the pickle needs argparse.Namespace, which the torch-free reader does not load: unpickling it "
+      "could run code from the file; torch.load(weights_only=True) refuses it too (UnpicklingError). If "
+      "you made this file yourself, pass trust_pickle=True (tools/convert_torch_weights.py --trust-pickle), "
+      "which runs code from the file; otherwise re-save only its tensors (torch.save(model.state_dict(), …) "
+      "or .safetensors) where running it is safe.")
   with caplog.at_level(logging.WARNING, logger="jaxft.convert"):
-    model = convert.convert_file(p, "cifar_resnet20")
-  assert "retrying with weights_only=False" in caplog.text
+    model = convert.convert_file(p, "cifar_resnet20", trust_pickle=True)
+  assert "loading it with torch.load(weights_only=False) as trust_pickle=True asks" in caplog.text
   assert model.meta["source"]["sha256"] == convert.sha256(p)
+
+
+def test_torch_is_only_called_with_weights_only_true(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+  # A file the restricted reader refuses but torch's own safe loader accepts (a Counter) is read by
+  # torch with weights_only=True; nothing ever retries with weights_only=False unasked.
+  import collections
+  p = tmp_path / "w.pth"
+  sd = {k: torch.from_numpy(v) for k, v in fake_state_dict("cifar_resnet20").items()}
+  torch.save({"state_dict": sd, "counts": collections.Counter(a=1)}, p)
+  calls, load = [], torch.load
+  monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(k["weights_only"]) or load(*a, **k))
+  convert.convert_file(p, "cifar_resnet20")
+  assert calls == [True]
+  q = tmp_path / "ns.pth"
+  torch.save({"state_dict": sd, "args": argparse.Namespace(lr=0.1)}, q)
+  with pytest.raises(convert.ConversionError, match="needs argparse.Namespace"):
+    convert.convert_file(q, "cifar_resnet20")
+  assert calls == [True, True]
+
+
+def test_real_checkpoints_read_without_torch(resnet56_th: Path) -> None:
+  # The shared ResNet-56 is a legacy-format pickle (torch._utils._rebuild_tensor, a float accuracy):
+  # plain tensors, so the restricted reader needs neither torch nor trust.
+  code = ("import sys; sys.modules['torch'] = None\n"
+          "from jaxft import convert\n"
+          f"sd = convert.load_state_dict({str(resnet56_th)!r})\n"
+          "print(len(sd), sd['conv1.weight'].shape, sd['conv1.weight'].dtype)\n")
+  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert r.returncode == 0, r.stderr
+  assert r.stdout.split("\n")[0] == "277 (16, 3, 3, 3) float32"
 
 
 def test_safetensors_without_torch(tmp_path: Path) -> None:
@@ -251,16 +290,18 @@ def test_safetensors_without_torch(tmp_path: Path) -> None:
 
 def test_torch_pickle_without_torch_says_so(tmp_path: Path) -> None:
   # Plain tensor pickles are read without torch (tests/test_efficientnet.py); one that needs another
-  # global (here argparse.Namespace) still needs torch.
+  # global (here argparse.Namespace) is refused, and trusting it still needs torch.
   p = tmp_path / "w.pth"
   torch.save({"state_dict": {k: torch.from_numpy(v) for k, v in fake_state_dict("cifar_resnet20").items()},
               "args": argparse.Namespace(lr=0.1)}, p)
-  code = ("import sys; sys.modules['torch'] = None\n"
-          "from jaxft import convert\n"
-          f"convert.convert_file({str(p)!r}, 'cifar_resnet20')\n")
-  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-  assert r.returncode != 0
-  assert "reading w.pth needs PyTorch (pip install torch)" in r.stderr
+  refused = "w.pth: the pickle needs argparse.Namespace, which the torch-free reader does not load"
+  for trust, want in ((False, refused), (True, "reading w.pth needs PyTorch (pip install torch)")):
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from jaxft import convert\n"
+            f"convert.convert_file({str(p)!r}, 'cifar_resnet20', trust_pickle={trust})\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode != 0
+    assert want in r.stderr
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -386,7 +427,8 @@ def test_cli_end_to_end(tmp_path: Path) -> None:
   out = tmp_path / "ckpt"
   cmd = [sys.executable, str(ROOT / "tools" / "convert_torch_weights.py"), str(src), str(out),
          "--arch", "cifar_resnet20", "--num-classes", "4"]
-  r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+  env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's jaxft, also where another is installed
+  r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
   assert r.returncode == 0, r.stderr
   assert "arch cifar_resnet20" in r.stdout
   assert "new 4-class head (source had 10 classes)" in r.stdout
@@ -396,5 +438,5 @@ def test_cli_end_to_end(tmp_path: Path) -> None:
   assert m.spec.num_classes == 4 and m.meta["source"]["file"] == "w.safetensors"
   np.testing.assert_array_equal(m.params["stem"]["conv"]["kernel"], sd["conv1.weight"].transpose(2, 3, 1, 0))
   # A second run without --force refuses to overwrite.
-  r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+  r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
   assert r.returncode != 0 and "already exists; pass --force to overwrite" in r.stderr

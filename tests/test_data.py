@@ -102,6 +102,106 @@ def test_folder_grayscale_converted_to_rgb(tmp_path):
   assert ds.images.shape == (1, 3, 3, 3) and (ds.images == 77).all()
 
 
+# --- image modes: every pillow mode decodes to the right uint8 RGB -----------------------------------
+
+_SIXTEEN = np.array([[0, 128, 129, 25700], [40000, 65279, 65534, 65535]], np.uint16)
+_SIXTEEN_RGB = np.repeat(np.floor(_SIXTEEN / 257 + 0.5).astype(np.uint8)[..., None], 3, -1)  # 65535 → 255
+_GREY = np.array([[0, 1, 77, 128], [200, 254, 255, 9]], np.uint8)
+_GREY_RGB = np.repeat(_GREY[..., None], 3, -1)
+_PALETTE = [(10, 20, 30), (200, 100, 0), (0, 255, 128), (7, 7, 250)]
+_INDEX = np.array([[0, 1, 2, 3], [3, 2, 1, 0]], np.uint8)
+_COLOURS = np.random.default_rng(3).integers(0, 256, (2, 4, 3), dtype=np.uint8)
+
+
+def _paletted(mode: str) -> Image.Image:
+  im = Image.fromarray(_INDEX, "L").convert("P") if mode == "P" else Image.new("PA", (4, 2))
+  im.putpalette([v for c in _PALETTE for v in c])
+  if mode == "PA":
+    im.putdata([(int(i), 50) for i in _INDEX.ravel()])
+  else:
+    im.putdata(_INDEX.ravel().tolist())
+  return im
+
+
+def _lab_grey(l_byte: np.ndarray) -> np.ndarray:
+  # pillow's L byte is L* × 255/100; a and b are signed bytes, 0 neutral. CIE L* → Y → sRGB.
+  lstar = l_byte / 255 * 100
+  y = np.where(lstar > 8, ((lstar + 16) / 116) ** 3, lstar / 903.3)
+  srgb = np.where(y > 0.0031308, 1.055 * y ** (1 / 2.4) - 0.055, 12.92 * y)
+  return np.repeat(np.round(srgb * 255)[..., None], 3, -1)
+
+
+def _mode_cases() -> dict[str, tuple]:
+  """mode → (image, file suffix or None for in memory only, expected RGB, tolerance)."""
+  cmyk = np.random.default_rng(4).integers(0, 256, (2, 4, 4), dtype=np.uint8)
+  ycc = np.array([[[81, 90, 240], [145, 54, 34], [41, 240, 110], [128, 128, 128]]] * 2, np.uint8)
+  ycc_f = ycc.astype(np.float64) - [0, 128, 128]
+  ycc_rgb = np.stack([ycc_f[..., 0] + 1.402 * ycc_f[..., 2],
+                      ycc_f[..., 0] - 0.344136 * ycc_f[..., 1] - 0.714136 * ycc_f[..., 2],
+                      ycc_f[..., 0] + 1.772 * ycc_f[..., 1]], -1).clip(0, 255)
+  alpha = np.array([[255, 128, 64, 90], [255, 255, 200, 100]], np.uint8)
+  premul = (_COLOURS * (alpha[..., None] / 255)).round().astype(np.uint8)
+  bits = np.array([[0, 1, 1, 0], [1, 0, 0, 1]], bool)
+  lab = np.stack([np.array([[0, 64, 128, 192], [255, 10, 100, 230]], np.uint8),
+                  np.zeros((2, 4), np.uint8), np.zeros((2, 4), np.uint8)], -1)
+  return {
+      "I;16": (Image.fromarray(_SIXTEEN), ".png", _SIXTEEN_RGB, 0),
+      "I;16B": (Image.frombytes("I;16B", (4, 2), _SIXTEEN.astype(">u2").tobytes()), ".tif", _SIXTEEN_RGB, 0),
+      "I;16L": (Image.frombytes("I;16L", (4, 2), _SIXTEEN.astype("<u2").tobytes()), None, _SIXTEEN_RGB, 0),
+      "I": (Image.fromarray(_SIXTEEN.astype(np.int32)), ".pgm", _SIXTEEN_RGB, 0),  # a 16-bit PGM opens as I
+      "L": (Image.fromarray(_GREY), ".png", _GREY_RGB, 0),
+      "1": (Image.fromarray(bits), ".png", np.repeat(bits[..., None] * 255, 3, -1), 0),
+      "P": (_paletted("P"), ".png", np.array(_PALETTE)[_INDEX], 0),
+      "PA": (_paletted("PA"), ".tif", np.array(_PALETTE)[_INDEX], 0),
+      "LA": (Image.fromarray(np.stack([_GREY, alpha], -1), "LA"), ".png", _GREY_RGB, 0),
+      "RGBA": (Image.fromarray(np.concatenate([_COLOURS, alpha[..., None]], -1)), ".png", _COLOURS, 0),
+      "RGBX": (Image.fromarray(_COLOURS).convert("RGBX"), None, _COLOURS, 0),
+      "RGBa": (Image.frombytes("RGBa", (4, 2), np.concatenate([premul, alpha[..., None]], -1).tobytes()),
+               None, _COLOURS, 3),  # un-premultiplying 8-bit values is exact only up to rounding
+      "La": (Image.frombytes("La", (4, 2), np.stack([np.full((2, 4), 100, np.uint8), np.full((2, 4), 255,
+             np.uint8)], -1).tobytes()), None, np.full((2, 4, 3), 100), 0),
+      "CMYK": (Image.frombytes("CMYK", (4, 2), cmyk.tobytes()), ".tif",
+               np.round((255 - cmyk[..., :3].astype(float)) * (255 - cmyk[..., 3:]) / 255), 1),
+      "YCbCr": (Image.frombytes("YCbCr", (4, 2), ycc.tobytes()), ".tif", ycc_rgb, 2),
+      "LAB": (Image.frombytes("LAB", (4, 2), lab.tobytes()), ".tif", _lab_grey(lab[..., 0]), 2),
+      "HSV": (Image.frombytes("HSV", (4, 2), np.array([[[0, 255, 200], [85, 255, 90], [170, 255, 30],
+                                                         [0, 0, 123]]] * 2, np.uint8).tobytes()), None,
+              np.array([[[200, 0, 0], [0, 90, 0], [0, 0, 30], [123, 123, 123]]] * 2), 1),
+  }
+
+
+@pytest.mark.parametrize("mode", sorted(_mode_cases()))
+def test_every_image_mode_decodes_to_rgb(tmp_path, mode):
+  im, suffix, want, tol = _mode_cases()[mode]
+  assert im.mode == mode
+  if suffix is not None:  # through a file, as the folder source reads it
+    path = tmp_path / f"x{suffix}"
+    im.save(path)
+    with Image.open(path) as back:
+      assert back.mode == mode, f"{suffix} reopened as {back.mode}"
+    got = decode.decode_image(path, None)
+  else:  # no file format stores this mode
+    got = np.asarray(decode.to_rgb(im))
+  assert got.dtype == np.uint8 and got.shape == (2, 4, 3)
+  np.testing.assert_allclose(got.astype(int), np.asarray(want, float), atol=tol, rtol=0)
+
+
+def test_16_bit_png_is_not_white(tmp_path):
+  (tmp_path / "d" / "a").mkdir(parents=True)
+  Image.fromarray(_SIXTEEN).save(tmp_path / "d" / "a" / "x.png")
+  ds = data.load_source(f"folder:{tmp_path / 'd'}", cache_dir=False)
+  np.testing.assert_array_equal(ds.images[0], _SIXTEEN_RGB)
+
+
+def test_float_and_32_bit_images_are_refused(tmp_path):
+  Image.fromarray(np.full((2, 2), 0.5, np.float32)).save(tmp_path / "f.tif")
+  with pytest.raises(ValueError, match="32-bit float image"):
+    decode.decode_image(tmp_path / "f.tif", None)
+  Image.fromarray(np.array([[0, 70000]], np.int32)).save(tmp_path / "i.tif")
+  with pytest.raises(ValueError, match=r"32-bit integer image \(values 0..70000\)"):
+    decode.decode_image(tmp_path / "i.tif", None)
+
+
 def test_folder_without_class_folders(tmp_path):
   (tmp_path / "flat").mkdir()
   Image.fromarray(np.zeros((2, 2, 3), np.uint8)).save(tmp_path / "flat" / "x.png")
@@ -260,6 +360,39 @@ def test_cifar_archive(tmp_path, as_tar):
     data.load_source(f"cifar:{path}", split="val", cache_dir=False)
   # The parent folder of the archive / batches folder works too.
   assert len(data.load_source(f"cifar:{tmp_path}", cache_dir=False)) == 6
+
+
+class _Py2Pickler(pickle._Pickler):
+  """Writes str and bytes as Python 2 byte strings (BINSTRING), as the real CIFAR-10 archive was written."""
+
+  dispatch = dict(pickle._Pickler.dispatch)
+
+  def _save_py2_str(self, obj):
+    b = obj if isinstance(obj, bytes) else obj.encode()
+    self.write((pickle.SHORT_BINSTRING + bytes([len(b)])) if len(b) < 256
+               else (pickle.BINSTRING + len(b).to_bytes(4, "little")))
+    self.write(b)
+    self.memoize(obj)
+
+  dispatch[bytes] = dispatch[str] = _save_py2_str
+
+
+def test_cifar_python2_pickles(tmp_path):
+  # The real archive's batches are Python 2 pickles: byte strings for the keys, the dtype name and the
+  # array bytes (read with encoding="bytes"); the restricted unpickler reads them as plain pickle does.
+  (tmp_path / "ref").mkdir()
+  ref, _ = _fake_cifar(tmp_path / "ref", as_tar=False)
+  d = tmp_path / "py2" / "cifar-10-batches-py"
+  d.mkdir(parents=True)
+  for f in ref.iterdir():
+    buf = io.BytesIO()
+    _Py2Pickler(buf, protocol=2).dump(pickle.loads(f.read_bytes()))
+    assert b"_codecs" not in buf.getvalue()
+    (d / f.name).write_bytes(buf.getvalue())
+  want = data.load_source(f"cifar:{ref}", cache_dir=False)
+  got = data.load_source(f"cifar:{d}", cache_dir=False)
+  np.testing.assert_array_equal(got.images, want.images)
+  assert got.labels.tolist() == want.labels.tolist() and got.class_names == want.class_names
 
 
 def test_cifar_not_an_archive(tmp_path):

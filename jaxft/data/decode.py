@@ -1,8 +1,8 @@
 """Host-side image decoding with pillow: one file, a list of files (in worker processes when long), and
 resizing of already-decoded arrays.
 
-This module imports only numpy and pillow, so that a decode worker (``python -m jaxft.data.decode``, run
-by :func:`decode_files`) starts without loading JAX.
+This module imports only numpy, pillow and :mod:`jaxft.safe_pickle`, so that a decode worker
+(``python -m jaxft.data.decode``, run by :func:`decode_files`) starts without loading JAX.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from typing import Sequence, Union
 import numpy as np
 from PIL import Image
 
+from jaxft import safe_pickle
+
 # One entry per file: the pixels, or the file and why it could not be decoded.
 Decoded = Union[np.ndarray, tuple[Path, Exception]]
 
@@ -29,15 +31,44 @@ MAX_WORKERS = 16
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
+# 16-bit greyscale as pillow opens it (PNG/TIFF ``I;16*``; 16-bit PGM and older pillows give ``I``, values
+# scaled to 0..65535); ``convert("RGB")`` would clip these to 255, i.e. white.
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+  """Returns ``im`` as an 8-bit RGB image (``im`` itself when it is one already; never modified).
+
+  16-bit greyscale is scaled by 1/257 (rounded), so 65535 → 255; every other mode goes through pillow's
+  ``convert("RGB")`` (greyscale/``1`` replicated, palette looked up, alpha dropped, CMYK/YCbCr/LAB/HSV
+  converted; premultiplied ``La`` via ``LA``).
+
+  Raises:
+    ValueError: for 32-bit float images (``F``: no defined range) and ``I`` images outside 0..65535.
+  """
+  if im.mode == "RGB":
+    return im
+  if im.mode in _SIXTEEN_BIT_MODES:
+    a = np.asarray(im).astype(np.int64)
+    if a.size and (a.min() < 0 or a.max() > 65535):
+      raise ValueError(f"a 32-bit integer image (values {a.min()}..{a.max()}) has no 8-bit equivalent")
+    return Image.fromarray(((a + 128) // 257).astype(np.uint8)).convert("RGB")
+  if im.mode == "F":
+    raise ValueError("a 32-bit float image (pillow mode F) has no defined range; save it as 8 or 16 bits")
+  if im.mode == "La":  # pillow converts premultiplied grey+alpha only to LA
+    im = im.convert("LA")
+  return im.convert("RGB")
+
+
 def decode_image(path: Path, image_size: int | None) -> np.ndarray:
-  """Decodes one file to ``uint8 [H, W, 3]`` (RGB; resized bilinearly to a square when ``image_size``).
+  """Decodes one file to ``uint8 [H, W, 3]`` (RGB, see :func:`to_rgb`; resized bilinearly to a square
+  when ``image_size``).
 
   Raises:
     OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError: the file is not a readable image.
   """
   with Image.open(path) as im:
-    if im.mode != "RGB":
-      im = im.convert("RGB")
+    im = to_rgb(im)
     if image_size is not None and im.size != (image_size, image_size):
       im = im.resize((image_size, image_size), Image.BILINEAR)
     return np.asarray(im, dtype=np.uint8)
@@ -120,25 +151,27 @@ def _worker_env() -> dict[str, str]:
 
 
 def _run_worker(part: list[Path], image_size: int | None) -> list[Decoded]:
-  proc = subprocess.run([sys.executable, "-m", "jaxft.data.decode"], input=pickle.dumps((part, image_size)),
-                        capture_output=True, env=_worker_env())
+  # Only plain values cross the pipe (paths as str), read back through the restricted unpickler.
+  proc = subprocess.run([sys.executable, "-m", "jaxft.data.decode"],
+                        input=pickle.dumps(([str(p) for p in part], image_size)), capture_output=True,
+                        env=_worker_env())
   if proc.returncode != 0:
     raise RuntimeError(proc.stderr.decode(errors="replace")[-2000:])
-  out = pickle.loads(proc.stdout)
+  out = safe_pickle.loads(proc.stdout, safe_pickle.PLAIN_DATA)
   if isinstance(out, np.ndarray):
     return list(out)
-  return [r if isinstance(r, np.ndarray) else (r[0], OSError(r[1])) for r in out]
+  return [r if isinstance(r, np.ndarray) else (p, OSError(r[1])) for p, r in zip(part, out)]
 
 
 def _worker_main() -> None:
-  """Reads pickled ``(paths, image_size)`` from stdin, writes the pickled decodes to stdout."""
-  paths, image_size = pickle.load(sys.stdin.buffer)
-  decoded = decode_in_process(paths, image_size)
-  out: np.ndarray | list[np.ndarray | tuple[Path, str]]
+  """Reads pickled ``(paths as str, image_size)`` from stdin, writes the pickled decodes to stdout."""
+  paths, image_size = safe_pickle.loads(sys.stdin.buffer.read(), {})
+  decoded = decode_in_process([Path(p) for p in paths], image_size)
+  out: np.ndarray | list[np.ndarray | tuple[str, str]]
   if decoded and all(isinstance(r, np.ndarray) and r.shape == decoded[0].shape for r in decoded):
     out = np.stack(decoded)  # one array pickles far faster than thousands of small ones
   else:  # exceptions travel as their message: not every exception type pickles
-    out = [r if isinstance(r, np.ndarray) else (r[0], str(r[1])) for r in decoded]
+    out = [r if isinstance(r, np.ndarray) else (str(r[0]), str(r[1])) for r in decoded]
   pickle.dump(out, sys.stdout.buffer, protocol=pickle.HIGHEST_PROTOCOL)
 
 

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import functools
 import logging
-import pickle
 import tarfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from jaxft import safe_pickle
 from jaxft.data import cache, decode
 from jaxft.data.dataset import DataError, Dataset
 
@@ -214,9 +214,14 @@ def _cifar_members(loc: Path) -> dict[str, bytes]:
 
 
 def _unpickle(name: str, blob: bytes, loc: Path) -> dict[bytes, Any]:
-  # The CIFAR python format *is* a pickle; only load archives you trust.
+  # The CIFAR python format *is* a pickle: read through the restricted unpickler (numpy arrays and plain
+  # values only), so a crafted archive cannot run code.
   try:
-    d = pickle.loads(blob, encoding="bytes")
+    d = safe_pickle.loads(blob, safe_pickle.PLAIN_DATA, encoding="bytes")
+  except safe_pickle.UnsafePickleError as e:
+    raise DataError(f"refusing {name} in {str(loc)!r}: {e}; a CIFAR-10 python batch holds only numpy "
+                    "arrays, lists and strings: use the archive from "
+                    "https://www.cs.toronto.edu/~kriz/cifar.html") from None
   except Exception as e:  # pickle raises many types on garbage input.
     raise DataError(f"cannot unpickle {name} in {str(loc)!r}: {e}; the CIFAR archive is corrupt") from None
   if not isinstance(d, dict):
