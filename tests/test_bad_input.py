@@ -157,6 +157,36 @@ def test_trust_pickle_runs_the_file_as_documented(tmp_path):
   assert marker.exists() and model.meta["arch"] == "cifar_resnet20"
 
 
+def test_training_pretrained_and_teacher_files_are_refused_unless_trusted(payload, tmp_path):
+  import jax  # pylint: disable=g-import-not-at-top
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from jaxft import train  # pylint: disable=g-import-not-at-top
+  obj, name, marker = payload
+  p = tmp_path / "w.pth"
+  _write("state-dict-zip", p, obj)
+  config = tiny.get_config()
+  config.model.arch, config.model.pretrained = "cifar_resnet20", str(p)
+  with pytest.raises(convert.ConversionError, match=f"needs {name}"):
+    train.load_base_model(config, jax.random.key(0))
+  config.model.pretrained, config.distill.teacher = "", str(p)
+  with pytest.raises(convert.ConversionError, match=f"needs {name}"):
+    train.load_teacher(config, None)
+  assert not marker.exists()
+  if name == "builtins.exec" or not _has_torch():
+    return
+  config.model.trust_pickle = True  # the documented opt-in runs the file's code
+  train.load_teacher(config, None)
+  assert marker.exists()
+
+
+def _has_torch() -> bool:
+  try:
+    import torch  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    return False
+  return True
+
+
 @pytest.mark.parametrize("kind", ["state-dict-zip", "state-dict-legacy"])
 def test_cli_refuses_with_one_line(kind, payload, tmp_path):
   obj, name, marker = payload

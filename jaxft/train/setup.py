@@ -93,12 +93,12 @@ def load_base_model(config: Config, rng: Array) -> Model:
     # Born with the config's head, so that 'base' (e.g. a distillation teacher) predicts its classes.
     return models.create_model(arch, rng, num_classes=config.model.num_classes or None)
   if src.startswith(("torchvision:", "pypi:")):
-    return convert.convert_source(src, arch)
+    return convert.convert_source(src, arch, trust_pickle=config.model.trust_pickle)
   p = Path(src).expanduser()
   if p.is_dir():
     return ckpt_lib.load_model(p)
   if p.is_file():
-    return convert.convert_source(str(p), arch)
+    return convert.convert_source(str(p), arch, trust_pickle=config.model.trust_pickle)
   raise TrainError(
       f"pretrained weights {src!r} not found. Set --config.model.pretrained to a directory written by "
       "`python tools/convert_torch_weights.py SRC OUT --arch NAME`, a .pth/.safetensors file (with "
@@ -243,7 +243,8 @@ def load_teacher(config: Config, base: Model) -> Model | None:
   if p.is_dir():
     return ckpt_lib.load_model(p)
   if p.is_file():
-    return convert.convert_source(str(p), config.distill.arch or config.model.arch or None)
+    return convert.convert_source(str(p), config.distill.arch or config.model.arch or None,
+                                  trust_pickle=config.model.trust_pickle)
   raise TrainError(f"distillation teacher {src!r} not found: use 'base' (the pretrained model before "
                    "surgery), a jaxft checkpoint or training workdir, or a weights file "
                    "(with --config.distill.arch)")
