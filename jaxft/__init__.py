@@ -20,6 +20,6 @@ _EXPORTS = {
 }
 
 _SUBMODULES = ("checkpoint", "config", "convert", "cpu", "data", "ema", "evaluate", "losses", "models",
-               "optim", "paths", "report", "surgery", "train")
+               "optim", "paths", "report", "safe_pickle", "surgery", "train")
 
 __getattr__, __dir__, __all__ = _lazy.attach(__name__, _EXPORTS, _SUBMODULES)

@@ -89,7 +89,6 @@ class JaxWorker:
     self.jax = jax
     model = models.create_model(w["model"], jax.random.key(0), num_classes=w["num_classes"])
     cfg = optim.default_config()
-    cfg.unlock()
     cfg.update(name="sgd", lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     opt = optim.build_optimizer(cfg, model.params, spec=model.spec, total_steps=10**6)
     trainable, frozen = opt.split(model.params)

@@ -44,9 +44,10 @@ _MODULES: dict[str, tuple[str, ...]] = {
     "files": ("IGNORED_SUFFIXES", "SAFETENSORS_SUFFIXES", "TORCH_SUFFIXES", "WRAPPER_KEYS", "load_state_dict",
               "sha256", "unwrap_state_dict"),
     "download": ("PYPI_WEIGHTS", "download_torchvision", "pypi_weights", "torchvision_url"),
-    "core": ("convert_file", "convert_source", "convert_state_dict", "guess_arch", "new_head", "num_params"),
+    "core": ("convert_file", "convert_source", "convert_state_dict", "guess_arch", "new_head"),
 }
 # public name → the submodule defining it
 _EXPORTS: dict[str, str] = {name: module for module, names in _MODULES.items() for name in names}
 
-__getattr__, __dir__, __all__ = _lazy.attach(__name__, {k: '.' + v for k, v in _EXPORTS.items()})
+__getattr__, __dir__, __all__ = _lazy.attach(__name__, {k: '.' + v for k, v in _EXPORTS.items()},
+                                               set(_EXPORTS.values()))

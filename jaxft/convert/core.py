@@ -24,12 +24,9 @@ from jaxft.convert.files import load_state_dict, sha256, unwrap_state_dict
 from jaxft.convert.tables import (FAMILY_MARKERS, MAPPINGS, RULES, Entry, mapping_table, target_shapes,
                                   torch_shape)
 from jaxft.models import Model, ModelSpec, get_spec, list_archs, pretrained_cfg
-from jaxft.models.model import count_params
 
 log = logging.getLogger(__name__)
 
-# The old name of jaxft.models.model.count_params (tools and notebooks call convert.num_params).
-num_params = count_params
 
 
 def _shape_str(s: Iterable[int]) -> str:

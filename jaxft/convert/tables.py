@@ -160,8 +160,13 @@ def torch_shape(rule: str, shape: tuple[int, ...]) -> tuple[int, ...]:
   return shape
 
 
-@functools.lru_cache(maxsize=32)
 def target_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
   """Returns ``{'params/…': shape, 'batch_stats/…': shape}`` of ``Network(spec)`` (from
-  :func:`jaxft.models.abstract_variables`: nothing is allocated). Cached: a hint tries every zoo spec."""
-  return {p: tuple(v.shape) for p, v in paths.flatten(abstract_variables(spec)).items()}
+  :func:`jaxft.models.abstract_variables`: nothing is allocated), a new dict the caller may change."""
+  return dict(_target_shapes(spec))
+
+
+@functools.lru_cache(maxsize=32)
+def _target_shapes(spec: ModelSpec) -> tuple[tuple[str, tuple[int, ...]], ...]:
+  # Cached (a hint tries every zoo spec) as an immutable value, so no caller can change another's.
+  return tuple((p, tuple(v.shape)) for p, v in paths.flatten(abstract_variables(spec)).items())

@@ -81,11 +81,15 @@ def network_layers(impl: str = "auto") -> "Layers":
   Raises:
     ValueError: for an unknown ``impl`` (see :data:`jaxft.cpu.impl.IMPLS`).
   """
+  from jaxft.cpu.impl import IMPLS  # pylint: disable=g-import-not-at-top
+  from jaxft.models.layers import Layers  # pylint: disable=g-import-not-at-top
+  if impl not in IMPLS:
+    raise ValueError(f"unknown conv impl {impl!r}; valid: {', '.join(IMPLS)}")
+  if not _enabled:  # asks nothing of JAX: the backend must not start before enable() set its flags
+    return Layers()
   import jax  # pylint: disable=g-import-not-at-top
   from jaxft.cpu.layers import cpu_layers  # pylint: disable=g-import-not-at-top
-  from jaxft.models.layers import Layers  # pylint: disable=g-import-not-at-top
-  layers = cpu_layers(impl)  # validates impl everywhere
-  return layers if _enabled and jax.default_backend() == "cpu" else Layers()
+  return cpu_layers(impl) if jax.default_backend() == "cpu" else Layers()
 
 
 class NormFunctions(NamedTuple):
@@ -121,6 +125,7 @@ def status() -> str:
 # These need jax and flax, which `import jaxft.cpu` must not load (enable() may relaunch first).
 __getattr__, __dir__, _lazy_names = _lazy.attach(__name__, {
     "impl_scope": ".impl", "cpu_layers": ".layers", "clip_by_global_norm": ".clip",
-    "OneDNNUnavailableError": ".onednn"})
+    "OneDNNUnavailableError": ".onednn"}, ("allocator", "clip", "conv", "flags", "impl", "layers", "norm",
+                                            "onednn", "pool", "winograd"))
 
 __all__ = ["NormFunctions", "enable", "enabled", "network_layers", "norm_functions", "status", *_lazy_names]

@@ -158,7 +158,7 @@ ffi::Error Run(Pass pass, const Geometry& g, float* x, float* k, float* y) {
     auto p = Cached(g, pass);
     // One convolution at a time: each already spreads over every core (oneDNN's OpenMP team), and
     // XLA would otherwise start two independent ones at once (a layer's input and kernel gradients)
-    // and oversubscribe the cores (ResNet-50 training: +3% at 32 px, +1.5% at 224 px serialised).
+    // and oversubscribe the cores (measured gain: docs/benchmarks.md, fifth session).
     static std::mutex* run_mu = new std::mutex;
     std::lock_guard<std::mutex> run_lock(*run_mu);
     dnnl::stream stream(Engine());

@@ -11,7 +11,7 @@ from typing import Any, Callable
 import jax
 
 from jaxft.models.efficientnet import LITE_VARIANTS, efficientnet_lite_spec, lite_spec
-from jaxft.models.model import Model, abstract_variables, create
+from jaxft.models.model import Model, abstract_variables, count_params, create
 from jaxft.models.layers import Layers
 from jaxft.models.network import Network, head_module_name
 from jaxft.models.resnet import cifar_resnet_spec, resnet_spec
@@ -99,7 +99,7 @@ def create_model(arch: str, rng: jax.Array, num_classes: int | None = None) -> M
 
 __all__ = [
     "BlockSpec", "HeadSpec", "Layers", "ModelSpec", "Network", "StageSpec", "StemSpec", "IMAGENET_MEAN",
-    "IMAGENET_STD", "LITE_VARIANTS", "Model", "abstract_variables", "cifar_resnet_spec", "create",
+    "IMAGENET_STD", "LITE_VARIANTS", "Model", "abstract_variables", "cifar_resnet_spec", "count_params", "create",
     "create_model", "efficientnet_lite_spec", "get_spec", "head_module_name", "list_archs", "lite_spec",
     "pretrained_cfg", "resnet_spec",
 ]

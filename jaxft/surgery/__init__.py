@@ -52,5 +52,6 @@ _EXPORTS: dict[str, str] = {
     "REGISTRY": "history", "apply_ops": "history", "replay": "history",
 }
 
-__getattr__, __dir__, _names = _lazy.attach(__name__, {k: '.' + v for k, v in _EXPORTS.items()})
+__getattr__, __dir__, _names = _lazy.attach(__name__, {k: '.' + v for k, v in _EXPORTS.items()},
+                                             set(_EXPORTS.values()) | {"rebuild"})
 __all__ = sorted([*_names, "PathError"])

@@ -18,15 +18,17 @@ config), ``loop`` (:func:`train_and_evaluate`), ``mesh`` (devices), ``evaluation
 ``monitor`` / ``progress`` (metrics, progress, signals), ``workdir`` (config.json), ``cli`` (flags).
 """
 
-from jaxft.checkpoint import load_ema_model
-from jaxft.train.errors import TrainError
-from jaxft.train.loop import train_and_evaluate
-from jaxft.train.objective import Objective, TeacherNet
-from jaxft.train.setup import build_model, build_objective, load_base_model, load_teacher, new_leaf_mask
-from jaxft.train.state import Ema, TrainState
-from jaxft.train.steps import StepConfig, make_eval_step, make_train_step
-from jaxft.train.tasks import Task, build_tasks
+from jaxft import _lazy
 
-__all__ = ["Ema", "Objective", "StepConfig", "Task", "TeacherNet", "TrainError", "TrainState",
-           "build_model", "build_objective", "build_tasks", "load_base_model", "load_ema_model",
-           "load_teacher", "make_eval_step", "make_train_step", "new_leaf_mask", "train_and_evaluate"]
+# Lazy (PEP 562): `python -m jaxft.train` imports this package first, and its CLI must reach
+# jaxft.cpu.enable() — which may re-exec the process under tcmalloc — before jax is imported.
+__getattr__, __dir__, __all__ = _lazy.attach(__name__, {
+    "load_ema_model": "jaxft.checkpoint", "TrainError": ".errors", "train_and_evaluate": ".loop",
+    "Objective": ".objective", "TeacherNet": ".objective",
+    "build_model": ".setup", "build_objective": ".setup", "load_base_model": ".setup",
+    "load_teacher": ".setup", "new_leaf_mask": ".setup",
+    "Ema": ".state", "TrainState": ".state",
+    "StepConfig": ".steps", "make_eval_step": ".steps", "make_train_step": ".steps",
+    "Task": ".tasks", "build_tasks": ".tasks",
+}, ("cli", "errors", "evaluation", "loop", "mesh", "monitor", "objective", "progress", "setup", "state",
+    "steps", "tasks", "workdir"))

@@ -117,10 +117,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   start = int(state.step)
 
   # --- The compiled steps. ---
-  train_step = jax.jit(make_train_step(net, opt.tx, opt.schedule, sc, config.seed,
-                                       config.optim.accumulate_steps, objective, teacher_net,
-                                       norm=cpu.norm_functions().global_norm),
-                       donate_argnums=(0,))
+  train_step = jax.jit(_train_step(config, net, opt, sc, objective, teacher_net), donate_argnums=(0,))
   if teacher_variables is not None:
     # Copied: a 'base' teacher shares arrays with the student's (donated) state.
     teacher_variables = mesh.replicate(teacher_variables, copy=True)
@@ -201,6 +198,13 @@ def _train(run: _Run, state: TrainState, batches: Any) -> tuple[TrainState, dict
         break
     run.monitor.flush()
   return state, val, interrupted
+
+
+def _train_step(config: ml_collections.ConfigDict, net: Any, opt: Any, sc: Any, objective: Any,
+                teacher_net: Any) -> Callable[..., Any]:
+  """The pure train step of this run, with the CPU backend's norms where it is on."""
+  return make_train_step(net, opt.tx, opt.schedule, sc, config.seed, config.optim.accumulate_steps,
+                         objective, teacher_net, norm=cpu.norm_functions().global_norm)
 
 
 def _timed(batches: Any, monitor: TrainMonitor) -> Any:

@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxft import data as data_lib
 from jaxft import ema as ema_lib
 from jaxft import losses
 from jaxft.data import transforms
@@ -50,7 +49,7 @@ def _inputs(key: Array, batch: dict[str, Array], sc: StepConfig, obj: Objective,
   """Returns ``(x, lam, labels, targets)``: the augmented, erased, mixed images, the mixing weight,
   the labels of every head (``head`` and each task's name) and their mixed target distributions."""
   aug_key, mix_key, erase_key = key
-  x = data_lib.augment(aug_key, batch["image"], crop_padding=sc.crop_padding, flip=sc.flip,
+  x = transforms.augment(aug_key, batch["image"], crop_padding=sc.crop_padding, flip=sc.flip,
                        out_size=sc.out_size, mean=sc.mean, std=sc.std)
   labels = {"head": batch["label"]}
   labels.update({t.name: jnp.asarray(t.label_table, jnp.int32)[batch["label"]] for t in obj.tasks})
@@ -142,7 +141,7 @@ def make_eval_step(net: Any, sc: StepConfig) -> Callable[[dict[str, Any], Array]
   augmentation). ``variables`` are ``TrainState.variables()`` (or ``ema_variables()``)."""
 
   def eval_step(variables: dict[str, Any], images: Array) -> dict[str, Array]:
-    x = data_lib.preprocess_eval(images, sc.mean, sc.std, out_size=sc.out_size)
+    x = transforms.preprocess_eval(images, sc.mean, sc.std, out_size=sc.out_size)
     return net.apply(variables, x, train=False, return_all=True)["heads"]
 
   return eval_step
