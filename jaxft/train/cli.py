@@ -14,6 +14,7 @@ from pathlib import Path
 from jaxft import checkpoint as ckpt_lib
 from jaxft import cpu
 from jaxft import data as data_lib
+from jaxft.train import errors
 from jaxft.train.errors import TrainError
 from jaxft.train.loop import train_and_evaluate
 
@@ -40,7 +41,7 @@ def main(argv: list[str]) -> None:
   except (TrainError, data_lib.DataError, convert.ConversionError, ckpt_lib.CheckpointError) as e:
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(getattr(e, "exit_code", errors.EXIT_BAD_INPUT))
   print(json.dumps({k: v for k, v in result.items() if k != "per_class"}))
 
 
