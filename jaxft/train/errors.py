@@ -4,6 +4,10 @@ The exit codes are a contract with schedulers and shell scripts (``train && eval
 the README: each cause has its own, so a caller can tell "fix the input" from "rerun to resume".
 """
 
+from __future__ import annotations
+
+from typing import Any
+
 EXIT_OK = 0  # done
 EXIT_BAD_INPUT = 2  # bad config, data, weights or usage (also: the workdir cannot be written)
 EXIT_NONFINITE = 3  # the loss became non-finite (NaN stop); the last good checkpoint is kept
@@ -22,3 +26,16 @@ class TrainError(RuntimeError):
   def __init__(self, message: str = "", *, exit_code: int = EXIT_BAD_INPUT):
     super().__init__(message)
     self.exit_code = exit_code
+
+
+def check_config(config: Any) -> None:
+  """Checks ``config`` (an ``ml_collections.ConfigDict``, never mutated) against the schema before
+  anything is loaded (:func:`jaxft.validate.validate`).
+
+  Raises:
+    TrainError: one line per violation, e.g. ``config.optim.lr = -0.1: must be > 0``.
+  """
+  from jaxft import validate  # pylint: disable=g-import-not-at-top
+  problems = validate.validate(config)
+  if problems:
+    raise TrainError("\n".join(problems))
