@@ -117,7 +117,7 @@ def _choice_problem(v: Any, names: Sequence[str]) -> str | None:
     return f"must be one of {', '.join(map(repr, names))}"
   near = difflib.get_close_matches(str(v), names, n=3, cutoff=0.5)
   hint = f" (did you mean {', '.join(map(repr, near))}?)" if near else ""
-  return f"must be a known name{hint}; valid: {', '.join(names)}"
+  return f"must be a known name{hint}; valid: {', '.join(n or repr(n) for n in names)}"
 
 
 def one_of(choices: Choices, *, also: Sequence[str] = ()) -> Check:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -165,7 +166,7 @@ def test_surgery_op_on_a_missing_block_is_one_line(folder, tmp_path):
   r = _run([*_data_flags(folder, tmp_path, cfg), "--workdir", str(wd)], tmp_path)
   assert r.returncode == errors.EXIT_BAD_INPUT, r.stderr[-3000:]
   lines = _errors(r)
-  assert len(lines) == 1 and "layer9" in lines[0], lines
+  assert len(lines) == 1 and lines[0].startswith("error: config.surgery: ") and "layer9" in lines[0], lines
   assert (wd / "notes.txt").read_text() == "mine" and not (wd / "checkpoints").exists()
 
 
@@ -295,6 +296,7 @@ def test_describe_gives_each_error_its_code(tmp_path):
 
 def test_interrupted_names_the_checkpoint_a_rerun_resumes_from(tmp_path):
   assert cli.interrupted(tmp_path) == (130, "interrupted before any checkpoint was saved: nothing to resume")
+  assert cli.interrupted(tmp_path, signal.SIGTERM)[0] == 143 and cli.interrupted(None)[0] == 130
   for step in ("4", "12", "tmp.8"):
     (tmp_path / "checkpoints" / step).mkdir(parents=True)
   code, line = cli.interrupted(tmp_path)

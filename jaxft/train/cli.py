@@ -25,11 +25,14 @@ import linecache
 import logging
 import os
 import re
+import signal
 import sys
 import threading
 from pathlib import Path
 from typing import Any, Iterator, NoReturn
 
+from jaxft import checkpoint as ckpt_lib
+from jaxft import cpu
 from jaxft.train import errors
 from jaxft.train.errors import TrainError
 
@@ -214,22 +217,39 @@ def _disk_problem(e: BaseException, workdir: Path) -> str | None:
 
 def _saved_step(workdir: Path) -> int | None:
   """The newest checkpoint step in ``workdir`` (None when there is none)."""
-  from jaxft import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   d = workdir / ckpt_lib.CHECKPOINTS_SUBDIR
   steps = [int(p.name) for p in d.iterdir() if p.name.isdigit()] if d.is_dir() else []
   return max(steps) if steps else None
 
 
-def interrupted(workdir: Path) -> tuple[int, str]:
-  """``(exit code, line)`` for a run stopped by a signal: 75 naming the checkpoint a rerun resumes
-  from, or 130 when there is none."""
-  step = _saved_step(workdir)
+def interrupted(workdir: Path | None, signum: int = signal.SIGINT) -> tuple[int, str]:
+  """``(exit code, line)`` for a run stopped by signal ``signum``: 75 naming the checkpoint a rerun
+  resumes from, or 128 + ``signum`` (130 for SIGINT) when there is none."""
+  step = None if workdir is None else _saved_step(workdir)
   if step is None:
-    return errors.EXIT_SIGINT, "interrupted before any checkpoint was saved: nothing to resume"
-  from jaxft import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+    return 128 + signum, "interrupted before any checkpoint was saved: nothing to resume"
   return errors.EXIT_INTERRUPTED, (f"interrupted: checkpoint of step {step} saved in "
                                    f"{workdir / ckpt_lib.CHECKPOINTS_SUBDIR / str(step)}; rerun the same "
                                    "command to resume")
+
+
+def _workdir(workdir_flag: str | None, config_spec: str | None) -> Path | None:
+  """The run's workdir, absolute: ``--workdir``, else ``runs/<config file name>`` (None: neither)."""
+  if workdir_flag:
+    return Path(workdir_flag).absolute()
+  return Path("runs", Path(config_spec.split(":", 1)[0]).stem).absolute() if config_spec else None
+
+
+def _exit_at_once(signum: int, frame: Any) -> None:
+  """SIGINT/SIGTERM outside the step loop (whose StopFlag saves a checkpoint first): one line and exit
+  now. Nothing of this run is being written then, and checkpoints are atomic; exiting from the handler
+  (rather than raising KeyboardInterrupt) also works where Python would swallow the exception, such as
+  inside a garbage-collector callback."""
+  del frame
+  argv = sys.argv
+  code, line = interrupted(_workdir(_flag_value(argv, "workdir"), _flag_value(argv, "config")), signum)
+  os.write(2, (line + "\n").encode())  # not print(): the handler may run inside a write to stderr
+  os._exit(code)  # pylint: disable=protected-access
 
 
 def describe(e: Exception, workdir: Path) -> tuple[int, list[str]]:
@@ -239,30 +259,30 @@ def describe(e: Exception, workdir: Path) -> tuple[int, list[str]]:
     return errors.EXIT_BAD_INPUT, [disk]
   if isinstance(e, TrainError):
     return e.exit_code, str(e).strip().splitlines() or [type(e).__name__]
-  from jaxft import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   from jaxft import convert, data, paths  # pylint: disable=g-import-not-at-top
   if isinstance(e, (data.DataError, convert.ConversionError, ckpt_lib.CheckpointError)):
     return getattr(e, "exit_code", errors.EXIT_BAD_INPUT), str(e).strip().splitlines() or [type(e).__name__]
   if isinstance(e, (paths.PathError, ValueError)):
     # jaxft raises these for values the user chose: selectors naming nothing, bad surgery arguments.
-    prefix = "config.surgery: " if _raised_in(e).startswith("jaxft/surgery") else ""
+    prefix = "config.surgery: " if any(f.startswith("jaxft/surgery/") for f in _jaxft_frames(e)) else ""
     return errors.EXIT_BAD_INPUT, [prefix + _first_line(e)]
   if isinstance(e, OSError):
     return errors.EXIT_BAD_INPUT, [_first_line(e)]
-  return EXIT_INTERNAL, [f"internal error: {type(e).__name__}: {_first_line(e)} (in {_raised_in(e) or '?'}); "
-                         "rerun with --debug for the traceback and please report it"]
+  where = (_jaxft_frames(e) or ["?"])[-1]
+  return EXIT_INTERNAL, [f"internal error: {type(e).__name__}: {_first_line(e)} (in {where}); rerun with "
+                         "--debug for the traceback and please report it"]
 
 
-def _raised_in(e: BaseException) -> str:
-  """``jaxft/…/module.py`` of the innermost jaxft frame that raised ``e`` ('' if none)."""
+def _jaxft_frames(e: BaseException) -> list[str]:
+  """``jaxft/…/module.py`` of each jaxft frame that ``e`` passed through, outermost first."""
   root = Path(__file__).resolve().parents[2]
-  where, tb = "", e.__traceback__
+  out, tb = [], e.__traceback__
   while tb is not None:
     f = Path(tb.tb_frame.f_code.co_filename)
     if f.is_absolute() and root in f.parents and f.parts[len(root.parts)] == "jaxft":
-      where = str(f.relative_to(root))
+      out.append(str(f.relative_to(root)))
     tb = tb.tb_next
-  return where
+  return out
 
 
 def _thread_exception(args: threading.ExceptHookArgs) -> None:
@@ -285,7 +305,7 @@ def main(argv: list[str]) -> None:
     threading.excepthook = _thread_exception
   config = flags.FLAGS.config
   config_file = flags.FLAGS["config"].config_filename
-  workdir = Path(flags.FLAGS.workdir or os.path.join("runs", Path(config_file.split(":", 1)[0]).stem))
+  workdir = _workdir(flags.FLAGS.workdir, config_file)
   try:
     if not isinstance(config, ml_collections.ConfigDict):
       raise TrainError(f"config file {config_file}: get_config() returned {type(config).__name__}, "
@@ -294,26 +314,28 @@ def main(argv: list[str]) -> None:
     from jaxft.train.loop import train_and_evaluate  # pylint: disable=g-import-not-at-top
     result = train_and_evaluate(config, workdir)
   except KeyboardInterrupt:
-    code, line = interrupted(workdir.absolute())
+    code, line = interrupted(workdir)
     print(line, file=sys.stderr)
     sys.exit(code)
   except Exception as e:  # pylint: disable=broad-except  # each failure becomes one line and its code
     if debug:
       raise
-    code, lines = describe(e, workdir.absolute())
+    code, lines = describe(e, workdir)
     _fail(lines, code)
   print(json.dumps({k: v for k, v in result.items() if k != "per_class"}))
   if result.get("interrupted"):
-    code, line = interrupted(workdir.absolute())
+    code, line = interrupted(workdir)
     print(line, file=sys.stderr)
     sys.exit(code)
 
 
 def run() -> None:
   """The process entry point: the CPU backend first (it may re-exec this process under tcmalloc, so
-  before any JAX computation), then flags, then :func:`main`. Ctrl-C before main ends in one line."""
+  before any JAX computation), then flags, then :func:`main`. A signal outside the step loop ends the
+  process at once with one line (:func:`_exit_at_once`)."""
+  for sig in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(sig, _exit_at_once)
   try:
-    from jaxft import cpu  # pylint: disable=g-import-not-at-top
     cpu.enable(relaunch=True)
     from absl import app  # pylint: disable=g-import-not-at-top
     define_flags()
