@@ -9,6 +9,7 @@ need a model and run on a 16-image folder).
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import re
 import signal
@@ -310,3 +311,14 @@ def test_exit_codes_are_the_documented_contract():
           errors.EXIT_WORKDIR_BUSY, errors.EXIT_INTERRUPTED, errors.EXIT_SIGINT) == (0, 2, 3, 4, 5, 75, 130)
   assert errors.TrainError("x").exit_code == 2
   assert errors.TrainError("x", exit_code=errors.EXIT_WORKDIR_BUSY).exit_code == 5
+
+
+def test_logged_exceptions_are_one_line():
+  record = logging.LogRecord("x", logging.ERROR, __file__, 1, "saving step %d failed", (3,), None)
+  try:
+    raise OSError(errno.ENOSPC, "No space left on device")
+  except OSError:
+    record.exc_info = sys.exc_info()
+  assert cli._NoTracebacks().filter(record)  # pylint: disable=protected-access
+  assert record.exc_info is None
+  assert record.getMessage() == "saving step 3 failed (OSError: [Errno 28] No space left on device)"

@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Any, Iterator, NoReturn
 
 from jaxft import checkpoint as ckpt_lib
-from jaxft import cpu
+from jaxft import config as config_lib
+from jaxft import cpu, validate
 from jaxft.train import errors
 from jaxft.train.errors import TrainError
 
@@ -95,7 +96,6 @@ def _debug(argv: list[str]) -> bool:
 
 def _unknown_overrides(argv: list[str]) -> list[str]:
   """One line per ``--config.KEY`` whose KEY is not in the schema, naming the nearest keys."""
-  from jaxft import config as config_lib  # pylint: disable=g-import-not-at-top
   checks = config_lib.checks()
   known = set(checks) | {k.rsplit(".", i)[0] for k in checks for i in range(1, k.count(".") + 1)}
   out = []
@@ -107,7 +107,6 @@ def _unknown_overrides(argv: list[str]) -> list[str]:
 
 
 def _unknown_key(key: str, where: str, keys: Any) -> str:
-  from jaxft import validate  # pylint: disable=g-import-not-at-top
   near = validate.nearest_keys(key, keys)
   return (f"unknown config key {key!r} (in {where}); nearest: {', '.join(near) if near else 'none'} "
           "(every key: jaxft.config.default_config())")
@@ -159,7 +158,6 @@ def _config_error(exc: BaseException, source: str) -> str:
   m = re.search(r'Key "(\w+)" does not exist and cannot be added', str(exc))
   if not m:
     return f"{type(exc).__name__}: {_first_line(exc)}"
-  from jaxft import config as config_lib  # pylint: disable=g-import-not-at-top
   chain = re.match(r"\w+((?:\.\w+)+)\s*=", source)
   key = chain.group(1)[1:] if chain and chain.group(1).endswith("." + m.group(1)) else m.group(1)
   return _unknown_key(key, "the config file", config_lib.checks())
@@ -290,6 +288,11 @@ def _thread_exception(args: threading.ExceptHookArgs) -> None:
                 _first_line(args.exc_value) if args.exc_value is not None else "")
 
 
+def _unraisable(args: Any) -> None:  # e.g. a file's close() failing at exit on a full disk
+  logging.error("%s: %s: %s", args.err_msg or "exception ignored", args.exc_type.__name__,
+                _first_line(args.exc_value) if args.exc_value is not None else "")
+
+
 def main(argv: list[str]) -> None:
   """CLI entry point: checks the config, calls :func:`train_and_evaluate` and prints its result as JSON;
   every failure is one line per problem on stderr and an exit code (module docstring)."""
@@ -302,7 +305,7 @@ def main(argv: list[str]) -> None:
   handler.addFilter(_QuietOrbax())
   if not debug:
     handler.addFilter(_NoTracebacks())
-    threading.excepthook = _thread_exception
+    threading.excepthook, sys.unraisablehook = _thread_exception, _unraisable
   config = flags.FLAGS.config
   config_file = flags.FLAGS["config"].config_filename
   workdir = _workdir(flags.FLAGS.workdir, config_file)
