@@ -181,8 +181,9 @@ def weights(*, also: Sequence[str] = ()) -> Check:
     if v == "" or v in also or (v.startswith(WEIGHT_SCHEMES) and v.partition(":")[2]) or _exists(v, files):
       return None
     named = "".join(f"{a!r}, " for a in also)
-    return (f"no such file or directory; valid: '' (none), {named}a jaxft checkpoint directory or "
-            "training workdir, a .pth/.th/.safetensors file, 'pypi:ARCH' or 'torchvision:ARCH[.VARIANT]'")
+    return (f"no such file or directory; valid: '' (none), {named}a jaxft checkpoint or training workdir "
+            "(`python tools/convert_torch_weights.py SRC OUT --arch NAME` writes one), a .pth/.th/"
+            ".safetensors file, 'pypi:ARCH' or 'torchvision:ARCH[.VARIANT]' (needs network)")
   return check
 
 

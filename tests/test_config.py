@@ -230,7 +230,7 @@ def _problems(**dotted) -> list[str]:
                                             "directory: /no/such/dir"),
     ("data__val_source", "cifar:", "config.data.val_source = 'cifar:': must be one of folder:PATH"),
     ("model__pretrained", "/no/such.pth", "config.model.pretrained = '/no/such.pth': no such file or "
-                                          "directory; valid: '' (none), a jaxft checkpoint directory"),
+                                          "directory; valid: '' (none), a jaxft checkpoint or training workdir"),
     ("distill__teacher", "bse", "config.distill.teacher = 'bse': no such file or directory; valid: '' "
                                 "(none), 'base', "),
     # lists: surgery ops, tasks
