@@ -106,6 +106,8 @@ CONFIG_FILES = [
      "  return c\n", [], r"config file .*typo\.py, line 4 \(c\.optim\.lrr = 0\.1\): unknown config key "
      r"'optim\.lrr' \(in the config file\); nearest: optim\.lr, "),
     ("none", "def get_config():\n  pass\n", [], r"get_config\(\) returned NoneType, not an ml_collections"),
+    ("variant", "from configs.tiny import get_config\n", [":small"],
+     r"config file .*variant\.py: get_config\(\) takes 0 positional arguments but 1 was given"),
     ("unknown_key", "from configs.tiny import get_config\n", ["--config.optim.lrr=1"],
      r"unknown config key 'optim\.lrr' \(in --config\.optim\.lrr=1\); nearest: optim\.lr, optim\.llrd"),
     ("bad_flag_value", "from configs.tiny import get_config\n", ["--config.optim.lr=fast"],
@@ -121,7 +123,9 @@ def test_config_file_problem_is_one_line(tmp_path, name, body, flags, message):
   if body is not None:
     _config_file(tmp_path, path.name, body)
   wd = _workdir(tmp_path)
-  r = _run(["--config", str(path), "--workdir", str(wd), *flags], tmp_path)
+  variant = "".join(f for f in flags if f.startswith(":"))  # FILE:VARIANT, passed to get_config
+  flags = [f for f in flags if not f.startswith(":")]
+  r = _run(["--config", f"{path}{variant}", "--workdir", str(wd), *flags], tmp_path)
   assert r.returncode == errors.EXIT_BAD_INPUT, r.stderr[-3000:]
   lines = _errors(r)
   assert len(lines) == 1 and re.search(message, lines[0]), lines

@@ -142,6 +142,8 @@ def _config_file_problem(e: BaseException, config_file: str) -> str | None:
       return f"config file {config_file}, line {exc.lineno}: syntax error: {exc.msg}"
     if isinstance(exc, AttributeError) and "has no attribute 'get_config'" in str(exc):
       return f"config file {config_file} defines no get_config() (returning an ml_collections.ConfigDict)"
+    if isinstance(exc, TypeError) and str(exc).startswith("get_config()"):  # e.g. FILE:VARIANT, no variants
+      return f"config file {config_file}: {_first_line(exc)}"
     tb, line = exc.__traceback__, None
     while tb is not None:
       if os.path.realpath(tb.tb_frame.f_code.co_filename) == path:
