@@ -80,5 +80,5 @@ def test_missing_weights_is_one_clear_error(folder, tmp_path):
   args = _args(folder, tmp_path, tmp_path / "run", 2) + ["--config.model.pretrained=/no/such/weights"]
   r = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
   assert r.returncode == 2
-  assert "pretrained weights '/no/such/weights' not found" in r.stderr
+  assert "config.model.pretrained = '/no/such/weights': no such file or directory" in r.stderr
   assert "tools/convert_torch_weights.py" in r.stderr

@@ -24,7 +24,7 @@ from jaxft import data as data_lib
 from jaxft import models, report, surgery
 from jaxft.models.model import Model
 from jaxft.train import evaluation, setup
-from jaxft.train.errors import TrainError
+from jaxft.train.errors import TrainError, check_config
 from jaxft.train.mesh import DataMesh
 from jaxft.train.monitor import TrainMonitor
 from jaxft.train.progress import Progress, StopFlag
@@ -57,6 +57,18 @@ def _finish(workdir: Path, result: dict[str, Any], val: dict[str, Any] | None,
   report.plot_curves(report.read_metrics(workdir), workdir / "curves.png")
 
 
+def _prepare(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]) -> Path:
+  """Validates ``config`` before anything is created or loaded, then the workdir (absolute: orbax
+  refuses relative checkpoint paths) and, for multi-host runs, ``jax.distributed``."""
+  check_config(config)
+  workdir = Path(workdir).absolute()
+  workdir.mkdir(parents=True, exist_ok=True)
+  if config.distributed:
+    jax.distributed.initialize()
+  check_workdir_config(workdir, config)
+  return workdir
+
+
 def _log_devices(mesh: DataMesh) -> None:
   """Logs the devices, and on CPU which backend kernels and allocator run."""
   logging.info("%d × %s device(s)", mesh.num_devices, jax.devices()[0].device_kind)
@@ -84,11 +96,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   Raises:
     TrainError: bad weights/data/workdir, or a non-finite loss (the last good checkpoint is kept).
   """
-  workdir = Path(workdir).absolute()  # orbax refuses relative checkpoint paths
-  workdir.mkdir(parents=True, exist_ok=True)
-  if config.distributed:
-    jax.distributed.initialize()
-  check_workdir_config(workdir, config)
+  workdir = _prepare(config, workdir)
 
   # --- Data: decoded once (cached on disk), validation carved from train unless given. ---
   train_ds, val_ds = setup.load_data(config)
