@@ -112,7 +112,8 @@ def _optim() -> ml_collections.ConfigDict:
   s.l2sp.alpha = 0.0  # L2-SP pull alpha * (w - w0) of pretrained leaves toward w0; 0 = off
   s.l2sp.beta = 0.0  # beta * w decay of new (surgery-created) leaves when L2-SP is on
   s.l2sp.rules = KERNELS_ONLY  # (regex, bool): which leaves L2-SP applies to at all
-  s.l2sp.new_rules = ()  # (regex, bool): which leaves are new, when no new-leaf mask is given
+  s.l2sp.new_rules = ()  # (regex, bool): leaves that count as new besides those surgery made
+  s.allow_unmatched_rules = False  # a rule in use (lr, wd, l2sp) matching no parameter is an error
   return s
 
 
