@@ -198,8 +198,10 @@ def _optim() -> _Section:
   s.l2sp.beta = field(0.0, v.NON_NEGATIVE)  # beta * w decay of new (surgery-created) leaves when on
   # (regex, bool): which leaves L2-SP applies to at all.
   s.l2sp.rules = field(KERNELS_ONLY, v.rules(v.flag, "bool"))
-  # (regex, bool): which leaves are new, when no new-leaf mask is given.
+  # (regex, bool): leaves that count as new besides those surgery made.
   s.l2sp.new_rules = field((), v.rules(v.flag, "bool"))
+  # A rule in use (lr, wd, l2sp) that matches no parameter is an error unless True.
+  s.allow_unmatched_rules = field(False, v.flag)
   return s
 
 

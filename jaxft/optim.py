@@ -28,7 +28,8 @@ gradients; the schedule (and ``total_steps``) counts these optimizer steps, not 
 
 Rules are ordered ``(regex, value)`` pairs matched against whole ``/``-joined parameter paths with
 ``jaxft.paths.assign`` (first match wins); every rule set is logged as a table at build time and
-returned as data in ``Optimizer.table``. Nothing here mutates its inputs.
+returned as data in ``Optimizer.table``. A rule in use that matches no parameter (a typo) is an error
+unless ``allow_unmatched_rules``. Nothing here mutates its inputs.
 """
 
 from __future__ import annotations
@@ -157,7 +158,7 @@ def merge(trainable: Tree, frozen: Tree) -> dict[str, Any]:
 
 
 def _module_of(path: str) -> str:
-  """The frozen-BN module name of a parameter path: ``stem``, a stage name, ``neck`` or a head."""
+  """The top-level unit of a parameter path: ``stem``, a stage name, ``neck`` or a head."""
   top = path.split("/", 1)[0]
   return "neck" if top.startswith("neck_") else top
 
@@ -169,27 +170,50 @@ def _is_bn_param(path: str) -> bool:
                               or (parts[-2].startswith("bn") and parts[-2][2:].isdigit()))
 
 
+def _network_order(spec: ModelSpec) -> Callable[[str], tuple[int, int, str]]:
+  """A sort key putting module paths in the order the network runs them (stem, stages, blocks, neck)."""
+  tops = {"stem": 0, **{st.name: i + 1 for i, st in enumerate(spec.stages)}}
+  blocks = {f"{st.name}/{b.name}": j for st in spec.stages for j, b in enumerate(st.blocks)}
+
+  def key(path: str) -> tuple[int, int, str]:
+    parts = path.split("/")
+    return tops.get(parts[0], len(tops)), blocks.get("/".join(parts[:2]), -1), path
+
+  return key
+
+
 def frozen_bn_modules(spec: ModelSpec, frozen_mask: Tree) -> tuple[str, ...]:
-  """Names of modules (``stem``, stage names, ``neck``) whose BatchNorm parameters are all frozen.
+  """The BatchNorms whose scale and bias are all frozen, named as compactly as possible.
 
   Pass the result as ``Network(frozen_bn=...)`` so those BNs use, and never update, their running
-  statistics. Only BN scale/bias decide (not the module's convs), so a frozen stage with trainable
-  adapters grafted in still has frozen statistics; a stage whose BN affine parameters train
-  (BitFit-style) keeps updating its statistics. Modules without BN are not listed.
+  statistics. Every granularity counts: a frozen block (``layer1/block0/.*``) freezes that block's BNs
+  only. Each frozen BN is named by the highest module all of whose BNs are frozen — ``stem``, a stage
+  name, a block (``layer1/block0``), else the BN itself (``layer1/block0/bn1``, ``neck_bn``). Only BN
+  scale/bias decide (not the module's convs), so a frozen stage with trainable adapters grafted in still
+  has frozen statistics; a BN whose affine parameters train (BitFit-style) keeps updating its statistics.
 
   Args:
-    spec: the structure (names and order of the modules).
+    spec: the structure (the order of the modules).
     frozen_mask: params-shaped tree of bools (True = frozen). Never mutated.
 
   Returns:
-    Module names in network order.
+    Module paths in network order (see :func:`jaxft.models.network.bn_is_frozen`).
   """
-  names = ["stem"] + [st.name for st in spec.stages] + (["neck"] if spec.neck_width else [])
-  bn: dict[str, list[bool]] = {}
+  flags: dict[str, list[bool]] = {}  # BN module path -> frozen flag of each of its parameters
   for path, frozen in paths.flatten(frozen_mask).items():
     if _is_bn_param(path):
-      bn.setdefault(_module_of(path), []).append(bool(frozen))
-  return tuple(n for n in names if bn.get(n) and all(bn[n]))
+      flags.setdefault(path.rsplit("/", 1)[0], []).append(bool(frozen))
+  frozen_bns = sorted((m for m, f in flags.items() if all(f)), key=_network_order(spec))
+  under = lambda prefix: [m for m in flags if m == prefix or m.startswith(prefix + "/")]
+  out: list[str] = []
+  for bn in frozen_bns:
+    parts = bn.split("/")
+    # the shortest prefix of this BN's path all of whose BNs are frozen (the BN itself at the latest)
+    name = next(q for q in ("/".join(parts[:i]) for i in range(1, len(parts) + 1))
+                if all(all(flags[m]) for m in under(q)))
+    if name not in out:
+      out.append(name)
+  return tuple(out)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -268,6 +292,38 @@ def _rules(value: Any, what: str) -> tuple[tuple[str, Any], ...]:
     paths.compile_pattern(r[0])
     out.append((r[0], r[1]))
   return tuple(out)
+
+
+def unmatched_rules(tree: Tree, rules: Sequence[tuple[str, Any]], what: str) -> list[str]:
+  """Returns one line per rule of ``rules`` whose regex full-matches no path of ``tree``, naming the
+  rule set ``what``, the rule and the nearest paths (empty when every rule matches something)."""
+  names = list(paths.flatten(tree))
+  # Offered: leaf paths and the modules above them (a rule 'layr1/.*' is nearest to 'layer1').
+  offered = sorted({"/".join(p.split("/")[:i]) for p in names for i in range(1, p.count("/") + 2)})
+  out = []
+  for pattern, _ in rules:
+    rx = paths.compile_pattern(pattern)
+    if not any(rx.fullmatch(p) for p in names):
+      out.append(f"{what} rule {pattern!r} matches no parameter (nearest: "
+                 f"{', '.join(paths.nearest(pattern, offered, 3))})")
+  return out
+
+
+def _check_rules_match(cfg: ml_collections.ConfigDict, params: Tree) -> None:
+  """Raises ``ValueError`` when a rule in use (lr, weight decay, L2-SP) matches no parameter of
+  ``params`` — a typo would otherwise be silently ignored — unless ``cfg.allow_unmatched_rules``.
+  Rules count as matching when they match frozen leaves too."""
+  if cfg.allow_unmatched_rules:
+    return
+  sets = [("lr_rules", cfg.lr_rules)]
+  if cfg.weight_decay:
+    sets.append(("wd_rules", cfg.wd_rules))
+  if cfg.l2sp.alpha or cfg.l2sp.beta:
+    sets += [("l2sp.rules", cfg.l2sp.rules), ("l2sp.new_rules", cfg.l2sp.new_rules)]
+  bad = [line for what, rules in sets for line in unmatched_rules(params, _rules(rules, what), what)]
+  if bad:
+    raise ValueError(f"{'; '.join(bad)}. Fix the regex (rules full-match '/'-joined parameter paths), "
+                     "or set optim.allow_unmatched_rules=True")
 
 
 def lr_multiplier_tree(params: Tree, rules: Sequence[tuple[str, Any]], default: float | None = 1.0,
@@ -398,7 +454,8 @@ class Optimizer:
     tx: the optax transformation over the *trainable* subtree only (``tx.init(trainable)``,
       ``tx.update(grads, state, trainable)`` — params are required).
     trainable_mask: params-shaped tree of bools (True = trainable).
-    frozen_bn: module names for ``Network(frozen_bn=...)`` (empty when ``freeze_bn_stats`` is off).
+    frozen_bn: BN module paths for ``Network(frozen_bn=...)`` (see :func:`frozen_bn_modules`; empty
+      when ``freeze_bn_stats`` is off).
     schedule: ``step -> lr`` (the peak-lr schedule, before multipliers), for logging.
     multipliers: trainable-shaped tree of the final per-leaf lr multipliers (rules × LLRD).
     table: rule tables as data: ``{'lr': rows, 'weight_decay': rows, 'l2sp': rows}`` (see
@@ -448,8 +505,9 @@ def build_optimizer(cfg: ml_collections.ConfigDict, params: Tree, *, spec: Model
     spec: the structure; needed for ``llrd != 1`` and for ``frozen_bn``.
     total_steps: optimizer steps of the run (micro-batches / ``accumulate_steps``).
     anchor: L2-SP anchor (the pretrained params); default ``params`` itself.
-    new_leaf_mask: params-shaped bools, True = created by surgery (not pretrained); default
-      ``cfg.l2sp.new_rules``. Leaves absent from ``anchor`` count as new either way.
+    new_leaf_mask: params-shaped bools, True = created by surgery (not pretrained), e.g.
+      ``jaxft.train.new_leaf_mask(base, model)``; default none. Leaves ``cfg.l2sp.new_rules`` marks
+      and leaves absent from ``anchor`` count as new too.
     clip: ``clip(max_norm)`` → the clipping transformation (``jaxft.cpu.norm_functions()`` supplies the
       CPU backend's, with the same updates).
 
@@ -457,12 +515,14 @@ def build_optimizer(cfg: ml_collections.ConfigDict, params: Tree, *, spec: Model
     An :class:`Optimizer`.
 
   Raises:
-    ValueError: bad optimizer / schedule name, bad regex or rule value, nothing trainable,
-      ``llrd`` without ``spec``, a pretrained leaf whose anchor shape differs.
+    ValueError: bad optimizer / schedule name, bad regex or rule value, a rule in use that matches no
+      parameter (unless ``cfg.allow_unmatched_rules``), nothing trainable, ``llrd`` without ``spec``, a
+      pretrained leaf whose anchor shape differs.
     jaxft.paths.PathError: leaves matching no lr rule while ``lr_default`` is None.
   """
   if cfg.name not in OPTIMIZERS:
     raise ValueError(f"unknown optimizer {cfg.name!r}; valid: {', '.join(OPTIMIZERS)}")
+  _check_rules_match(cfg, params)
   schedule = make_schedule(cfg, total_steps)
   table: dict[str, list[dict[str, Any]]] = {}
 
@@ -515,10 +575,9 @@ def _build_l2sp(cfg: ml_collections.ConfigDict, params: Tree, trainable: Tree, t
                 anchor: Tree | None, new_leaf_mask: Tree | None,
                 table: dict[str, list[dict[str, Any]]]) -> optax.GradientTransformation:
   flat_anchor = paths.flatten(params if anchor is None else anchor)
-  if new_leaf_mask is None:
-    new_rules = _rules(cfg.l2sp.new_rules, "l2sp.new_rules")
-    new_leaf_mask = _bool_tree(params, new_rules, "l2sp.new_rules", "L2-SP new leaves")
-  new_flat = paths.flatten(new_leaf_mask)
+  by_rule = paths.flatten(_bool_tree(params, cfg.l2sp.new_rules, "l2sp.new_rules", "L2-SP new leaves"))
+  given = paths.flatten(new_leaf_mask) if new_leaf_mask is not None else {}
+  new_flat = {p: bool(given.get(p, False)) or bool(v) for p, v in by_rule.items()}
   on = _bool_tree(trainable, cfg.l2sp.rules, "l2sp.rules", "L2-SP leaves")
   pre, anc = {}, {}
   for path, w in paths.flatten(trainable).items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -215,6 +216,48 @@ def test_seed_recipe():
     c.learning_rate = 1.0  # locked: unknown keys are errors
 
 
+def test_l2sp_new_leaf_mask_and_new_rules_both_mark_new():
+  params = {"a": {"kernel": f32(3.0)}, "b": {"kernel": f32(3.0)}, "c": {"kernel": f32(3.0)}}
+  anchor = {"a": {"kernel": f32(1.0)}, "b": {"kernel": f32(1.0)}, "c": {"kernel": f32(1.0)}}
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  cfg = config(lr=1.0, **{"l2sp.alpha": 0.5, "l2sp.beta": 0.1, "l2sp.new_rules": (("b/.*", True),)})
+  mask = {"a": {"kernel": True}, "b": {"kernel": False}, "c": {"kernel": False}}
+  _, u, _ = one_step(cfg, params, zeros, anchor=anchor, new_leaf_mask=mask)
+  # a: new by the mask, b: new by the rule (beta * w = 0.3); c: pretrained (alpha * (3 - 1) = 1)
+  assert jax.tree.map(float, u) == {"a": {"kernel": pytest.approx(-0.3)},
+                                     "b": {"kernel": pytest.approx(-0.3)}, "c": {"kernel": -1.0}}
+
+
+UNMATCHED = {
+    "lr_rules": {"lr_rules": (("head/.*", 10.0), ("haed/.*", 2.0))},
+    "wd_rules": {"weight_decay": 0.1, "wd_rules": (("body/kernal", True),)},
+    "l2sp.rules": {"l2sp.alpha": 0.1, "l2sp.rules": (("body/kernal", True),)},
+    "l2sp.new_rules": {"l2sp.alpha": 0.1, "l2sp.new_rules": (("haed/.*", True),)},
+}
+
+
+@pytest.mark.parametrize("what", sorted(UNMATCHED))
+def test_a_rule_that_matches_nothing_is_an_error_unless_allowed(what):
+  params = {"head": {"kernel": f32(1.0)}, "body": {"kernel": f32(1.0)}}
+  cfg = config(**UNMATCHED[what])
+  bad = UNMATCHED[what][what][-1][0]
+  with pytest.raises(ValueError, match=rf"^{re.escape(what)} rule '{re.escape(bad)}' matches no "
+                                       r"parameter \(nearest: [^)]*(head|body)[^)]*\)\. Fix the regex.*"
+                                       r"allow_unmatched_rules=True$"):
+    optim.build_optimizer(cfg, params, total_steps=10)
+  cfg.allow_unmatched_rules = True
+  optim.build_optimizer(cfg, params, total_steps=10)
+
+
+def test_unused_rules_and_rules_matching_only_frozen_leaves_are_no_error():
+  params = {"head": {"kernel": f32(1.0)}, "body": {"kernel": f32(1.0)}}
+  # weight decay and L2-SP off: their rules are not read; a wd rule matching only frozen leaves is fine
+  optim.build_optimizer(config(wd_rules=(("nothing", True),), **{"l2sp.rules": (("nothing", True),)}),
+                        params, total_steps=10)
+  optim.build_optimizer(config(weight_decay=0.1, wd_rules=(("body/.*", True),),
+                               lr_rules=(("body/.*", "frozen"),)), params, total_steps=10)
+
+
 def test_rule_errors():
   params = {"head": {"kernel": f32(1.0)}, "body": {"kernel": f32(1.0)}}
   with pytest.raises(paths.PathError, match=r"1 leaves match no rule: \['body/kernel'\]"):
@@ -297,8 +340,8 @@ def _batch():
   return x, jnp.array([3, 7])
 
 
-def _grad_fn(spec, frozen_bn):
-  net = Network(spec, frozen_bn=frozen_bn)
+def _grad_fn(spec, frozen_bn, layers=None):
+  net = Network(spec, frozen_bn=frozen_bn, **({} if layers is None else {"layers": layers}))
 
   def loss(trainable, frozen, batch_stats, x, y):
     variables = {"params": optim.merge(trainable, frozen), "batch_stats": batch_stats}
@@ -352,6 +395,56 @@ def test_frozen_bn_statistics_in_a_train_step(resnet20):
   cfg = config(lr_rules=(("layer1/.*/bn\\d/.*", 1.0), ("(stem|layer1)/.*", "frozen")))
   opt = optim.build_optimizer(cfg, resnet20.params, spec=resnet20.spec, total_steps=10)
   assert opt.frozen_bn == ("stem",)
+
+
+def _layers(name):
+  if name == "plain":
+    return None
+  from jaxft.cpu.layers import cpu_layers  # pylint: disable=g-import-not-at-top
+  return cpu_layers("auto")  # passed to the Network: jaxft.cpu.enable() would be process-wide
+
+
+@pytest.mark.parametrize("layers,rule,frozen_bn", [
+    ("plain", "layer1/block0/.*", ("layer1/block0",)),             # a block
+    ("cpu", "layer1/block0/.*", ("layer1/block0",)),               # the same on the CPU layers
+    ("plain", "layer1/block0/bn1/.*", ("layer1/block0/bn1",)),     # one BN
+    ("plain", "(stem|layer2/block1)/.*", ("stem", "layer2/block1")),
+])
+def test_frozen_bn_statistics_at_any_granularity(resnet20, layers, rule, frozen_bn):
+  opt = optim.build_optimizer(config(lr_rules=((rule, "frozen"),)), resnet20.params, spec=resnet20.spec,
+                              total_steps=10)
+  assert opt.frozen_bn == frozen_bn
+  tr, fr = opt.split(resnet20.params)
+  grad = jax.jit(_grad_fn(resnet20.spec, opt.frozen_bn, _layers(layers)))
+  _, new_bs = grad(tr, fr, resnet20.batch_stats, *_batch())
+  old = paths.flatten(resnet20.batch_stats)
+  pattern = paths.compile_pattern(rule)
+  for path, v in paths.flatten(new_bs).items():
+    # exactly the BNs whose parameters the rule froze keep their statistics; every other one moves
+    assert np.array_equal(v, old[path]) == bool(pattern.fullmatch(path.rsplit("/", 1)[0] + "/scale")), path
+
+
+def test_bn_is_frozen_names_bns_and_modules_above_them():
+  from jaxft.models.network import bn_is_frozen  # pylint: disable=g-import-not-at-top
+  assert bn_is_frozen("layer1/block0/bn1", ("layer1",))
+  assert bn_is_frozen("layer1/block0/bn1", ("layer1/block0",))
+  assert bn_is_frozen("layer1/block0/bn1", ("layer1/block0/bn1",))
+  assert not bn_is_frozen("layer1/block0/bn2", ("layer1/block0/bn1",))
+  assert not bn_is_frozen("layer1/block10/bn1", ("layer1/block1",))
+  assert not bn_is_frozen("layer10/block0/bn1", ("layer1",))
+  assert bn_is_frozen("neck_bn", ("neck",)) and bn_is_frozen("neck_bn", ("neck_bn",))
+  assert not bn_is_frozen("stem/bn", ())
+
+
+def test_frozen_bn_modules_with_a_neck():
+  frozen = {"stem": {"bn": {"scale": True, "bias": True}, "conv": {"kernel": True}},
+            "stage1": {"block0": {"bn1": {"scale": True, "bias": True},
+                                  "bn2": {"scale": True, "bias": False}}},
+            "neck_bn": {"scale": True, "bias": True}, "neck_conv": {"kernel": False},
+            "head": {"kernel": False, "bias": False}}
+  spec = ModelSpec("efficientnet_lite", StemSpec(4), (StageSpec("stage1", (
+      BlockSpec("block0", "mbconv", 4, 4),)),), (HeadSpec("head", 2),), neck_width=8)
+  assert optim.frozen_bn_modules(spec, frozen) == ("stem", "stage1/block0/bn1", "neck_bn")
 
 
 def test_done_when_head_10x_last_stage_1x_earlier_frozen_l2sp_backbone(resnet20):

@@ -278,6 +278,27 @@ def test_add_head_and_dropout():
     surgery.set_dropout(out, 1.0)
 
 
+def test_set_bn_momentum():
+  m = tiny("mbconv")
+  out = run(surgery.set_bn_momentum, m, 0.8)
+  assert out.spec.bn_momentum == 0.8 and out.spec == dataclasses.replace(m.spec, bn_momentum=0.8)
+  assert_shared(m, out)
+  np.testing.assert_allclose(logits(out), logits(m), atol=1e-6, rtol=0)  # eval mode: unchanged
+  assert surgery.replay(m, out.history[len(m.history):]).spec == out.spec
+  # and training uses it: the running mean moves by (1 - momentum) of the way to the batch mean
+  stats = {}
+  for model in (m, out):
+    _, new = jax.jit(lambda v: model.module().apply(v, X, train=True, mutable=["batch_stats"]))(
+        model.variables)
+    stats[model.spec.bn_momentum] = np.asarray(new["batch_stats"]["stem"]["bn"]["mean"])
+  old = np.asarray(m.batch_stats["stem"]["bn"]["mean"])
+  m0 = m.spec.bn_momentum
+  np.testing.assert_allclose((stats[0.8] - old) / (1 - 0.8), (stats[m0] - old) / (1 - m0), rtol=1e-4,
+                             atol=1e-5)
+  with pytest.raises(ValueError, match=r"BatchNorm momentum must be in \[0, 1\).*got 1.0"):
+    surgery.set_bn_momentum(m, 1.0)
+
+
 # --------------------------------------------------------------------------------------------------
 # Pruning.
 

@@ -328,3 +328,67 @@ def test_bad_optimizer_setting_is_one_clear_error(folder, tmp_path):
                                          "optim.schedule.warmup_steps": 20})
   with pytest.raises(train.TrainError, match=r"config.optim: .*warmup_steps \(20\) < total_steps \(4\)"):
     train.train_and_evaluate(cfg, tmp_path / "run")
+
+
+# ---------------------------------------------------------------------------------------------------
+# What the config changes is recorded and regularised as what it is.
+# ---------------------------------------------------------------------------------------------------
+
+
+def _optim_config(**optim):
+  from jaxft import config as config_lib
+  c = config_lib.default_config()
+  return override(c, **{f"optim.{k}": v for k, v in {"momentum": 0.0, **optim}.items()})
+
+
+def test_l2sp_treats_a_same_shape_reinitialised_head_as_new():
+  from jaxft import models, surgery
+  from jaxft.train import setup
+  base = models.create_model("cifar_resnet8", jax.random.key(0), num_classes=2)
+  model = surgery.replace_head(base, 2, seed=5)  # same shape, fresh values (configs/cifar10_resnet56.py)
+  new = {p for p, v in paths.flatten(train.new_leaf_mask(base, model)).items() if v}
+  assert new == {"head/kernel", "head/bias"}
+  assert not any(jax.tree.leaves(train.new_leaf_mask(base, base)))
+
+  # One step of L2-SP away from the starting point, with zero gradients: the pretrained kernels are
+  # pulled back (alpha * (w - w0)), the new head only decays (beta * w) — no pull toward the old head.
+  lr, alpha, beta = 0.1, 0.5, 0.1
+  opt = setup.build_optimizer(_optim_config(lr=lr, **{"l2sp.alpha": alpha, "l2sp.beta": beta}), base,
+                              model, 10)
+  tr, _ = opt.split(model.params)
+  moved = jax.tree.map(lambda w: w + 1.0, tr)
+  u, _ = opt.tx.update(jax.tree.map(np.zeros_like, tr), opt.tx.init(tr), moved)
+  np.testing.assert_allclose(u["head"]["kernel"], -lr * beta * moved["head"]["kernel"], rtol=1e-6)
+  np.testing.assert_allclose(u["stem"]["conv"]["kernel"], -lr * alpha * 1.0, rtol=1e-6)
+  assert opt.table["l2sp"][1]["leaves"] == 1  # "new (beta)": the head kernel (biases: not in rules)
+
+
+def test_shipped_resnet56_config_head_is_new(resnet56_th):
+  from configs import cifar10_resnet56
+  c = cifar10_resnet56.get_config()
+  c.model.pretrained = str(resnet56_th)
+  base, model = train.build_model(c, jax.random.key(0))
+  new = [p for p, v in paths.flatten(train.new_leaf_mask(base, model)).items() if v]
+  # replace_head(num_classes=10) on a 10-class checkpoint: the same shapes, but a new head
+  assert {"head/kernel", "head/bias"} <= set(new) and any("/adapter/" in p for p in new)
+  assert all(p.startswith("head/") or "/adapter/" in p for p in new), new
+
+
+def test_config_spec_changes_are_in_the_evolution_log(folder, tmp_path):
+  from jaxft import models, surgery
+  # The pretrained checkpoint has 3 classes, the data 2: the config's num_classes replaces the head.
+  checkpoint.save_model(tmp_path / "pre", models.create_model("cifar_resnet8", jax.random.key(1),
+                                                              num_classes=3))
+  cfg = tiny_config(folder, tmp_path, **{
+      "model.pretrained": str(tmp_path / "pre"), "model.bn_momentum": 0.8, "model.dropout": 0.3,
+      "train.num_steps": 2, "train.eval_every": 0, "train.checkpoint_every": 0})
+  base, model = train.build_model(cfg, jax.random.key(cfg.seed))
+  assert {p for p, v in paths.flatten(train.new_leaf_mask(base, model)).items() if v} == {
+      "head/kernel", "head/bias"}
+  train.train_and_evaluate(cfg, tmp_path / "run")
+  saved = checkpoint.load_model(tmp_path / "run")
+  assert saved.spec.bn_momentum == 0.8 and saved.spec.heads[0].dropout == 0.3
+  assert saved.spec.num_classes == 2
+  added = saved.history[len(base.history):]
+  assert [h["op"] for h in added] == ["replace_head", "set_bn_momentum", "set_dropout"]
+  assert surgery.replay(base, added).spec == saved.spec

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import flax.linen as nn
 import jax
@@ -67,6 +67,17 @@ def padded_conv(conv: Callable[[jax.Array], jax.Array], x: jax.Array, kernel: in
   return conv(x)[tuple(windows) + (slice(None),)]
 
 
+def bn_is_frozen(path: str, frozen_bn: Iterable[str]) -> bool:
+  """Whether ``frozen_bn`` names the BatchNorm at ``path`` (``layer1/block0/bn1``, ``stem/bn``,
+  ``neck_bn``): the path itself or a module above it (``layer1/block0``, ``layer1``). ``neck`` is
+  accepted for ``neck_bn`` (the stage-level names of earlier versions)."""
+  for name in frozen_bn:
+    name = "neck_bn" if name == "neck" else name
+    if path == name or path.startswith(name + "/"):
+      return True
+  return False
+
+
 @dataclasses.dataclass(frozen=True)
 class Parts:
   """What every module of a :class:`Network` is built with (one value, passed down unchanged).
@@ -76,12 +87,26 @@ class Parts:
     layers: the layer implementations.
     dtype: compute dtype.
     padding: how strided convs pad (``ModelSpec.padding``: ``torch`` or ``same``).
+    frozen_bn: ``Network.frozen_bn``.
+    root: the scope path of the :class:`Network` (``()`` unless it is a submodule), so that BN paths
+      read as parameter paths do.
   """
 
   bn: Callable[..., nn.Module]
   layers: layers_lib.Layers
   dtype: Dtype = jnp.float32
   padding: str = "torch"
+  frozen_bn: tuple[str, ...] = ()
+  root: tuple[str, ...] = ()
+
+  def norm(self, owner: nn.Module, name: str, train: bool) -> Callable[[jax.Array], jax.Array]:
+    """Returns ``x -> BN(x)`` for the BatchNorm ``name`` created in ``owner`` (call it from ``owner``'s
+    compact method): batch statistics, updating the running ones, only when ``train`` and the BN is
+    not in ``frozen_bn``."""
+    path = "/".join((*owner.scope.path[len(self.root):], name))
+    use_running_average = not train or bn_is_frozen(path, self.frozen_bn)
+    module = self.bn(name=name)
+    return lambda x: module(x, use_running_average)
 
 
 class Stem(nn.Module):
@@ -91,11 +116,11 @@ class Stem(nn.Module):
   parts: Parts
 
   @nn.compact
-  def __call__(self, x: jax.Array, frozen_bn: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     s, p = self.spec, self.parts
     conv = p.layers.conv(s.width, s.kernel, s.stride, dtype=p.dtype, name="conv")
     x = padded_conv(conv, x, s.kernel, s.stride, p.padding)
-    x = layers_lib.activation(s.act)(p.bn(name="bn")(x, frozen_bn))
+    x = layers_lib.activation(s.act)(p.norm(self, "bn", train)(x))
     if s.pool:
       x = p.layers.max_pool(x)
     return x
@@ -126,11 +151,11 @@ class Block(nn.Module):
   parts: Parts
 
   @nn.compact
-  def __call__(self, x: jax.Array, frozen_bn: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     b, p = self.spec, self.parts
     act = layers_lib.activation(b.act)
     cin = x.shape[-1]
-    bn = lambda name: (lambda h: p.bn(name=name)(h, frozen_bn))
+    bn = lambda name: p.norm(self, name, train)
     conv = functools.partial(p.layers.conv, dtype=p.dtype)
     # The strided k×k conv of every kind pads per ModelSpec.padding.
     spatial = lambda c, h: padded_conv(c, h, b.kernel, b.stride, p.padding)
@@ -179,9 +204,9 @@ class Stage(nn.Module):
   parts: Parts
 
   @nn.compact
-  def __call__(self, x: jax.Array, frozen_bn: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     for b in self.blocks:
-      x = Block(b, self.shortcut, self.parts, name=b.name)(x, frozen_bn)
+      x = Block(b, self.shortcut, self.parts, name=b.name)(x, train)
     return x
 
 
@@ -193,8 +218,9 @@ class Network(nn.Module):
   Attributes:
     spec: the structure.
     dtype: compute dtype (``jnp.bfloat16`` for mixed precision); parameters and BN statistics are float32.
-    frozen_bn: names of modules (``stem``, a stage name, ``neck``) whose BatchNorms always use — and never
-      update — their running statistics, even in training.
+    frozen_bn: BatchNorms that always use — and never update — their running statistics, even in
+      training: BN module paths (``layer1/block0/bn1``, ``stem/bn``, ``neck_bn``) or modules above them
+      (``layer1/block0``, a stage name, ``stem``; ``neck`` for ``neck_bn``), see :func:`bn_is_frozen`.
     layers: the layer implementations (:class:`~jaxft.models.layers.Layers`); they never change the
       parameter tree.
   """
@@ -204,11 +230,11 @@ class Network(nn.Module):
   frozen_bn: tuple[str, ...] = ()
   layers: layers_lib.Layers = layers_lib.Layers()
 
-  @property
   def _parts(self) -> Parts:
     bn = functools.partial(self.layers.norm, momentum=self.spec.bn_momentum, epsilon=self.spec.bn_eps,
                            dtype=self.dtype)
-    return Parts(bn, self.layers, self.dtype, self.spec.padding)
+    return Parts(bn, self.layers, self.dtype, self.spec.padding, tuple(self.frozen_bn),
+                 tuple(self.scope.path))
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False, return_all: bool = False) -> Any:
@@ -225,15 +251,14 @@ class Network(nn.Module):
       ``features`` (pooled, float32), ``logits`` (main head) and ``heads`` (every head's logits by name).
     """
     s = self.spec
-    frozen = lambda name: (not train) or (name in self.frozen_bn)
     x = x.astype(self.dtype)
-    parts = self._parts
-    x = Stem(s.stem, parts, name="stem")(x, frozen("stem"))
+    parts = self._parts()
+    x = Stem(s.stem, parts, name="stem")(x, train)
     for st in s.stages:
-      x = Stage(st.blocks, s.shortcut, parts, name=st.name)(x, frozen(st.name))
+      x = Stage(st.blocks, s.shortcut, parts, name=st.name)(x, train)
     if s.neck_width:
       x = self.layers.conv(s.neck_width, 1, dtype=self.dtype, name="neck_conv")(x)
-      x = layers_lib.activation(s.neck_act)(parts.bn(name="neck_bn")(x, frozen("neck")))
+      x = layers_lib.activation(s.neck_act)(parts.norm(self, "neck_bn", train)(x))
     features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     outputs = {}
     for h in s.heads:

@@ -10,7 +10,8 @@ Every op has the shape ``op(model, …, *, seed=0, expect=None) -> Model`` and:
   :func:`~jaxft.surgery.history.replay` can rebuild the same structure on the base model.
 
 Grafts (``append_blocks``, ``add_adapters``, ``add_head``) start out computing the model's function;
-replacements (``replace_*``, ``set_dropout``) and removals (``remove_*``, ``prune_channels``) change it
+so do the training settings (``set_dropout``, ``set_bn_momentum``: eval mode is unchanged);
+replacements (``replace_*``) and removals (``remove_*``, ``prune_channels``) change it
 on purpose. A new op is written here and listed in ``__all__`` (which is what
 :data:`~jaxft.surgery.history.REGISTRY` replays) and in ``jaxft.surgery``'s exports.
 A selector that matches nothing or a number of blocks other than ``expect``, and an unknown stage, block
@@ -42,7 +43,8 @@ logger = logging.getLogger(__name__)
 # The ops (each records itself under its own name); everything else here is a helper.
 __all__ = [
     "replace_head", "replace_activation", "replace_block", "replace_stage", "append_blocks",
-    "add_adapters", "add_head", "set_dropout", "remove_stage", "remove_blocks", "prune_channels",
+    "add_adapters", "add_head", "set_dropout", "set_bn_momentum", "remove_stage", "remove_blocks",
+    "prune_channels",
 ]
 
 
@@ -305,6 +307,23 @@ def set_dropout(model: Model, rate: float, *, head: str = "head") -> Model:
   i = head_index(model.spec, head)
   spec = with_head(model.spec, i, dropout=float(rate))
   return rebuild(model, spec, op_record("set_dropout", rate=float(rate), head=head))
+
+
+def set_bn_momentum(model: Model, momentum: float) -> Model:
+  """Returns ``model`` whose BatchNorms update their running statistics with ``momentum`` in training.
+
+  flax convention: ``running = momentum * running + (1 - momentum) * batch`` (torch's ``momentum=0.1``
+  is 0.9 here). Every leaf is shared and the function (eval mode) is unchanged; only how fast the
+  statistics follow the batches differs.
+
+  Raises:
+    ValueError: ``momentum`` outside [0, 1).
+  """
+  if not 0.0 <= momentum < 1.0:
+    raise ValueError(f"BatchNorm momentum must be in [0, 1) (flax convention: torch's 0.1 is 0.9), "
+                     f"got {momentum}")
+  spec = dataclasses.replace(model.spec, bn_momentum=float(momentum))
+  return rebuild(model, spec, op_record("set_bn_momentum", momentum=float(momentum)))
 
 
 def remove_stage(model: Model, stage: str, *, seed: int = 0) -> Model:

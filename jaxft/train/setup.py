@@ -7,15 +7,13 @@ Every function reads ``config`` and never mutates it.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from jaxft import checkpoint as ckpt_lib
 from jaxft import cpu
@@ -109,38 +107,50 @@ def build_model(config: Config, rng: Array) -> tuple[Model, Model]:
   """Returns ``(base, model)``: the pretrained starting point and it after the config's surgery.
 
   A head for ``config.model.num_classes`` replaces the pretrained one when they differ; the ops in
-  ``config.surgery`` follow, then ``config.model.dropout`` before the main head
-  (:func:`jaxft.surgery.set_dropout`) and one head per ``config.tasks`` entry that surgery did not
-  already graft (:func:`jaxft.surgery.add_head`) — each recorded in the model's evolution log.
+  ``config.surgery`` follow, then ``config.model.bn_momentum`` (:func:`jaxft.surgery.set_bn_momentum`),
+  ``config.model.dropout`` before the main head (:func:`jaxft.surgery.set_dropout`) and one head per
+  ``config.tasks`` entry that surgery did not already graft (:func:`jaxft.surgery.add_head`). Every
+  spec change is a surgery op, recorded in the model's evolution log, so
+  ``surgery.replay(base, model.history[len(base.history):]).spec == model.spec``.
 
   Raises:
-    TrainError: a task whose head exists with a different number of classes.
+    TrainError: a task whose head exists with a different number of classes; an op the config asks
+      for that fails (unknown op or block, bad argument), naming the config key.
   """
   base = load_base_model(config, rng)
   model = base
   nc = config.model.num_classes
   if nc and nc != model.spec.num_classes:
-    model = surgery.replace_head(model, nc, seed=config.seed)
+    model = _op("config.model.num_classes", surgery.replace_head, model, nc, seed=config.seed)
   if config.surgery:
-    model = surgery.apply_ops(model, [dict(op) for op in config.surgery])
+    model = _op("config.surgery", surgery.apply_ops, model, [dict(op) for op in config.surgery])
   bn_momentum = float(config.model.bn_momentum)
   if bn_momentum and bn_momentum != model.spec.bn_momentum:
-    # How fast BN running statistics follow the batches is a training choice, not structure: a
-    # random-init net whose weights move fast needs a shorter memory than a pretrained one.
-    model = model.replace(spec=dataclasses.replace(model.spec, bn_momentum=bn_momentum))
+    # A random-init net whose weights move fast needs a shorter memory than a pretrained one. Through
+    # an op, like every spec change, so that replay(base, history) rebuilds this spec.
+    model = _op("config.model.bn_momentum", surgery.set_bn_momentum, model, bn_momentum)
   dropout = float(config.model.dropout)
   if dropout and dropout != model.spec.heads[0].dropout:
-    model = surgery.set_dropout(model, dropout)
+    model = _op("config.model.dropout", surgery.set_dropout, model, dropout)
   heads = {h.name: h for h in model.spec.heads}
   for t in config.tasks:
     n = len(t["classes"])
     if t["name"] not in heads:
-      model = surgery.add_head(model, t["name"], n, dropout=float(t.get("dropout", 0.0)),
-                               seed=config.seed)
+      model = _op("config.tasks", surgery.add_head, model, t["name"], n,
+                  dropout=float(t.get("dropout", 0.0)), seed=config.seed)
     elif heads[t["name"]].num_classes != n:
       raise TrainError(f"task {t['name']!r} has {n} classes but the model's head of that name has "
                        f"{heads[t['name']].num_classes}")
   return base, model
+
+
+def _op(key: str, op: Callable[..., Model], model: Model, *args: Any, **kwargs: Any) -> Model:
+  """``op(model, *args, **kwargs)``; its refusal (``ValueError``, ``PathError``) becomes a one-line
+  :class:`TrainError` naming the config key ``key`` that asked for it."""
+  try:
+    return op(model, *args, **kwargs)
+  except (ValueError, paths.PathError) as e:
+    raise TrainError(f"{key}: {e}") from e
 
 
 def fit_to_data(config: Config, model: Model, train_ds: data_lib.Dataset
@@ -175,10 +185,18 @@ def normalisation(model: Model) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 
 def new_leaf_mask(base: Model, model: Model) -> dict[str, Any]:
-  """True for parameters that surgery created or reshaped (not loaded from pretrained weights)."""
+  """Returns a ``model.params``-shaped tree of bools: True for every parameter that is not the very
+  array ``base`` has at that path, i.e. that surgery created, re-initialised or edited.
+
+  Identity, not shape, decides: surgery shares every leaf it does not touch as the same object
+  (:mod:`jaxft.surgery.rebuild`), so a head re-initialised with the same shape (``replace_head`` to the
+  same number of classes) is new, and L2-SP does not pull it toward the discarded pretrained head.
+  Values are not compared: a re-initialisation can reproduce the base's values bit for bit (flax
+  seeds each module by its path), and pruned leaves are new arrays of another shape. Neither model is
+  mutated.
+  """
   old = paths.flatten(base.params)
-  return paths.map_leaves(
-      lambda p, v: p not in old or np.shape(old[p]) != np.shape(v), model.params)
+  return paths.map_leaves(lambda p, v: old.get(p) is not v, model.params)
 
 
 # ---------------------------------------------------------------------------------------------------
