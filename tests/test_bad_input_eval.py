@@ -57,7 +57,7 @@ def test_subset_and_reordered_folders_score_by_class_name(resnet20, cifar_folder
   monkeypatch.setenv("JAXFT_CACHE_DIR", str(tmp_path / "cache"))
   ck = checkpoint.save_model(tmp_path / "r20", resnet20)
   full = evaluate.evaluate_checkpoint(ck, f"folder:{cifar_folder}")
-  assert full["labels"] == "by name" and full["n"] == 1000 and full["top1"] > 0.85
+  assert full["labels"] == "by name" and full["n"] == 1000 and full["top1"] > 0.8
   assert list(full["per_class"]) == list(CIFAR10)
   # Only cat and dog: labels 0 and 1 of the folder are outputs 3 and 5 of the checkpoint.
   pets = f"folder:{copy_classes(cifar_folder, tmp_path / 'pets', ('cat', 'dog'))}"
