@@ -254,8 +254,12 @@ def load_for_eval(path: str | os.PathLike, *, ema: bool = False) -> tuple[Model,
     raise
   except Exception as e:  # noqa: BLE001 — orbax and tensorstore raise many kinds on damaged files
     # (a FileNotFoundError here is a file missing inside the checkpoint: checkpoint_choice found it)
-    raise EvalError(f"{found} cannot be read, the checkpoint is damaged: {type(e).__name__}: "
-                    f"{str(e)[:300]}", exit_code=EXIT_DAMAGED) from e
+    # Orbax wraps TensorStore's error (which names the leaf and the file) in one that dumps a whole
+    # TensorStore spec: report the inner one, cut before any such dump.
+    inner = e.__cause__ or e
+    cause = " ".join(str(inner).split()).split(" See full TensorStore details")[0][:300]
+    raise EvalError(f"{found} cannot be read, the checkpoint is damaged: {type(inner).__name__}: {cause}",
+                    exit_code=EXIT_DAMAGED) from e
   info = {"checkpoint_step": model.meta.get("checkpoint_step", step),
           "weights": model.meta.get("weights", weights), "ema": ema}
   return model, info
@@ -408,11 +412,20 @@ def _message(e: BaseException) -> str:
   return text or type(e).__name__
 
 
+def _quiet_leftovers() -> None:
+  # A failed orbax read leaves coroutines and futures holding the error already reported; Python
+  # prints their tracebacks when it collects them (often at exit, after the error line).
+  logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+  sys.unraisablehook = lambda unraisable: None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """CLI entry point: parses flags, calls :func:`evaluate_checkpoint`; returns the exit status (0 done;
   2 bad input; 3 non-finite logits or loss; 4 a damaged checkpoint; 130 interrupted), printing one
   ``error: …`` line for any failure (and its traceback with ``--debug``)."""
   args = _parse(argv)
+  if not args.debug:
+    _quiet_leftovers()
   try:
     cpu.enable(relaunch=True)  # before any JAX computation (it may re-exec this process)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -124,6 +124,13 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
   head = jax.tree.map(lambda a: np.full(a.shape, np.nan, np.float32), nan.params["head"])
   checkpoint.save_model(w / "nan", nan.replace(variables={**nan.variables,
                                                           "params": {**nan.params, "head": head}}))
+  for kind in ("truncated", "deleted", "no-record"):
+    shutil.copytree(w / "ck", w / kind)
+  largest = max((w / "truncated" / "variables").rglob("*"), key=lambda p: p.stat().st_size)
+  with open(largest, "r+b") as f:
+    f.truncate(largest.stat().st_size // 2)
+  (w / "deleted" / largest.relative_to(w / "truncated")).unlink()
+  (w / "no-record" / checkpoint.MODEL_ITEM / "metadata").unlink()
   _images(w / "data", ("cat", "dog", "eel"))
   _images(w / "zoo", ("cat", "zebra"))
   _images(w / "four", ("a", "b", "c", "d"))
@@ -175,6 +182,14 @@ CASES = {  # id: (arguments, exit code, what the one error line says)
                           r"path ending in .png, got 'cm.jpg'"),
     "missing-data-flag": (["--checkpoint", "{w}/ck"], 2, r"the following arguments are required: --data"),
     "unknown-flag": ([*OK, "--frobnicate"], 2, r"unrecognized arguments: --frobnicate"),
+    # A damaged checkpoint: the step is named, not a traceback (the files are compressed chunks, so
+    # flipped bytes fail to decode the same way).
+    "damaged-truncated": (["--checkpoint", "{w}/truncated", "--data", "folder:{w}/data"], 4,
+                          r"/truncated.* damaged"),
+    "damaged-deleted-file": (["--checkpoint", "{w}/deleted", "--data", "folder:{w}/data"], 4,
+                             r"/deleted.* damaged"),
+    "damaged-no-model-record": (["--checkpoint", "{w}/no-record", "--data", "folder:{w}/data"], 4,
+                                r"/no-record.* damaged"),
     "nan-weights": (["--checkpoint", "{w}/nan", "--data", "folder:{w}/data", "--output", "p.npz",
                      "--confusion", "cm.png"], 3,
                     r"/nan \(model weights\): the model gives non-finite logits \(NaN or inf\) for 6 of 6 "
