@@ -13,8 +13,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import orbax.checkpoint as ocp
+
 from jaxft import checkpoint, data, evaluate
 from jaxft.models import create_model
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +93,7 @@ def write_folder(root: Path, per_class: int = 3) -> Path:
 
 
 def run_cli(*args: str, cache: Path) -> subprocess.CompletedProcess:
-  env = {**os.environ, "JAXFT_CACHE_DIR": str(cache)}
+  env = {**os.environ, "JAXFT_CACHE_DIR": str(cache), "PYTHONPATH": str(ROOT)}  # this checkout's jaxft
   return subprocess.run([sys.executable, "-m", "jaxft.evaluate", *args], capture_output=True, text=True,
                         timeout=300, env=env)
 
@@ -97,13 +101,17 @@ def run_cli(*args: str, cache: Path) -> subprocess.CompletedProcess:
 def test_cli_end_to_end(model, tmp_path: Path) -> None:
   folder = write_folder(tmp_path / "data")
   ck = checkpoint.save_model(tmp_path / "ck", model)
-  out = tmp_path / "preds.npz"
+  out, png = tmp_path / "preds.npz", tmp_path / "plots" / "cm.png"
   r = run_cli("--checkpoint", str(ck), "--data", f"folder:{folder}", "--limit", "7", "--batch-size", "4",
-              "--output", str(out), cache=tmp_path / "cache")
+              "--output", str(out), "--confusion", str(png), cache=tmp_path / "cache")
   assert r.returncode == 0, r.stderr
   summary = json.loads(r.stdout.strip().splitlines()[-1])
-  assert {"top1", "top5", "per_class", "n"} <= set(summary)
+  assert {"top1", "top5", "per_class", "n", "loss"} <= set(summary)
   assert summary["n"] == 7 and sorted(summary["per_class"]) == ["cat", "dog", "eel"]
+  # The fixture model records no class names: scored by index, and the output says so.
+  assert summary["labels"] == "by index" and "labels by index" in r.stderr
+  assert summary["checkpoint_step"] is None and summary["weights"] == "model" and summary["ema"] is False
+  assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   saved = np.load(out)
   assert saved["logits"].shape == (7, 3) and saved["labels"].shape == (7,)
   assert list(saved["class_names"]) == ["cat", "dog", "eel"]
@@ -117,7 +125,74 @@ def test_cli_end_to_end(model, tmp_path: Path) -> None:
 
 def test_cli_errors(tmp_path: Path) -> None:
   r = run_cli("--checkpoint", str(tmp_path / "missing"), "--data", "folder:x", cache=tmp_path)
-  assert r.returncode == 1 and "error: no such checkpoint:" in r.stderr
+  assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: no such checkpoint:")
+  assert "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Which step and which weights: named in the output.
+
+
+def fake_workdir(root: Path, model, val_top1: dict[int, float | None], ema=None) -> Path:
+  """A training workdir's checkpoints, one step per ``val_top1`` entry (recorded as the step's metric),
+  with the items the train loop writes (``ema``'s variables as the EMA item when given)."""
+  # Orbax writes a step's metrics only for a manager with a best_fn.
+  options = ocp.CheckpointManagerOptions(best_fn=lambda m: m[checkpoint.VAL_TOP1], best_mode="max",
+                                         create=True, enable_async_checkpointing=False)
+  mngr = ocp.CheckpointManager(root / checkpoint.CHECKPOINTS_SUBDIR, options=options,
+                               item_names=checkpoint.TRAIN_ITEMS)
+  try:
+    for step, top1 in val_top1.items():
+      items = {**checkpoint.save_args(model), checkpoint.TRAIN_ITEM: ocp.args.JsonSave({"step": step})}
+      if ema is not None:
+        items[checkpoint.EMA_ITEM] = ocp.args.StandardSave(ema.variables)
+      mngr.save(step, args=ocp.args.Composite(**items),
+                metrics=None if top1 is None else {checkpoint.VAL_TOP1: top1})
+    mngr.wait_until_finished()
+  finally:
+    mngr.close()
+  return root
+
+
+def scaled_head(model, factor: float):
+  head = jax.tree.map(lambda a: np.asarray(a) * factor, model.params["head"])
+  return model.replace(variables={**model.variables, "params": {**model.params, "head": head}})
+
+
+def test_the_output_names_the_step_and_the_weights(model, tmp_path: Path, monkeypatch) -> None:
+  monkeypatch.setenv("JAXFT_CACHE_DIR", str(tmp_path / "cache"))
+  folder = f"folder:{write_folder(tmp_path / 'data')}"
+  best = fake_workdir(tmp_path / "best", model, {4: 0.9, 8: 0.5}, ema=scaled_head(model, -1.0))
+  r = evaluate.evaluate_checkpoint(best, folder)
+  assert (r["checkpoint_step"], r["weights"], r["ema"]) == (4, "best", False)
+  assert evaluate.describe_weights(r) == "step 4 (best)"
+  step8 = evaluate.evaluate_checkpoint(best / "checkpoints" / "8", folder)
+  assert (step8["checkpoint_step"], step8["weights"]) == (8, "step")
+  ema = evaluate.evaluate_checkpoint(best, folder, ema=True)
+  assert (ema["checkpoint_step"], ema["weights"], ema["ema"]) == (4, "best", True)
+  assert ema["loss"] != pytest.approx(r["loss"])  # the EMA item (negated head) was evaluated, not the raw weights
+  assert evaluate.describe_weights(ema) == "step 4 (best), EMA weights"
+  latest = fake_workdir(tmp_path / "latest", model, {3: None, 6: None})
+  r = evaluate.evaluate_checkpoint(latest, folder)
+  assert (r["checkpoint_step"], r["weights"]) == (6, "latest")
+  with pytest.raises(evaluate.EvalError, match=r"holds no EMA weights \(the run was trained with "):
+    evaluate.evaluate_checkpoint(latest, folder, ema=True)
+  ck = checkpoint.save_model(tmp_path / "ck", model)
+  with pytest.raises(evaluate.EvalError, match=r"holds no EMA weights \(a model directory has none\)"):
+    evaluate.evaluate_checkpoint(ck, folder, ema=True)
+
+
+def test_non_finite_logits_are_an_error_naming_the_step(model, tmp_path: Path, monkeypatch) -> None:
+  monkeypatch.setenv("JAXFT_CACHE_DIR", str(tmp_path / "cache"))
+  folder = f"folder:{write_folder(tmp_path / 'data')}"
+  broken = scaled_head(model, float("nan"))
+  with pytest.raises(evaluate.EvalError, match=r"non-finite logits \(NaN or inf\) for 2 of 2 images") as e:
+    evaluate.evaluate(broken, images(2), np.array([0, 1]))
+  assert e.value.exit_code == evaluate.EXIT_NONFINITE == 3
+  wd = fake_workdir(tmp_path / "wd", broken, {8: None})
+  with pytest.raises(evaluate.EvalError, match=r"wd \(step 8 \(latest\)\): the model gives non-finite"):
+    evaluate.evaluate_checkpoint(wd, folder, output=tmp_path / "p.npz", confusion=tmp_path / "cm.png")
+  assert not (tmp_path / "p.npz").exists() and not (tmp_path / "cm.png").exists()
 
 
 @pytest.mark.slow
