@@ -40,14 +40,11 @@ from jaxft import checkpoint as ckpt_lib
 from jaxft import cpu, data
 from jaxft.models import IMAGENET_MEAN, IMAGENET_STD, Model
 from jaxft.report import classification_metrics, plot_confusion
+from jaxft.train.errors import EXIT_BAD_INPUT, EXIT_DAMAGED_CHECKPOINT, EXIT_NONFINITE, EXIT_SIGINT
 
 log = logging.getLogger(__name__)
 
-# The exit codes of jaxft's CLIs (defined for training in jaxft.train.errors: the same numbers).
-EXIT_BAD_INPUT = 2
-EXIT_NONFINITE = 3
-EXIT_DAMAGED = 4
-EXIT_SIGINT = 130  # 128 + SIGINT
+# The exit codes of jaxft's CLIs, one table for training and evaluation (jaxft.train.errors).
 EXIT_INTERNAL = 1  # a bug in jaxft: --debug shows where
 # Class names listed in full in an error message up to this many; longer lists are cut.
 _LISTED_NAMES = 20
@@ -244,7 +241,7 @@ def load_for_eval(path: str | os.PathLike, *, ema: bool = False) -> tuple[Model,
 
   Raises:
     FileNotFoundError (no ``path``), jaxft.checkpoint.CheckpointError, EvalError (``exit_code``
-    ``EXIT_DAMAGED``: a checkpoint whose files cannot be read).
+    ``EXIT_DAMAGED_CHECKPOINT``: a checkpoint whose files cannot be read).
   """
   found, step, weights = checkpoint_choice(path, ema=ema)
   loader = ckpt_lib.load_ema_model if ema else ckpt_lib.load_model
@@ -259,7 +256,7 @@ def load_for_eval(path: str | os.PathLike, *, ema: bool = False) -> tuple[Model,
     inner = e.__cause__ or e
     cause = " ".join(str(inner).split()).split(" See full TensorStore details")[0][:300]
     raise EvalError(f"{found} cannot be read, the checkpoint is damaged: {type(inner).__name__}: {cause}",
-                    exit_code=EXIT_DAMAGED) from e
+                    exit_code=EXIT_DAMAGED_CHECKPOINT) from e
   info = {"checkpoint_step": model.meta.get("checkpoint_step", step),
           "weights": model.meta.get("weights", weights), "ema": ema}
   return model, info
