@@ -172,4 +172,5 @@ def _train() -> ml_collections.ConfigDict:
   s.log_every = 50  # steps between train metric records and log lines
   s.progress = "auto"  # auto (bar on a TTY) | bar | log
   s.allow_config_change = False  # resume a workdir written by a different config
+  s.allow_data_change = False  # resume a workdir whose training data changed since it was trained on it
   return s
