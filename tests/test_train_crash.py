@@ -1,4 +1,5 @@
-"""The main job survives a hard crash (kill -9) and names missing weights clearly."""
+"""The main job survives a hard crash (kill -9: exact resume, no stale workdir lock) and names missing
+weights clearly."""
 
 from __future__ import annotations
 
@@ -64,6 +65,8 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_result(folder, tmp_path):
   proc.wait()
   done = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
   assert done and done[-1] < steps
+  # The killed run's lock file is left behind naming it, but its flock died with it: no stale lock.
+  assert f"pid {proc.pid} " in (crashed / ".lock").read_text()
 
   r = subprocess.run(_args(folder, tmp_path, crashed, steps), cwd=REPO, capture_output=True,
                      text=True, timeout=600)
