@@ -82,6 +82,26 @@ class MetricWriter:
       except ImportError:  # optional: JSONL is always written
         logging.warning("tensorboardX not installed; writing metrics.jsonl only")
 
+  def drop_after(self, step: int) -> int:
+    """Removes the records of steps after ``step`` (a resumed run writes them again; exact resume
+    recomputes the same values) and a line torn by a crash; returns how many lines went. The file is
+    replaced atomically."""
+    if not self.enabled or not self.path.exists():
+      return 0
+    lines = self.path.read_text().splitlines()
+    keep = []
+    for line in lines:
+      try:
+        if json.loads(line)["step"] <= step:
+          keep.append(line)
+      except (ValueError, KeyError, TypeError):  # a line cut short by a kill
+        pass
+    if len(keep) < len(lines):
+      tmp = self.path.with_name(self.path.name + ".tmp")
+      tmp.write_text("".join(line + "\n" for line in keep))
+      os.replace(tmp, self.path)
+    return len(lines) - len(keep)
+
   def write(self, step: int, split: str, metrics: Mapping[str, Any]) -> None:
     """Writes one record ``{"step", "split", **metrics}``; non-scalar values go to JSONL only."""
     if not self.enabled:

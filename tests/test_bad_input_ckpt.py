@@ -219,6 +219,17 @@ def test_metric_writer_writes_non_finite_numbers_as_null(tmp_path):
   assert report.read_metrics(tmp_path) == records
 
 
+def test_resumed_run_drops_the_records_it_writes_again(tmp_path):
+  w = report.MetricWriter(tmp_path, enabled=True)
+  for step in (1, 2, 3):
+    w.write(step, "train", {"loss": 0.5})
+  w.close()
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write('{"step": 4, "split": "tr')  # torn by a kill -9
+  assert report.MetricWriter(tmp_path, enabled=True).drop_after(2) == 2
+  assert [r["step"] for r in report.read_metrics(tmp_path)] == [1, 2]
+
+
 def test_nan_stop_keeps_the_last_finite_step(folder, tmp_path):
   wd = tmp_path / "run"
   every = {"train.checkpoint_every": 1, "train.eval_every": 1}

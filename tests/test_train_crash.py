@@ -73,6 +73,10 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_result(folder, tmp_path):
   assert r.returncode == 0, r.stderr[-3000:]
   assert "resuming" in r.stderr
   assert json.loads(r.stdout.strip().splitlines()[-1])["step"] == steps
+  # The records of the steps after the resumed checkpoint are written once, by the rerun.
+  train = [json.loads(l)["step"] for l in (crashed / "metrics.jsonl").read_text().splitlines()
+           if json.loads(l)["split"] == "train"]
+  assert train == list(range(1, steps + 1))
   a, b = _variables(straight), _variables(crashed)
   assert a.keys() == b.keys()
   for k in a:

@@ -167,6 +167,9 @@ def _run_steps(config: ml_collections.ConfigDict, workdir: Path, run: "_Run", st
   or without a validation set)."""
   start = int(state.step)
   writer = report.MetricWriter(workdir, enabled=jax.process_index() == 0)
+  if start and (dropped := writer.drop_after(start)):
+    logging.info("metrics.jsonl: %d records after step %d dropped (this run writes them again)",
+                 dropped, start)
   progress = Progress(start, run.total_steps, config.train.progress, config.train.log_every)
   monitor = TrainMonitor(writer, progress, batch_size=config.train.batch_size,
                          total_steps=run.total_steps, log_every=config.train.log_every,
@@ -227,7 +230,9 @@ def _train(run: _Run, state: TrainState, batches: Any) -> tuple[TrainState, dict
         logging.info("%s", evaluation.val_line(step, val))
         run.monitor.check_val(step, val)
       if (run.ckpt_every and step % run.ckpt_every == 0) or is_last or stop.signal is not None:
-        run.monitor.check_pending()  # never checkpoint a non-finite state
+        # Checked (never checkpoint a non-finite state) and written first, so that a kill after the
+        # checkpoint loses no record of the steps it holds.
+        run.monitor.flush()
         _save(run, state, step, val)
       if stop.signal is not None:
         logging.warning("received signal %d at step %d: checkpoint saved; rerun the same command "

@@ -66,11 +66,6 @@ class TrainMonitor:
       self.writer.write(step, "train", m)
     self.progress.update(step, m)
 
-  def check_pending(self) -> None:
-    """Raises :class:`TrainError` if the pending metrics are not finite (never checkpoint those)."""
-    if self._pending is not None:
-      self._pending = (self._pending[0], self._checked(*self._pending))
-
   def saved(self, step: int) -> None:
     self.last_good = step
 
