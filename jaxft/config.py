@@ -264,4 +264,6 @@ def _train() -> _Section:
   s.log_every = field(50, v.POSITIVE_COUNT)  # steps between train metric records and log lines
   s.progress = field("auto", v.one_of(PROGRESS_MODES))  # auto (bar on a TTY) | bar | log
   s.allow_config_change = field(False, v.flag)  # resume a workdir written by a different config
+  # Resume a workdir whose training data changed since it was trained on it.
+  s.allow_data_change = field(False, v.flag)
   return s

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -48,10 +49,26 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray,
   }
 
 
+def json_ready(v: Any) -> Any:
+  """``v`` as strict JSON takes it: a NaN or infinity (a class without examples has no accuracy; a
+  diverged loss) becomes ``None`` (``null``); numpy/jax scalars and arrays become plain numbers and
+  lists, tuples lists. Returns a new value; ``v`` is not mutated."""
+  if isinstance(v, Mapping):
+    return {k: json_ready(x) for k, x in v.items()}
+  if isinstance(v, (list, tuple)):
+    return [json_ready(x) for x in v]
+  if hasattr(v, "tolist"):  # numpy and jax scalars and arrays
+    return json_ready(v.tolist())
+  if isinstance(v, float) and not math.isfinite(v):
+    return None
+  return v
+
+
 class MetricWriter:
   """Appends scalar metrics to ``metrics.jsonl`` and TensorBoard event files in ``workdir``.
 
-  Lines are flushed on every write, so a crash loses nothing already written.
+  Lines are flushed on every write, so a crash loses nothing already written. Every line is strict JSON:
+  a non-finite number is written as ``null`` (and left out of TensorBoard).
   """
 
   def __init__(self, workdir: str | os.PathLike[str], enabled: bool = True):
@@ -65,14 +82,34 @@ class MetricWriter:
       except ImportError:  # optional: JSONL is always written
         logging.warning("tensorboardX not installed; writing metrics.jsonl only")
 
+  def drop_after(self, step: int) -> int:
+    """Removes the records of steps after ``step`` (a resumed run writes them again; exact resume
+    recomputes the same values) and a line torn by a crash; returns how many lines went. The file is
+    replaced atomically."""
+    if not self.enabled or not self.path.exists():
+      return 0
+    lines = self.path.read_text().splitlines()
+    keep = []
+    for line in lines:
+      try:
+        if json.loads(line)["step"] <= step:
+          keep.append(line)
+      except (ValueError, KeyError, TypeError):  # a line cut short by a kill
+        pass
+    if len(keep) < len(lines):
+      tmp = self.path.with_name(self.path.name + ".tmp")
+      tmp.write_text("".join(line + "\n" for line in keep))
+      os.replace(tmp, self.path)
+    return len(lines) - len(keep)
+
   def write(self, step: int, split: str, metrics: Mapping[str, Any]) -> None:
     """Writes one record ``{"step", "split", **metrics}``; non-scalar values go to JSONL only."""
     if not self.enabled:
       return
     record = {"step": int(step), "split": split}
-    record.update({k: _plain(v) for k, v in metrics.items()})
+    record.update(json_ready(dict(metrics)))
     with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+      f.write(json.dumps(record, allow_nan=False) + "\n")
     if self._tb is not None:
       for k, v in record.items():
         if k not in ("step", "split") and isinstance(v, (int, float)):
@@ -85,19 +122,12 @@ class MetricWriter:
 
 
 def read_metrics(workdir: str | os.PathLike[str]) -> list[dict[str, Any]]:
-  """Returns every record of ``workdir/metrics.jsonl`` (empty list if there is none)."""
+  """Returns every record of ``workdir/metrics.jsonl`` (empty list if there is none); a ``null`` value
+  (a non-finite number) is ``None``."""
   path = Path(workdir) / "metrics.jsonl"
   if not path.exists():
     return []
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _plain(v: Any) -> Any:
-  if isinstance(v, (np.generic, np.ndarray)) and np.ndim(v) == 0:
-    return v.item()
-  if hasattr(v, "tolist"):
-    return v.tolist()
-  return v
 
 
 def plot_curves(records: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> None:
@@ -107,7 +137,8 @@ def plot_curves(records: Sequence[Mapping[str, Any]], path: str | os.PathLike[st
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
   def series(split: str, key: str) -> tuple[list[int], list[float]]:
-    pts = [(r["step"], r[key]) for r in records if r.get("split") == split and key in r]
+    pts = [(r["step"], r[key]) for r in records
+           if r.get("split") == split and isinstance(r.get(key), (int, float))]
     return [p[0] for p in pts], [p[1] for p in pts]
 
   fig, axes = plt.subplots(1, 3, figsize=(14, 4))

@@ -25,9 +25,14 @@ def model() -> jaxft.Model:
                    history=({"op": "replace_head", "num_classes": 4, "rules": [["a", 1]]},))
 
 
+def stored_meta(m: jaxft.Model) -> dict:
+  """The meta a checkpoint stores: without what load_model adds about the load itself."""
+  return {k: v for k, v in m.meta.items() if k not in checkpoint.LOAD_META_KEYS}
+
+
 def assert_same(a: jaxft.Model, b: jaxft.Model) -> None:
   assert a.spec == b.spec
-  assert a.meta == b.meta
+  assert stored_meta(a) == stored_meta(b)
   assert a.history == b.history
   fa, fb = paths.flatten(a.variables), paths.flatten(b.variables)
   assert sorted(fa) == sorted(fb)
@@ -42,6 +47,7 @@ def test_round_trip_is_exact(model: jaxft.Model, tmp_path: Path) -> None:
   assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # no temporary directory left behind
   loaded = jaxft.load_pretrained(tmp_path / "ck")
   assert_same(loaded, model)
+  assert (loaded.meta["checkpoint_step"], loaded.meta["weights"]) == (None, "saved")
   assert isinstance(loaded.params["head"]["kernel"], np.ndarray)
   x = np.random.RandomState(0).rand(2, 32, 32, 3).astype(np.float32)
   np.testing.assert_array_equal(loaded.apply(x), model.apply(x))
@@ -119,7 +125,10 @@ def test_workdir_loads_the_best_step_by_recorded_metric(model: jaxft.Model, tmp_
   saved = _train_workdir(tmp_path, model, [{"val_top1": 0.5}, {"val_top1": 0.8}, {"val_top1": 0.6}],
                          {"best_fn": lambda m: m["val_top1"], "best_mode": "max"})
   for p in (tmp_path, tmp_path / "checkpoints"):
-    assert_same(checkpoint.load_model(p), saved[1])
+    loaded = checkpoint.load_model(p)
+    assert_same(loaded, saved[1])
+    assert (loaded.meta["checkpoint_step"], loaded.meta["weights"]) == (2, "best")
+    assert loaded.meta["checkpoint_why"] == "best step 2 by val_top1=0.8 (max)"
   assert_same(checkpoint.load_model(tmp_path / "checkpoints" / "3"), saved[2])  # a step dir itself
   assert checkpoint.best_step(tmp_path / "checkpoints", "val_top1", "min")[0] == 1
 
@@ -137,4 +146,12 @@ def test_workdir_best_metric_named_in_root_metadata(model: jaxft.Model, tmp_path
 def test_workdir_without_metrics_loads_the_latest(model: jaxft.Model, tmp_path: Path) -> None:
   saved = _train_workdir(tmp_path, model, [None, None])
   assert checkpoint.best_step(tmp_path / "checkpoints") == (2, "latest step 2 (no best-metric recorded)")
-  assert_same(checkpoint.load_model(tmp_path), saved[1])
+  loaded = checkpoint.load_model(tmp_path)
+  assert_same(loaded, saved[1])
+  assert (loaded.meta["checkpoint_step"], loaded.meta["weights"]) == (2, "latest")
+
+
+def test_load_meta_is_never_stored(model: jaxft.Model, tmp_path: Path) -> None:
+  loaded = checkpoint.load_model(checkpoint.save_model(tmp_path / "a", model))
+  record = checkpoint.model_record(loaded)
+  assert not set(checkpoint.LOAD_META_KEYS) & set(record["meta"])

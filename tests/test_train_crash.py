@@ -1,4 +1,5 @@
-"""The main job survives a hard crash (kill -9) and names missing weights clearly."""
+"""The main job survives a hard crash (kill -9: exact resume, no stale workdir lock) and names missing
+weights clearly."""
 
 from __future__ import annotations
 
@@ -64,12 +65,18 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_result(folder, tmp_path):
   proc.wait()
   done = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
   assert done and done[-1] < steps
+  # The killed run's lock file is left behind naming it, but its flock died with it: no stale lock.
+  assert f"pid {proc.pid} " in (crashed / ".lock").read_text()
 
   r = subprocess.run(_args(folder, tmp_path, crashed, steps), cwd=REPO, capture_output=True,
                      text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   assert "resuming" in r.stderr
   assert json.loads(r.stdout.strip().splitlines()[-1])["step"] == steps
+  # The records of the steps after the resumed checkpoint are written once, by the rerun.
+  train = [json.loads(l)["step"] for l in (crashed / "metrics.jsonl").read_text().splitlines()
+           if json.loads(l)["split"] == "train"]
+  assert train == list(range(1, steps + 1))
   a, b = _variables(straight), _variables(crashed)
   assert a.keys() == b.keys()
   for k in a:

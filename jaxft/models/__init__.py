@@ -99,7 +99,7 @@ def create_model(arch: str, rng: jax.Array, num_classes: int | None = None) -> M
 
 __all__ = [
     "BlockSpec", "HeadSpec", "Layers", "ModelSpec", "Network", "StageSpec", "StemSpec", "IMAGENET_MEAN",
-    "IMAGENET_STD", "LITE_VARIANTS", "Model", "abstract_variables", "cifar_resnet_spec", "count_params", "create",
-    "create_model", "efficientnet_lite_spec", "get_spec", "head_module_name", "list_archs", "lite_spec",
+    "IMAGENET_STD", "LITE_VARIANTS", "Model", "abstract_variables", "cifar_resnet_spec", "count_params",
+    "create", "create_model", "efficientnet_lite_spec", "get_spec", "head_module_name", "list_archs", "lite_spec",
     "pretrained_cfg", "resnet_spec",
 ]

@@ -33,7 +33,7 @@ from typing import Any, Iterator, NoReturn
 
 from jaxft import checkpoint as ckpt_lib
 from jaxft import config as config_lib
-from jaxft import cpu, validate
+from jaxft import cpu, report, validate
 from jaxft.train import errors
 from jaxft.train.errors import TrainError
 
@@ -327,7 +327,7 @@ def main(argv: list[str]) -> None:
       raise
     code, lines = describe(e, workdir)
     _fail(lines, code)
-  print(json.dumps({k: v for k, v in result.items() if k != "per_class"}))
+  print(json.dumps(report.json_ready({k: v for k, v in result.items() if k != "per_class"}), allow_nan=False))
   if result.get("interrupted"):
     code, line = interrupted(workdir)
     print(line, file=sys.stderr)

@@ -1,7 +1,9 @@
 """The loop: ``train_and_evaluate(config, workdir)``, which tests call and the CLI wraps.
 
-Rerunning with the same workdir resumes from the latest checkpoint, exactly: the data order and every
-random number are functions of (seed, step), so k steps + resume + k steps equals 2k steps.
+Rerunning with the same workdir resumes from the newest intact checkpoint, exactly: the data order and
+every random number are functions of (seed, step), so k steps + resume + k steps equals 2k steps. One
+process at a time runs in a workdir (``workdir.WorkdirLock``); a rerun must use the workdir's config and
+data unless allowed (``train.allow_config_change`` / ``train.allow_data_change``).
 """
 
 from __future__ import annotations
@@ -24,25 +26,30 @@ from jaxft import data as data_lib
 from jaxft import models, report, surgery
 from jaxft.models.model import Model
 from jaxft.train import evaluation, setup
-from jaxft.train.errors import TrainError, check_config
+from jaxft.train import workdir as workdir_lib
+from jaxft.train.errors import EXIT_BAD_INPUT, EXIT_DAMAGED_CHECKPOINT, TrainError, check_config
 from jaxft.train.mesh import DataMesh
 from jaxft.train.monitor import TrainMonitor
 from jaxft.train.progress import Progress, StopFlag
 from jaxft.train.state import TrainState
 from jaxft.train.steps import make_eval_step, make_train_step
-from jaxft.train.workdir import check_workdir_config
 
 
 def _start(mngr: ocp.CheckpointManager, fresh: TrainState, workdir: Path, mesh: DataMesh) -> TrainState:
-  """Resume this workdir's latest checkpoint, else ``fresh``; on the devices."""
-  step = mngr.latest_step()
-  state = fresh
+  """Resume this workdir's newest intact checkpoint (damaged newer ones are reported and set aside),
+  else ``fresh``; on the devices.
+
+  Raises:
+    TrainError: no intact checkpoint (exit code 4), or one that does not fit this config (2).
+  """
+  try:
+    state, step = ckpt_lib.resume_train_state(mngr, fresh)
+  except ckpt_lib.DamagedCheckpointError as e:
+    raise TrainError(str(e), exit_code=EXIT_DAMAGED_CHECKPOINT) from None
+  except ckpt_lib.CheckpointError as e:
+    raise TrainError(str(e), exit_code=EXIT_BAD_INPUT) from None
   if step is not None:
     logging.info("resuming %s from step %d", workdir, step)
-    try:
-      state = ckpt_lib.restore_train_state(mngr, step, fresh)
-    except ckpt_lib.CheckpointError as e:
-      raise TrainError(str(e)) from None
   return mesh.replicate(state)
 
 
@@ -53,19 +60,19 @@ def _finish(workdir: Path, result: dict[str, Any], val: dict[str, Any] | None,
     return
   if val is not None:
     report.plot_confusion(val["confusion"], val_ds.class_names, workdir / "confusion_matrix.png")
-    (workdir / "final_metrics.json").write_text(json.dumps(result, indent=2))
+    (workdir / "final_metrics.json").write_text(json.dumps(report.json_ready(result), indent=2,
+                                                           allow_nan=False))
   report.plot_curves(report.read_metrics(workdir), workdir / "curves.png")
 
 
 def _prepare(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]) -> Path:
-  """Validates ``config`` before anything is created or loaded, then the workdir (absolute: orbax
-  refuses relative checkpoint paths) and, for multi-host runs, ``jax.distributed``."""
+  """Validates ``config`` before anything is created or loaded, then makes the workdir (absolute: orbax
+  refuses relative checkpoint paths) and, for multi-host runs, starts ``jax.distributed``."""
   check_config(config)
   workdir = Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
   if config.distributed:
     jax.distributed.initialize()
-  check_workdir_config(workdir, config)
   return workdir
 
 
@@ -88,18 +95,33 @@ def _surgery_report(base: Model, model: Model) -> Any:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]) -> dict:
   """Fine-tunes per ``config`` (never mutated), writing checkpoints, metrics and plots to ``workdir``.
 
+  The workdir is locked for the whole run (a second process on it is refused); ``config.json`` and
+  ``data.json`` are written once the run has really started (see :mod:`jaxft.train.workdir`).
+
   Returns:
     The final validation metrics (``top1``, ``top5``, ``loss``, ``per_class``, ``n``; ``tasks`` and
     ``ema`` when on) plus ``step``, ``interrupted`` (True when a signal stopped the run early after
     saving) and ``surgery`` (the surgery report, when the model's structure changed).
 
   Raises:
-    TrainError: bad weights/data/workdir, or a non-finite loss (the last good checkpoint is kept).
+    TrainError: with ``exit_code`` 2 for bad weights/data/workdir/config, 3 for a non-finite loss or
+      state (the last good checkpoint is kept and named), 4 when no checkpoint of the workdir is
+      intact, 5 when another process runs in the workdir.
   """
   workdir = _prepare(config, workdir)
+  with workdir_lib.WorkdirLock(workdir, enabled=jax.process_index() == 0):
+    return _locked_train_and_evaluate(config, workdir)
+
+
+def _locked_train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dict:
+  """:func:`train_and_evaluate` once this process holds the workdir."""
+  resuming = bool(ckpt_lib.saved_steps(workdir))
+  config_changes = workdir_lib.check_workdir_config(workdir, config, resuming)
 
   # --- Data: decoded once (cached on disk), validation carved from train unless given. ---
   train_ds, val_ds = setup.load_data(config)
+  identity = workdir_lib.data_identity(train_ds, val_ds)
+  data_changes = workdir_lib.check_workdir_data(workdir, config, identity, resuming)
   total_steps = setup.total_steps(config, len(train_ds))
 
   # --- Model: pretrained → else init; then the config's surgery; the data's classes in its meta. ---
@@ -114,7 +136,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                        layers=cpu.network_layers())
   sc = setup.step_config(config, model)
 
-  # --- Devices and the starting state: resume this workdir, else step 0. ---
+  # --- Devices and the starting state: resume this workdir, else step 0. The run has started. ---
   mesh = DataMesh.create(config.train.batch_size)
   _log_devices(mesh)
   trainable, frozen = opt.split(model.params)
@@ -122,7 +144,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                             ema=bool(config.ema.decay))
   mngr = ckpt_lib.train_manager(workdir, config.train.keep_checkpoints)
   state = _start(mngr, fresh, workdir, mesh)
-  start = int(state.step)
+  workdir_lib.record_start(workdir, config, identity, int(state.step), config_changes, data_changes)
 
   # --- The compiled steps. ---
   train_step = jax.jit(_train_step(config, net, opt, sc, objective, teacher_net), donate_argnums=(0,))
@@ -131,34 +153,50 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     teacher_variables = mesh.replicate(teacher_variables, copy=True)
   evaluate = None if val_ds is None else evaluation.Evaluator(
       jax.jit(make_eval_step(net, sc)), val_ds, tasks, config.train.eval_batch_size, mesh)
-
-  # --- Train: one step ahead of the metrics; validate, checkpoint, stop on a signal. ---
-  writer = report.MetricWriter(workdir, enabled=jax.process_index() == 0)
-  progress = Progress(start, total_steps, config.train.progress, config.train.log_every)
-  monitor = TrainMonitor(writer, progress, batch_size=config.train.batch_size, total_steps=total_steps,
-                         log_every=config.train.log_every,
-                         checkpoint_dir=workdir / ckpt_lib.CHECKPOINTS_SUBDIR, last_good=mngr.latest_step())
-  batches = data_lib.iterate(train_ds, config.train.batch_size, seed=config.seed, start_step=start,
-                             num_steps=total_steps - start)
-  run = _Run(train_step, teacher_variables, mesh, monitor, evaluate, writer, mngr, model, total_steps,
+  run = _Run(train_step, teacher_variables, mesh, None, evaluate, None, mngr, model, total_steps,
              config.train.eval_every, config.train.checkpoint_every)
+  try:
+    result, val = _run_steps(config, workdir, run, state, train_ds)
+  finally:
+    mngr.close()
+  if surgery_report is not None:
+    result["surgery"] = surgery_report.to_dict()
+  _finish(workdir, result, val, val_ds)
+  return result
+
+
+def _run_steps(config: ml_collections.ConfigDict, workdir: Path, run: "_Run", state: TrainState,
+               train_ds: data_lib.Dataset) -> tuple[dict[str, Any], dict[str, Any] | None]:
+  """Trains from ``state`` to the end (or a signal), then validates. Returns the result (``step``,
+  ``interrupted`` and the final validation metrics) and the final validation (None when interrupted
+  or without a validation set)."""
+  start = int(state.step)
+  writer = report.MetricWriter(workdir, enabled=jax.process_index() == 0)
+  if start and (dropped := writer.drop_after(start)):
+    logging.info("metrics.jsonl: %d records after step %d dropped (this run writes them again)",
+                 dropped, start)
+  progress = Progress(start, run.total_steps, config.train.progress, config.train.log_every)
+  monitor = TrainMonitor(writer, progress, batch_size=config.train.batch_size,
+                         total_steps=run.total_steps, log_every=config.train.log_every,
+                         checkpoint_dir=workdir / ckpt_lib.CHECKPOINTS_SUBDIR,
+                         last_good=run.mngr.latest_step())
+  batches = data_lib.iterate(train_ds, config.train.batch_size, seed=config.seed, start_step=start,
+                             num_steps=run.total_steps - start)
+  run = dataclasses.replace(run, monitor=monitor, writer=writer)
   try:
     state, val, interrupted = _train(run, state, batches)
   finally:
     progress.close()
     batches.close()
+    writer.close()
 
-  # --- Final evaluation, plots. ---
+  # --- Final evaluation. ---
   result: dict[str, Any] = {"step": int(state.step), "interrupted": interrupted}
-  if evaluate is not None and not interrupted:
-    val = val if val is not None else evaluate(state)
-    result.update(evaluation.final_result(val))
-  if surgery_report is not None:
-    result["surgery"] = surgery_report.to_dict()
-  _finish(workdir, result, val if evaluate is not None and not interrupted else None, val_ds)
-  writer.close()
-  mngr.close()
-  return result
+  if run.evaluate is None or interrupted:
+    return result, None
+  val = val if val is not None else run.evaluate(state)
+  result.update(evaluation.final_result(val))
+  return result, val
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,9 +206,9 @@ class _Run:
   train_step: Callable[..., Any]
   teacher_variables: Any
   mesh: DataMesh
-  monitor: TrainMonitor
+  monitor: TrainMonitor | None  # set by _run_steps
   evaluate: evaluation.Evaluator | None
-  writer: report.MetricWriter
+  writer: report.MetricWriter | None  # set by _run_steps
   mngr: ocp.CheckpointManager
   model: Model
   total_steps: int
@@ -195,10 +233,12 @@ def _train(run: _Run, state: TrainState, batches: Any) -> tuple[TrainState, dict
         val = run.evaluate(state)
         run.writer.write(step, "val", evaluation.val_record(val))
         logging.info("%s", evaluation.val_line(step, val))
+        run.monitor.check_val(step, val)
       if (run.ckpt_every and step % run.ckpt_every == 0) or is_last or stop.signal is not None:
-        run.monitor.check_pending()  # never checkpoint a non-finite state
-        ckpt_lib.save_train_state(run.mngr, state, run.model, val["top1"] if val else None)
-        run.monitor.saved(step)
+        # Checked (never checkpoint a non-finite state) and written first, so that a kill after the
+        # checkpoint loses no record of the steps it holds.
+        run.monitor.flush()
+        _save(run, state, step, val)
       if stop.signal is not None:
         logging.warning("received signal %d at step %d: checkpoint saved; rerun the same command "
                         "to resume", stop.signal, step)
@@ -213,6 +253,15 @@ def _train_step(config: ml_collections.ConfigDict, net: Any, opt: Any, sc: Any, 
   """The pure train step of this run, with the CPU backend's norms where it is on."""
   return make_train_step(net, opt.tx, opt.schedule, sc, config.seed, config.optim.accumulate_steps,
                          objective, teacher_net, norm=cpu.norm_functions().global_norm)
+
+
+def _save(run: _Run, state: TrainState, step: int, val: dict[str, Any] | None) -> None:
+  """Checkpoints ``state`` (a non-finite one is refused: the NaN stop, naming the last good step)."""
+  try:
+    ckpt_lib.save_train_state(run.mngr, state, run.model, val["top1"] if val else None)
+  except ckpt_lib.NonFiniteStateError as e:
+    raise run.monitor.stop(step, f"the train state became non-finite ({e.leaf})") from None
+  run.monitor.saved(step)
 
 
 def _timed(batches: Any, monitor: TrainMonitor) -> Any:
