@@ -535,8 +535,10 @@ def train_manager(workdir: Path, keep: int) -> ocp.CheckpointManager:
       cm.BestN(get_metric_fn=lambda m: m[VAL_TOP1], reverse=False, n=1,
                keep_checkpoints_without_metrics=False),
   ])
-  options = ocp.CheckpointManagerOptions(preservation_policy=policy,
-                                         enable_async_checkpointing=False, create=True)
+  # best_fn: orbax writes a step's metrics to disk only when it tracks a best one; best_step (evaluate's
+  # default choice) reads them from there.
+  options = ocp.CheckpointManagerOptions(preservation_policy=policy, best_fn=lambda m: m[VAL_TOP1],
+                                         best_mode="max", enable_async_checkpointing=False, create=True)
   return ocp.CheckpointManager(workdir / CHECKPOINTS_SUBDIR, options=options, item_names=TRAIN_ITEMS)
 
 

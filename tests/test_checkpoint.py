@@ -155,3 +155,16 @@ def test_load_meta_is_never_stored(model: jaxft.Model, tmp_path: Path) -> None:
   loaded = checkpoint.load_model(checkpoint.save_model(tmp_path / "a", model))
   record = checkpoint.model_record(loaded)
   assert not set(checkpoint.LOAD_META_KEYS) & set(record["meta"])
+
+
+def test_train_manager_records_metrics_so_the_best_step_is_found_on_disk(tmp_path):
+  # orbax writes a step's metrics only when the manager tracks a best step: without them every
+  # workdir's "best" silently fell back to the latest step.
+  mngr = checkpoint.train_manager(tmp_path, keep=3)
+  item = {"w": np.zeros(2, np.float32)}
+  for step, top1 in [(1, 0.2), (2, 0.9), (3, 0.5)]:
+    args = {name: ocp.args.StandardSave(item) if name != checkpoint.MODEL_ITEM else ocp.args.JsonSave({})
+            for name in checkpoint.TRAIN_ITEMS}
+    mngr.save(step, args=ocp.args.Composite(**args), metrics={checkpoint.VAL_TOP1: top1}, force=True)
+  mngr.close()
+  assert checkpoint.best_step(tmp_path / checkpoint.CHECKPOINTS_SUBDIR)[0] == 2
