@@ -19,38 +19,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import override
-from configs import tiny
+from test_train import folder, tiny_config as train_tiny_config  # noqa: F401 (a fixture)
 from jaxft import checkpoint, paths, report, train
 from jaxft.train import workdir as workdir_lib
 from jaxft.train.errors import TrainError
 from jaxft.train.monitor import TrainMonitor
 
 REPO = Path(__file__).resolve().parents[1]
-# The CLI turns TrainError.exit_code into the process status once jaxft.train.errors takes the keyword.
-
-
-def write_folder(root: Path, per_class: int = 12) -> Path:
-  rs = np.random.RandomState(3)
-  for name, colour in [("blue", (20, 40, 200)), ("red", (200, 30, 20))]:
-    (root / name).mkdir(parents=True, exist_ok=True)
-    for i in range(per_class):
-      img = np.clip(np.array(colour) + rs.randint(-40, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
-      Image.fromarray(img).save(root / name / f"{i:03d}.png")
-  return root
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-  return write_folder(tmp_path_factory.mktemp("data") / "tiny")
 
 
 def tiny_config(folder: Path, cache: Path, **overrides):
-  c = tiny.get_config()
-  c.data.source = f"folder:{folder}"
-  c.data.cache_dir = str(cache)
-  c.train.num_steps = 6
-  return override(c, **overrides)
+  """test_train's tiny config (6 steps) with its data cache in ``cache``."""
+  assert cache.name == "cache"
+  return train_tiny_config(folder, cache.parent, **{"train.num_steps": 6, **overrides})
 
 
 def snapshot(workdir: Path) -> dict[str, str]:
