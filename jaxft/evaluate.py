@@ -44,6 +44,8 @@ from jaxft.train.errors import EXIT_BAD_INPUT, EXIT_DAMAGED_CHECKPOINT, EXIT_NON
 
 log = logging.getLogger(__name__)
 
+# checkpoint.load_model's name for a save_model directory → evaluate's.
+_WEIGHTS_NAMES = {"saved": "model"}
 # The exit codes of jaxft's CLIs, one table for training and evaluation (jaxft.train.errors).
 EXIT_INTERNAL = 1  # a bug in jaxft: --debug shows where
 # Class names listed in full in an error message up to this many; longer lists are cut.
@@ -258,7 +260,9 @@ def load_for_eval(path: str | os.PathLike, *, ema: bool = False) -> tuple[Model,
     raise EvalError(f"{found} cannot be read, the checkpoint is damaged: {type(inner).__name__}: {cause}",
                     exit_code=EXIT_DAMAGED_CHECKPOINT) from e
   info = {"checkpoint_step": model.meta.get("checkpoint_step", step),
-          "weights": model.meta.get("weights", weights), "ema": ema}
+          # checkpoint.load_model calls a save_model directory "saved"; evaluate's word for it is "model".
+          "weights": _WEIGHTS_NAMES.get(model.meta.get("weights", weights), model.meta.get("weights", weights)),
+          "ema": ema}
   return model, info
 
 
