@@ -326,3 +326,10 @@ def test_logged_exceptions_are_one_line():
   assert cli._NoTracebacks().filter(record)  # pylint: disable=protected-access
   assert record.exc_info is None
   assert record.getMessage() == "saving step 3 failed (OSError: [Errno 28] No space left on device)"
+
+
+def test_help_lists_the_flags_and_exit_codes(tmp_path):
+  r = _run(["--help"], tmp_path)
+  assert r.returncode == 0, r.stderr
+  for flag in ("--config", "--workdir", "--debug", "75"):
+    assert flag in r.stdout, r.stdout

@@ -1,4 +1,12 @@
-"""``python -m jaxft.train``: see :mod:`jaxft.train.cli`."""
+"""Fine-tune a model: python -m jaxft.train --config configs/X.py [--workdir DIR] [--config.a.b=v ...]
+
+  --config FILE     a configs/*.py file (required); --config.a.b=v overrides one field of it
+  --workdir DIR     checkpoints, metrics and plots (default runs/<config name>); rerun to resume
+  --debug           raw tracebacks instead of one-line errors
+
+Exit codes: 0 done, 2 bad input, 3 non-finite loss, 4 damaged checkpoint, 5 workdir busy,
+75 interrupted after a checkpoint (rerun to resume), 130 interrupted before one. See jaxft.train.cli.
+"""
 
 import os
 import signal
