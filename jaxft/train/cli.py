@@ -174,6 +174,9 @@ def parse_flags(argv: list[str]) -> list[str]:
     The arguments left after the flags, for ``main``.
   """
   from absl import flags  # pylint: disable=g-import-not-at-top
+  if any(a in ("-h", "-?", "--help") for a in argv[1:]):  # absl would print this too, but exit 1
+    print(sys.modules["__main__"].__doc__ or "")
+    sys.exit(errors.EXIT_OK)
   problems = _check_argv(argv)
   if problems:
     _fail(problems, errors.EXIT_BAD_INPUT)
