@@ -50,7 +50,8 @@ def stage_shapes(spec: ModelSpec, input_size: int) -> dict[str, tuple[int, ...]]
   net = Network(spec)
   x = jax.ShapeDtypeStruct((1, input_size, input_size, 3), jnp.float32)
   out = jax.eval_shape(lambda x: net.init_with_output(jax.random.key(0), x, return_all=True)[0], x)
-  return {name: tuple(a.shape[1:]) for name, a in out["stages"].items()}
+  # In network order (eval_shape's pytree round trip sorts dict keys).
+  return {st.name: tuple(out["stages"][st.name].shape[1:]) for st in spec.stages}
 
 
 def shared_stages(base: ModelSpec, model: ModelSpec, input_size: int,
@@ -134,7 +135,7 @@ def loss_increase(net: Network, variables: Any, x: Array, labels: Array, probe: 
   on the batch ``x`` (normalised images; eval mode). Trace it under ``jax.jit``."""
   out = net.apply(variables, x, train=False, return_all=True)
   base = _ce(probe, out["features"], labels)
-  order = [n for n in out["stages"]]
+  order = [st.name for st in net.spec.stages]
   result = {}
   for stage in stages:
     stored = {n: out["stages"][n] for n in order[:order.index(stage) + 1]}
