@@ -46,12 +46,18 @@ CHANNEL_CHUNK = 64  # zeroed channels run side by side (bounds memory on wide st
 
 
 def stage_shapes(spec: ModelSpec, input_size: int) -> dict[str, tuple[int, ...]]:
-  """``{stage name: (H, W, C)}`` of each stage's output for ``input_size``² inputs (traced only)."""
+  """``{stage name: (H, W, C)}`` (a new dict) of each stage's output for ``input_size``² inputs, in
+  network order (traced only, once per spec and size)."""
+  return dict(_stage_shapes(spec, input_size))
+
+
+@functools.lru_cache(maxsize=32)
+def _stage_shapes(spec: ModelSpec, input_size: int) -> tuple[tuple[str, tuple[int, ...]], ...]:
   net = Network(spec)
   x = jax.ShapeDtypeStruct((1, input_size, input_size, 3), jnp.float32)
   out = jax.eval_shape(lambda x: net.init_with_output(jax.random.key(0), x, return_all=True)[0], x)
   # In network order (eval_shape's pytree round trip sorts dict keys).
-  return {st.name: tuple(out["stages"][st.name].shape[1:]) for st in spec.stages}
+  return tuple((st.name, tuple(out["stages"][st.name].shape[1:])) for st in spec.stages)
 
 
 def shared_stages(base: ModelSpec, model: ModelSpec, input_size: int,
