@@ -10,7 +10,9 @@ A jaxft checkpoint is an orbax composite checkpoint with two items:
 so :func:`load_model` rebuilds the network from the stored spec with no config. Training workdirs use
 the same two items inside each step of an orbax ``CheckpointManager`` at ``WORKDIR/checkpoints/``, plus
 ``opt_state`` and ``train`` (``{"step"}``: what resuming needs) and, when EMA is on, ``ema`` (the
-averaged variables, as whole variables: :func:`load_ema_model` rebuilds a model from them). Save and
+averaged variables, as whole variables: :func:`load_ema_model` rebuilds a model from them) and, with
+``loss.delta``, ``delta_attention`` (DELTA's channel weights, read back by :func:`restore_train_item` so a
+resumed run never recomputes them). Save and
 restore of a train state are :func:`save_train_state` / :func:`restore_train_state`, here only. Orbax
 writes each step to a temporary directory and renames it when complete, so a crash never leaves a
 half-written checkpoint as the latest.
@@ -54,7 +56,9 @@ MODEL_ITEM = "model"
 OPT_STATE_ITEM = "opt_state"
 TRAIN_ITEM = "train"
 EMA_ITEM = "ema"
-TRAIN_ITEMS = (VARIABLES_ITEM, MODEL_ITEM, OPT_STATE_ITEM, TRAIN_ITEM, EMA_ITEM)
+# DELTA's channel attention {stage: [C]}, computed once before step 1 (jaxft.train.delta).
+DELTA_ITEM = "delta_attention"
+TRAIN_ITEMS = (VARIABLES_ITEM, MODEL_ITEM, OPT_STATE_ITEM, TRAIN_ITEM, EMA_ITEM, DELTA_ITEM)
 # The metric a training CheckpointManager keeps its best step by (recorded with every step that has it).
 VAL_TOP1 = "val_top1"
 CHECKPOINTS_SUBDIR = "checkpoints"
@@ -552,10 +556,10 @@ def _first_non_finite(name: str, tree: Any) -> str | None:
 
 
 def save_train_state(mngr: ocp.CheckpointManager, state: "TrainState", model: Model,
-                     val_top1: float | None = None) -> None:
+                     val_top1: float | None = None, extra: Mapping[str, Any] | None = None) -> None:
   """Saves ``state`` (with ``model``'s structure, meta and history) at ``state.step``; blocks until
-  written, then records the step's checksums. ``val_top1`` is recorded as the step's metric. Nothing is
-  mutated.
+  written, then records the step's checksums. ``val_top1`` is recorded as the step's metric; ``extra``
+  are more array trees by item name (one of ``TRAIN_ITEMS``, e.g. ``DELTA_ITEM``). Nothing is mutated.
 
   Raises:
     NonFiniteStateError: a leaf of the state is not finite; nothing is written.
@@ -566,6 +570,7 @@ def save_train_state(mngr: ocp.CheckpointManager, state: "TrainState", model: Mo
   if state.ema is not None:
     # Stored as whole variables (frozen leaves included), so the item alone rebuilds a model.
     host[EMA_ITEM] = jax.device_get(state.ema_variables())
+  host.update({k: jax.device_get(_plain(v)) for k, v in (extra or {}).items()})
   for name, tree in host.items():
     if (leaf := _first_non_finite(name, tree)) is not None:
       raise NonFiniteStateError(leaf)
@@ -601,6 +606,29 @@ def restore_train_state(mngr: ocp.CheckpointManager, step: int, template: "Train
   ema = restored[EMA_ITEM] if template.ema is not None else None
   return template.with_variables(restored[VARIABLES_ITEM], restored[OPT_STATE_ITEM], step=step,
                                  ema_variables=ema)
+
+
+def restore_train_item(mngr: ocp.CheckpointManager, step: int, item: str, template: Any) -> Any | None:
+  """The array tree saved as ``item`` (e.g. ``DELTA_ITEM``) at ``step``, with ``template``'s structure and
+  dtypes (not mutated); None when that step has no such item (it was written without it).
+
+  Raises:
+    DamagedCheckpointError: the item's files changed since they were written.
+    CheckpointError: the item does not fit ``template``.
+  """
+  step_dir = Path(mngr.directory) / str(step)
+  if not (step_dir / item).is_dir():
+    return None
+  if (problem := damage(step_dir, [item])) is not None:
+    raise DamagedCheckpointError(f"step {step} in {mngr.directory}: {problem}; restore it from a backup "
+                                 "or use a new --workdir")
+  try:
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        **{item: ocp.args.StandardRestore(jax.device_get(_plain(template)))}))
+  except (ValueError, KeyError, OSError) as e:
+    raise CheckpointError(f"the item {item!r} of step {step} in {mngr.directory} does not fit this "
+                          f"config's model: {str(e)[:300]}. Use a new --workdir") from None
+  return restored[item]
 
 
 def _set_aside(mngr: ocp.CheckpointManager, damaged: Mapping[int, str], resumed: int) -> None:

@@ -210,10 +210,20 @@ def _loss() -> _Section:
   s = _section()
   # The loss is a weighted sum of named terms, each logged as train/loss_<term> (unweighted):
   # ce (main head), kd (T²·KL to the teacher's softened logits), feature (pooled-feature
-  # distillation), and task_<name> for each entry of tasks (its own weight). 0 = term off.
+  # distillation), delta, bss, and task_<name> for each entry of tasks (its own weight). 0 = term off.
   s.ce = field(1.0, v.NON_NEGATIVE)  # weight of the main head's cross-entropy
   s.kd = field(0.0, v.NON_NEGATIVE)  # weight of the logits distillation term
   s.feature = field(0.0, v.NON_NEGATIVE)  # weight of the pooled-feature distillation term
+  # DELTA (docs/regularization.md): stage feature maps kept close to the pretrained model's (the model
+  # before surgery), each channel weighted by its attention, computed once on the target data.
+  s.delta = field(0.0, v.NON_NEGATIVE)  # weight of the DELTA term; needs model.pretrained
+  s.delta_stages = field((), v.names)  # stage names (layer1, …); () = every stage both models share
+  s.delta_batches = field(8, v.POSITIVE_COUNT)  # training batches the channel attention is computed on
+  # Softmax temperature of the channel attention over each stage's loss increases (1 = the paper's).
+  s.delta_temperature = field(1.0, v.POSITIVE)
+  # BSS: shrink the k smallest singular values of the batch's pooled feature matrix.
+  s.bss = field(0.0, v.NON_NEGATIVE)  # weight of the batch spectral shrinkage term
+  s.bss_k = field(1, v.POSITIVE_COUNT)  # k, how many of the smallest singular values (paper: 1)
   return s
 
 

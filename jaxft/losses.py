@@ -9,7 +9,11 @@ functions here:
   distributions, scaled by ``T²`` so that its gradients keep their size as ``T`` changes;
 * :func:`feature_mse` / :func:`similarity_loss` — feature distillation on pooled features, directly when
   the widths agree (or through a :func:`fixed_projection` of the teacher's features), or
-  width-free by comparing the two batch similarity matrices (Tung & Mori 2019).
+  width-free by comparing the two batch similarity matrices (Tung & Mori 2019);
+* :func:`delta_feature_loss` — DELTA (Li et al. 2019): stage feature maps kept close to the pretrained
+  model's, each channel weighted by its attention (computed once by ``jaxft.train.delta``);
+* :func:`batch_spectral_shrinkage` — BSS (Chen et al. 2019): the k smallest squared singular values of
+  the batch's pooled feature matrix. Regularization is described in ``docs/regularization.md``.
 
 Image transforms (mixup, cutmix, random erasing) live in ``jaxft.data.transforms``, weight averaging
 in ``jaxft.ema``.
@@ -134,7 +138,55 @@ def fixed_projection(in_width: int, out_width: int, seed: int = 0) -> np.ndarray
   return q if in_width >= out_width else q.T
 
 
+# ---------------------------------------------------------------------------------------------------
+# Regularizers toward the pretrained model's features (docs/regularization.md).
+# ---------------------------------------------------------------------------------------------------
+
+
+def delta_feature_loss(student: dict[str, Array], reference: dict[str, Array],
+                       attention: dict[str, Array]) -> Array:
+  """DELTA's attentive feature distance (Li et al. 2019), summed over stages.
+
+  ``Σ_stage Σ_c attention[stage][c] · mean_{n,h,w} (student[stage] - reference[stage])²[n,h,w,c]``: each
+  channel's squared distance is averaged over batch and positions (so the value does not grow with the
+  resolution) and weighted by its attention (a softmax over the stage's channels, summing to 1). Neither
+  the reference features nor the attention get a gradient.
+
+  Args:
+    student, reference: ``{stage: [N, H, W, C]}`` feature maps, reference from the pretrained model;
+      every stage of ``attention`` must be in both. Not mutated.
+    attention: ``{stage: [C]}`` channel weights.
+
+  Returns:
+    A float32 scalar, 0 when the feature maps agree.
+  """
+  total = jnp.float32(0.0)
+  for name, a in attention.items():
+    t = jax.lax.stop_gradient(reference[name]).astype(jnp.float32)
+    per_channel = jnp.mean(jnp.square(student[name].astype(jnp.float32) - t), axis=(0, 1, 2))
+    total = total + jnp.sum(jax.lax.stop_gradient(a).astype(jnp.float32) * per_channel)
+  return total
+
+
+def batch_spectral_shrinkage(features: Array, k: int = 1) -> Array:
+  """BSS (Chen et al. 2019): ``Σ_{i=1..k} σ_{-i}²``, the ``k`` smallest squared singular values of the
+  ``[N, D]`` pooled feature matrix of the batch.
+
+  Shrinking the small singular values suppresses the feature directions that transfer poorly (the
+  paper's negative transfer); the gradient of ``σ_i`` is ``u_i v_iᵀ`` (``jnp.linalg.svd``'s VJP).
+
+  Args:
+    features: ``[N, D]``; not mutated.
+    k: how many of the smallest singular values, ``1 <= k <= min(N, D)``.
+
+  Returns:
+    A float32 scalar.
+  """
+  sigma = jnp.linalg.svd(features.astype(jnp.float32), compute_uv=False)  # descending
+  return jnp.sum(jnp.square(sigma[-k:]))
+
+
 __all__ = [
-    "distillation_kl", "feature_mse", "fixed_projection", "one_hot_targets", "similarity_loss",
-    "soft_cross_entropy",
+    "batch_spectral_shrinkage", "delta_feature_loss", "distillation_kl", "feature_mse",
+    "fixed_projection", "one_hot_targets", "similarity_loss", "soft_cross_entropy",
 ]

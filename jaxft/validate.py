@@ -102,6 +102,14 @@ def text(v: Any) -> str | None:
   return None if isinstance(v, str) else "must be a string"
 
 
+def names(v: Any) -> str | None:
+  """A tuple of distinct non-empty strings (e.g. stage names; the empty tuple often means "all")."""
+  v = _plain(v)
+  if not (isinstance(v, (tuple, list)) and all(isinstance(n, str) and n for n in v)):
+    return "must be a tuple of names (non-empty strings)"
+  return None if len(set(v)) == len(v) else "must not name anything twice"
+
+
 def lazy(module: str, name: str) -> Callable[[], Sequence[str]]:
   """``module.name`` looked up when a config is checked (a choice set that another module owns)."""
   def get() -> Sequence[str]:
@@ -283,6 +291,9 @@ def _cross_field(config: ml_collections.ConfigDict) -> list[str]:
   if config.model.pretrained == "" and config.model.arch == "":
     out.append("config.model.arch = '': must name an architecture (jaxft.models.list_archs()) when "
                "config.model.pretrained = '' (random init)")
+  if config.loss.delta and config.model.pretrained == "":
+    out.append(f"config.loss.delta = {config.loss.delta}: needs pretrained weights to stay close to "
+               "(set config.model.pretrained, or loss.delta = 0)")
   return out
 
 

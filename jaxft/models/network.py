@@ -248,14 +248,16 @@ class Network(nn.Module):
 
     Returns:
       The main head's ``[N, num_classes]`` float32 logits; with ``return_all``, a dict with
-      ``features`` (pooled, float32), ``logits`` (main head) and ``heads`` (every head's logits by name).
+      ``features`` (pooled, float32), ``logits`` (main head), ``heads`` (every head's logits by name)
+      and ``stages`` (each stage's output feature map by stage name, in the compute dtype).
     """
     s = self.spec
     x = x.astype(self.dtype)
     parts = self._parts()
     x = Stem(s.stem, parts, name="stem")(x, train)
+    stages = {}
     for st in s.stages:
-      x = Stage(st.blocks, s.shortcut, parts, name=st.name)(x, train)
+      x = stages[st.name] = Stage(st.blocks, s.shortcut, parts, name=st.name)(x, train)
     if s.neck_width:
       x = self.layers.conv(s.neck_width, 1, dtype=self.dtype, name="neck_conv")(x)
       x = layers_lib.activation(s.neck_act)(parts.norm(self, "neck_bn", train)(x))
@@ -269,7 +271,7 @@ class Network(nn.Module):
                                  name=head_module_name(h.name))(f).astype(jnp.float32)
     main = outputs[s.heads[0].name]
     if return_all:
-      return {"features": features, "logits": main, "heads": outputs}
+      return {"features": features, "logits": main, "heads": outputs, "stages": stages}
     return main
 
 

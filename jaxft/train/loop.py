@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxft import checkpoint as ckpt_lib
@@ -25,6 +26,7 @@ from jaxft import cpu
 from jaxft import data as data_lib
 from jaxft import models, report, surgery
 from jaxft.models.model import Model
+from jaxft.train import delta as delta_lib
 from jaxft.train import evaluation, setup
 from jaxft.train import workdir as workdir_lib
 from jaxft.train.errors import EXIT_BAD_INPUT, EXIT_DAMAGED_CHECKPOINT, TrainError, check_config
@@ -131,6 +133,8 @@ def _locked_train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path)
 
   # --- Objective (named loss terms, the frozen teacher); optimizer over the trainable subtree. ---
   objective, teacher_net, teacher_variables = setup.build_objective(config, base, model, tasks)
+  setup.check_bss(config, model)
+  reference_net, delta_stages = setup.build_reference(config, base, model)
   opt = setup.build_optimizer(config, base, model, total_steps)
   net = models.Network(model.spec, dtype=setup.compute_dtype(config), frozen_bn=tuple(opt.frozen_bn),
                        layers=cpu.network_layers())
@@ -147,14 +151,21 @@ def _locked_train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path)
   workdir_lib.record_start(workdir, config, identity, int(state.step), config_changes, data_changes)
 
   # --- The compiled steps. ---
-  train_step = jax.jit(_train_step(config, net, opt, sc, objective, teacher_net), donate_argnums=(0,))
+  train_step = jax.jit(_train_step(config, net, opt, sc, objective, teacher_net, reference_net),
+                       donate_argnums=(0,))
   if teacher_variables is not None:
     # Copied: a 'base' teacher shares arrays with the student's (donated) state.
     teacher_variables = mesh.replicate(teacher_variables, copy=True)
+  saved = {} if reference_net is None else {
+      ckpt_lib.DELTA_ITEM: _delta_attention(config, mngr, int(state.step), base, reference_net,
+                                            delta_stages, train_ds)}
+  reference = None if reference_net is None else mesh.replicate(
+      {"variables": {"params": base.params, "batch_stats": base.batch_stats},
+       "attention": saved[ckpt_lib.DELTA_ITEM]}, copy=True)
   evaluate = None if val_ds is None else evaluation.Evaluator(
       jax.jit(make_eval_step(net, sc)), val_ds, tasks, config.train.eval_batch_size, mesh)
   run = _Run(train_step, teacher_variables, mesh, None, evaluate, None, mngr, model, total_steps,
-             config.train.eval_every, config.train.checkpoint_every)
+             config.train.eval_every, config.train.checkpoint_every, reference, saved)
   try:
     result, val = _run_steps(config, workdir, run, state, train_ds)
   finally:
@@ -214,6 +225,8 @@ class _Run:
   total_steps: int
   eval_every: int
   ckpt_every: int
+  reference: Any = None  # the delta term's {'variables', 'attention'} on the devices, or None
+  saved: dict[str, Any] = dataclasses.field(default_factory=dict)  # more checkpoint items by name
 
 
 def _train(run: _Run, state: TrainState, batches: Any) -> tuple[TrainState, dict[str, Any] | None, bool]:
@@ -224,7 +237,7 @@ def _train(run: _Run, state: TrainState, batches: Any) -> tuple[TrainState, dict
   with StopFlag() as stop:
     for s, images, labels in _timed(batches, run.monitor):
       batch = {"image": run.mesh.shard(images), "label": run.mesh.shard(labels)}
-      state, metrics = run.train_step(state, batch, run.teacher_variables)
+      state, metrics = run.train_step(state, batch, run.teacher_variables, run.reference)
       step = s + 1
       run.monitor.dispatched(step, metrics)
       is_last = step == run.total_steps
@@ -249,16 +262,42 @@ def _train(run: _Run, state: TrainState, batches: Any) -> tuple[TrainState, dict
 
 
 def _train_step(config: ml_collections.ConfigDict, net: Any, opt: Any, sc: Any, objective: Any,
-                teacher_net: Any) -> Callable[..., Any]:
+                teacher_net: Any, reference_net: Any = None) -> Callable[..., Any]:
   """The pure train step of this run, with the CPU backend's norms where it is on."""
   return make_train_step(net, opt.tx, opt.schedule, sc, config.seed, config.optim.accumulate_steps,
-                         objective, teacher_net, norm=cpu.norm_functions().global_norm)
+                         objective, teacher_net, norm=cpu.norm_functions().global_norm,
+                         reference=reference_net)
+
+
+def _delta_attention(config: ml_collections.ConfigDict, mngr: ocp.CheckpointManager, step: int,
+                     base: Model, reference_net: Any, stages: tuple[str, ...],
+                     train_ds: data_lib.Dataset) -> dict[str, Any]:
+  """DELTA's channel attention: read from the checkpoint a resumed run starts from (so that resuming is
+  exact whatever the data now holds), else computed on the training data.
+
+  Raises:
+    TrainError: the checkpoint's attention is damaged or does not fit (exit code 4 / 2).
+  """
+  if step:
+    shapes = delta_lib.stage_shapes(base.spec, 32)  # only the widths are read
+    template = {name: np.zeros((shapes[name][-1],), np.float32) for name in stages}
+    try:
+      attention = ckpt_lib.restore_train_item(mngr, step, ckpt_lib.DELTA_ITEM, template)
+    except ckpt_lib.DamagedCheckpointError as e:
+      raise TrainError(str(e), exit_code=EXIT_DAMAGED_CHECKPOINT) from None
+    except ckpt_lib.CheckpointError as e:
+      raise TrainError(str(e), exit_code=EXIT_BAD_INPUT) from None
+    if attention is not None:
+      logging.info("DELTA attention read from the checkpoint of step %d", step)
+      return attention
+    logging.info("the checkpoint of step %d has no DELTA attention: computing it", step)
+  return setup.delta_attention(config, base, reference_net, stages, train_ds)
 
 
 def _save(run: _Run, state: TrainState, step: int, val: dict[str, Any] | None) -> None:
   """Checkpoints ``state`` (a non-finite one is refused: the NaN stop, naming the last good step)."""
   try:
-    ckpt_lib.save_train_state(run.mngr, state, run.model, val["top1"] if val else None)
+    ckpt_lib.save_train_state(run.mngr, state, run.model, val["top1"] if val else None, run.saved)
   except ckpt_lib.NonFiniteStateError as e:
     raise run.monitor.stop(step, f"the train state became non-finite ({e.leaf})") from None
   run.monitor.saved(step)

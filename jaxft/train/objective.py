@@ -2,7 +2,8 @@
 
 To add a loss term: give it a weight in :class:`Objective` (and a ``config.loss`` field read in
 ``jaxft.train.setup.build_objective``), compute it in :func:`loss_terms` from the network's outputs
-(``logits``, ``heads``, ``features``), the mixed targets and the teacher's outputs, and it is summed into
+(``logits``, ``heads``, ``features``, ``stages``), the mixed targets and the teacher's (or the DELTA
+reference's) outputs, and it is summed into
 the loss with its weight and logged as ``loss_<name>`` by the train step.
 """
 
@@ -27,8 +28,10 @@ class Objective:
   Terms: ``ce`` (main head cross-entropy on smoothed, mixed targets; weight ``ce``), ``task_<name>``
   (each task head's cross-entropy; its ``Task.weight``), ``kd`` (``T²·KL`` to the teacher's softened
   logits; weight ``kd``) and ``feature`` (pooled-feature distillation, ``feature_mode`` one of ``mse``,
-  ``project``, ``similarity``; weight ``feature``). A term whose weight is 0 is not computed, except
-  ``ce``, which is always logged.
+  ``project``, ``similarity``; weight ``feature``), ``delta`` (DELTA's attentive distance of stage
+  feature maps to the pretrained model's; weight ``delta``) and ``bss`` (batch spectral shrinkage of
+  the pooled features, the ``bss_k`` smallest singular values; weight ``bss``). A term whose weight is 0
+  is not computed, except ``ce``, which is always logged.
   """
 
   ce: float = 1.0
@@ -37,6 +40,9 @@ class Objective:
   temperature: float = 1.0
   feature_mode: str = "mse"
   tasks: tuple[Task, ...] = ()
+  delta: float = 0.0
+  bss: float = 0.0
+  bss_k: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,8 +76,8 @@ class TeacherNet:
 
 
 def loss_terms(obj: Objective, out: dict[str, Any], targets: dict[str, Array],
-               teacher: TeacherNet | None, t_out: dict[str, Any] | None
-               ) -> dict[str, tuple[float, Array]]:
+               teacher: TeacherNet | None, t_out: dict[str, Any] | None,
+               reference: dict[str, Any] | None = None) -> dict[str, tuple[float, Array]]:
   """Returns ``{term name: (weight, unweighted value)}``.
 
   Args:
@@ -79,6 +85,8 @@ def loss_terms(obj: Objective, out: dict[str, Any], targets: dict[str, Array],
     out: the student's ``return_all`` outputs (``logits``, ``heads``, ``features``).
     targets: the mixed target distributions: ``ce`` for the main head, each task's name for its head.
     teacher, t_out: the teacher and its outputs on the same batch (None without distillation).
+    reference: for ``delta``, ``{'stages': the pretrained model's stage outputs on the same batch,
+      'attention': {stage: [C] channel weights}}`` (None without it).
   """
   terms = {"ce": (obj.ce, losses.soft_cross_entropy(out["logits"], targets["ce"]))}
   for t in obj.tasks:
@@ -94,4 +102,9 @@ def loss_terms(obj: Objective, out: dict[str, Any], targets: dict[str, Array],
         ft = ft @ jnp.asarray(teacher.projection)
       value = losses.feature_mse(fs, ft)
     terms["feature"] = (obj.feature, value)
+  if obj.delta:
+    terms["delta"] = (obj.delta, losses.delta_feature_loss(out["stages"], reference["stages"],
+                                                           reference["attention"]))
+  if obj.bss:
+    terms["bss"] = (obj.bss, losses.batch_spectral_shrinkage(out["features"], obj.bss_k))
   return terms

@@ -20,6 +20,7 @@ from jaxft import cpu
 from jaxft import data as data_lib
 from jaxft import losses, models, optim, paths, surgery
 from jaxft.models.model import Model
+from jaxft.train import delta as delta_lib
 from jaxft.train.errors import TrainError
 from jaxft.train.objective import Objective, TeacherNet
 from jaxft.train.steps import StepConfig
@@ -277,9 +278,9 @@ def _check_objective(config: Config, teacher: Model | None, model: Model, tasks:
   if teacher is not None and not distil:
     raise TrainError(f"distill.teacher is {config.distill.teacher!r} but loss.kd and loss.feature are "
                      "0: give one a weight, or unset the teacher")
-  if not (loss.ce or distil or any(t.weight for t in tasks)):
-    raise TrainError("every loss weight is 0 (loss.ce, loss.kd, loss.feature, tasks[].weight): "
-                     "nothing to train")
+  if not (loss.ce or distil or loss.delta or loss.bss or any(t.weight for t in tasks)):
+    raise TrainError("every loss weight is 0 (loss.ce, loss.kd, loss.feature, loss.delta, loss.bss, "
+                     "tasks[].weight): nothing to train")
   if teacher is not None and loss.kd and teacher.spec.num_classes != model.spec.num_classes:
     raise TrainError(f"the teacher predicts {teacher.spec.num_classes} classes, the student's main head "
                      f"{model.spec.num_classes}: KL distillation needs the same classes (use only "
@@ -314,8 +315,9 @@ def build_objective(config: Config, base: Model, model: Model, tasks: tuple[Task
   teacher = load_teacher(config, base)
   _check_objective(config, teacher, model, tasks)
   loss = config.loss
+  regularizers = dict(delta=float(loss.delta), bss=float(loss.bss), bss_k=int(loss.bss_k))
   if teacher is None:
-    return Objective(ce=float(loss.ce), tasks=tasks), None, None
+    return Objective(ce=float(loss.ce), tasks=tasks, **regularizers), None, None
   ws, wt = model.spec.feature_width, teacher.spec.feature_width
   mode = _feature_mode(config, ws, wt)
   mean, std = normalisation(teacher)
@@ -326,9 +328,62 @@ def build_objective(config: Config, base: Model, model: Model, tasks: tuple[Task
       out_size=int(tmeta["input_size"]) if tmeta.get("input_size") and config.model.input_size else None,
       projection=losses.fixed_projection(wt, ws, config.seed) if mode == "project" else None)
   objective = Objective(ce=float(loss.ce), kd=float(loss.kd), feature=float(loss.feature),
-                        temperature=float(config.distill.temperature), feature_mode=mode, tasks=tasks)
+                        temperature=float(config.distill.temperature), feature_mode=mode, tasks=tasks,
+                        **regularizers)
   logging.info("distilling from %s (%s, %s params): kd weight %g at T=%g, feature weight %g (%s)",
                config.distill.teacher, tmeta.get("arch", teacher.spec.family),
                f"{surgery.count_params(teacher):,}", objective.kd, objective.temperature,
                objective.feature, mode)
   return objective, teacher_net, {"params": teacher.params, "batch_stats": teacher.batch_stats}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Regularization toward the pretrained model (docs/regularization.md).
+
+
+def check_bss(config: Config, model: Model) -> None:
+  """Raises TrainError when ``loss.bss_k`` exceeds the singular values a batch's pooled feature matrix
+  has (``min(batch size, feature width)``)."""
+  n = min(config.train.batch_size, model.spec.feature_width)
+  if config.loss.bss and config.loss.bss_k > n:
+    raise TrainError(f"loss.bss_k = {config.loss.bss_k} but a batch's pooled features have only {n} "
+                     f"singular values (min of train.batch_size and the feature width); lower loss.bss_k")
+
+
+def build_reference(config: Config, base: Model, model: Model) -> tuple[TeacherNet | None, tuple[str, ...]]:
+  """Returns DELTA's reference network (the pretrained ``base``, run in eval mode on the student's
+  batch) and the stages it regularizes; ``(None, ())`` when ``loss.delta`` is 0. ``model`` must have
+  its input size in its meta (:func:`fit_to_data`). Neither model is mutated.
+
+  Raises:
+    TrainError: a stage of ``loss.delta_stages`` that is unknown or not shared by both models.
+  """
+  if not config.loss.delta:
+    return None, ()
+  try:
+    stages = delta_lib.shared_stages(base.spec, model.spec, int(model.meta["input_size"]),
+                                     tuple(config.loss.delta_stages))
+  except ValueError as e:
+    raise TrainError(str(e)) from None
+  mean, std = normalisation(base)
+  net = models.Network(base.spec, dtype=compute_dtype(config), layers=cpu.network_layers())
+  logging.info("DELTA (weight %g) on stages %s", config.loss.delta, ", ".join(stages))
+  return TeacherNet(net=net, mean=mean, std=std), stages
+
+
+def delta_attention(config: Config, base: Model, reference: TeacherNet, stages: tuple[str, ...],
+                    train_ds: data_lib.Dataset) -> dict[str, Any]:
+  """DELTA's channel attention ``{stage: [C]}`` of the pretrained ``base`` on the run's first
+  ``loss.delta_batches`` training batches (their step order, no augmentation): a function of
+  ``(config.seed, data)``. Nothing is mutated."""
+  n, bs = len(train_ds), config.train.batch_size
+  batches = []
+  for step in range(config.loss.delta_batches):
+    idx = data_lib.batch_indices(n, bs, config.seed, step)
+    x = data_lib.preprocess_eval(train_ds.images[idx], reference.mean, reference.std,
+                                 out_size=config.model.input_size or None)
+    batches.append((x, train_ds.labels[idx]))
+  attention, _ = delta_lib.channel_attention(
+      reference.net, {"params": base.params, "batch_stats": base.batch_stats}, batches,
+      len(train_ds.class_names), stages, float(config.loss.delta_temperature))
+  return attention

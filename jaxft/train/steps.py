@@ -83,16 +83,19 @@ def _metrics(loss: Array, terms: dict[str, Array], out: dict[str, Any], t_out: d
 def make_train_step(net: Any, tx: optax.GradientTransformation, schedule: Callable[[Any], Any],
                     sc: StepConfig, seed: int, accumulate_steps: int = 1,
                     objective: Objective = Objective(), teacher: TeacherNet | None = None,
-                    norm: Callable[[Any], Array] = optax.tree.norm
+                    norm: Callable[[Any], Array] = optax.tree.norm, reference: TeacherNet | None = None
                     ) -> Callable[..., tuple[TrainState, dict[str, Array]]]:
-  """Returns the pure ``train_step(state, batch, teacher_variables=None) -> (state, metrics)``.
+  """Returns the pure ``train_step(state, batch, teacher_variables=None, reference_inputs=None) ->
+  (state, metrics)``.
 
   ``state`` is a :class:`~jaxft.train.state.TrainState`; gradients are taken with respect to its
   trainable ``params`` only; its EMA (when it has one) is updated after the optimizer. The rng of a step
   is ``fold_in(key(seed), step)`` — no rng state to checkpoint. ``batch`` is ``{'image': uint8 [N, H, W,
   3], 'label': int [N]}``. ``teacher_variables`` (never donated, never changed) are the teacher's when
   ``teacher`` is given; it runs in eval mode on the same augmented, mixed batch inside the same step.
-  ``norm`` computes the norm metrics.
+  ``norm`` computes the norm metrics. ``reference`` is the pretrained model of the ``delta`` term (run
+  like the teacher); ``reference_inputs`` (never donated, never changed) are then ``{'variables': its
+  variables, 'attention': {stage: [C] channel weights}}``.
 
   Metrics: ``loss`` (the weighted sum), ``loss_<term>`` (each term unweighted), ``top1`` (and
   ``top1_<task>``) against the label of the image that dominates each mixed one, ``teacher_agreement``
@@ -104,20 +107,26 @@ def make_train_step(net: Any, tx: optax.GradientTransformation, schedule: Callab
   obj = objective
   if (obj.kd or obj.feature) and teacher is None:
     raise ValueError("the kd/feature terms need a teacher")
+  if obj.delta and reference is None:
+    raise ValueError("the delta term needs the pretrained reference network")
 
   def train_step(state: TrainState, batch: dict[str, Array],
-                 teacher_variables: Any = None) -> tuple[TrainState, dict[str, Array]]:
+                 teacher_variables: Any = None, reference_inputs: Any = None
+                 ) -> tuple[TrainState, dict[str, Array]]:
     step_key = jax.random.fold_in(base_key, state.step)
     aug_key, drop_key = jax.random.split(step_key)
     mix_key, erase_key = jax.random.split(jax.random.fold_in(step_key, 1))
     x, lam, labels, targets = _inputs((aug_key, mix_key, erase_key), batch, sc, obj, num_classes)
     t_out = None if teacher is None else teacher.outputs(teacher_variables, x, sc.mean, sc.std)
+    ref = None if reference is None else {
+        "stages": reference.outputs(reference_inputs["variables"], x, sc.mean, sc.std)["stages"],
+        "attention": reference_inputs["attention"]}
 
     def loss_fn(trainable: Any) -> tuple[Array, tuple[dict[str, Array], dict[str, Any], Any]]:
       variables = state.replace(params=trainable).variables()
       out, updates = net.apply(variables, x, train=True, mutable=["batch_stats"],
                                rngs={"dropout": drop_key}, return_all=True)
-      terms = loss_terms(obj, out, targets, teacher, t_out)
+      terms = loss_terms(obj, out, targets, teacher, t_out, ref)
       total = sum(w * v for w, v in terms.values() if w)
       return total, ({k: v for k, (_, v) in terms.items()}, out, updates["batch_stats"])
 
