@@ -4,6 +4,7 @@ build, are locked, and override only keys of the schema."""
 from __future__ import annotations
 
 import ast
+import json
 import importlib
 from pathlib import Path
 
@@ -316,3 +317,17 @@ def test_check_config_raises_train_error_with_one_line_per_problem():
   assert str(e.value).splitlines() == ["config.optim.lr = -0.1: must be > 0",
                                        "config.train.num_steps = -5: must be an integer >= 0"]
   assert e.value.exit_code == errors.EXIT_BAD_INPUT == 2
+
+
+def test_a_workdir_written_before_a_field_existed_resumes_at_its_default(tmp_path):
+  from jaxft.train import workdir as workdir_lib
+  from jaxft.train.errors import TrainError
+  config = config_lib.default_config()
+  old = json.loads(config.to_json())
+  del old["loss"]["feature"]  # as if loss.feature had been added to the schema since
+  (tmp_path / workdir_lib.CONFIG_FILE).write_text(json.dumps(old))
+  assert workdir_lib.check_workdir_config(tmp_path, config, resuming=True) == {}
+  with config.unlocked():
+    config.loss.feature = 0.5  # not the default: the old run did not do this
+  with pytest.raises(TrainError, match="loss.feature"):
+    workdir_lib.check_workdir_config(tmp_path, config, resuming=True)

@@ -25,6 +25,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from jaxft import config as config_lib
 from jaxft import data as data_lib
 from jaxft.train.errors import EXIT_BAD_INPUT, EXIT_WORKDIR_BUSY, TrainError
 
@@ -104,6 +105,10 @@ def check_workdir_config(workdir: Path, config: ml_collections.ConfigDict,
     return {}
   new = _flat(json.loads(config.to_json()))
   old = _flat(json.loads(ml_collections.ConfigDict(json.loads(path.read_text())).to_json()))
+  # A field added to the schema after the workdir was written ran at its default there (new features
+  # default to off), so a run that keeps the default is no change.
+  defaults = _flat(json.loads(config_lib.default_config().to_json()))
+  old.update({k: defaults[k] for k in new.keys() - old.keys() if k in defaults})
   diff = sorted(k for k in set(old) | set(new) if k not in RESUMABLE_KEYS and old.get(k) != new.get(k))
   if diff and not config.train.allow_config_change:
     details = "; ".join(f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in diff[:8])
