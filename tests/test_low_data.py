@@ -168,6 +168,21 @@ def test_tool_missing_data_fails_before_any_run(capsys):
   assert "none/n10/seed0: config.data.source" in err and "/nonexistent/data" in err
 
 
+def test_tool_skips_a_finished_run_only_with_the_same_config(tmp_path):
+  base = study.load_config(REPO / "configs" / "tiny.py")
+  config = study.run_config(base, "none", 2, 0, 2, "folder:/x")
+  run_dir = tmp_path / "none" / "n2" / "seed0"
+  run_dir.mkdir(parents=True)
+  row = {"method": "none", "per_class": 2, "seed": 0, "top1": 0.75}
+  (run_dir / study.RUN_FILE).write_text(json.dumps(dict(row, config=json.loads(config.to_json()))))
+  assert study.run_one(tmp_path, "none", 2, 0, config) == dict(row, skipped=True)
+  # Another step budget (which the train loop itself would resume into) is not the same result.
+  longer = study.run_config(base, "none", 2, 0, 3, "folder:/x")
+  with pytest.raises(study.StudyError, match=r"another config \(train.num_steps: 2 -> 3\); use a new"):
+    study.run_one(tmp_path, "none", 2, 0, longer)
+  assert base.train.num_steps == 4 and base.data.per_class == 0  # run_config copies
+
+
 @pytest.mark.slow
 def test_tool_runs_a_tiny_study_writes_the_table_and_skips_finished_runs(tmp_path):
   folder = _write_folder(tmp_path / "d", {"a": 10, "b": 10})

@@ -12,7 +12,7 @@ were drawn. Validation is ``data.val_fraction`` (10%) of the rest of the train s
 the same number of steps (``train.num_steps``, or ``--steps``).
 
 Each run has its own workdir, ``WORKDIR/<method>/n<N>/seed<S>``. A run that finished (its
-``study_run.json`` exists and its ``config.json`` matches the config it would run now) is skipped on a
+``study_run.json`` exists and records the very config it would run now) is skipped on a
 rerun, so an interrupted study resumes where it stopped; an unfinished one resumes from its checkpoint.
 All runs share one process (the JAX start-up, the oneDNN load and the decoded dataset's cache read are
 paid once) and one persistent XLA compilation cache in ``WORKDIR/xla_cache``: runs whose compiled steps
@@ -60,10 +60,15 @@ DEFAULT_SIZES = (10, 50, 100)
 DEFAULT_SEEDS = (0, 1, 2)
 RUN_FILE = "study_run.json"
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 75  # as python -m jaxft.train: stopped by a signal after a checkpoint
 
 
 class StudyError(Exception):
   """A problem with the study's arguments the user can fix; one line."""
+
+
+class Interrupted(Exception):
+  """A signal stopped a run after it saved a checkpoint (rerun the same command to resume it)."""
 
 
 def _ints(text: str, what: str) -> tuple[int, ...]:
@@ -148,18 +153,30 @@ def plan(args: argparse.Namespace) -> list[tuple[str, int, int, Any]]:
   return runs
 
 
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+  if not isinstance(tree, dict):
+    return {prefix[:-1]: tree}
+  return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+
+
 def _finished(run_dir: Path, config: Any) -> dict[str, Any] | None:
-  """The recorded result of a finished run in ``run_dir`` with this config, else None.
+  """The recorded row of a finished run in ``run_dir``, or None when it has not finished.
 
   Raises:
-    TrainError: the run dir was written by a different config (use another --workdir).
+    StudyError: the finished run had another config (any key, the step budget included): its result
+      is not this study's.
   """
-  from jaxft.train import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   record = run_dir / RUN_FILE
   if not record.exists():
     return None
-  workdir_lib.check_workdir_config(run_dir, config, resuming=True)
-  return json.loads(record.read_text())
+  row = json.loads(record.read_text())
+  old, new = _flat(row.pop("config", {})), _flat(json.loads(config.to_json()))
+  diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+  if diff:
+    details = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:4])
+    raise StudyError(f"{run_dir} holds a finished run of another config ({details}); use a new "
+                     "--workdir or delete that run")
+  return row
 
 
 def run_one(workdir: Path, method: str, per_class: int, seed: int, config: Any) -> dict[str, Any]:
@@ -172,13 +189,14 @@ def run_one(workdir: Path, method: str, per_class: int, seed: int, config: Any) 
   start, cpu_start = time.perf_counter(), time.process_time()
   result = train_and_evaluate(config, run_dir)
   if result.get("interrupted"):
-    raise KeyboardInterrupt  # a signal stopped it after a checkpoint: rerun to resume
+    raise Interrupted(run_dir)
   row = {"method": method, "per_class": per_class, "seed": seed, "top1": float(result["top1"]),
          "top5": float(result["top5"]), "n_val": int(result["n"]), "steps": int(result["step"]),
          "wall_s": round(time.perf_counter() - start, 2),
          # CPU seconds of this process (all threads): unlike wall time, not stretched by other load.
          "cpu_s": round(time.process_time() - cpu_start, 2)}
-  (run_dir / RUN_FILE).write_text(json.dumps(row, indent=2))
+  config_json = json.loads(config.to_json())
+  (run_dir / RUN_FILE).write_text(json.dumps(dict(row, config=config_json), indent=2))
   return dict(row, skipped=False)
 
 
@@ -246,7 +264,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str]) -> int:
-  """Runs the study; returns the exit code (0 done, 2 bad input, 130 interrupted)."""
+  """Runs the study; returns the exit code (0 done, 2 bad input, 75 or 130 interrupted)."""
   from jaxft import cpu  # pylint: disable=g-import-not-at-top
   from jaxft.data import DataError  # pylint: disable=g-import-not-at-top
   from jaxft.train.errors import TrainError  # pylint: disable=g-import-not-at-top
@@ -267,8 +285,13 @@ def main(argv: Sequence[str]) -> int:
   except (StudyError, TrainError, DataError) as e:
     print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
     return EXIT_BAD_INPUT
+  except Interrupted as e:
+    print(f"error: interrupted in {e}; rerun the same command to resume (finished runs are kept)",
+          file=sys.stderr)
+    return EXIT_INTERRUPTED
   except KeyboardInterrupt:
-    print("error: interrupted; rerun the same command to resume (finished runs are kept)", file=sys.stderr)
+    print("error: interrupted before a checkpoint; rerun the same command (finished runs are kept)",
+          file=sys.stderr)
     return 130
   print(write_results(workdir, rows))
   return 0
