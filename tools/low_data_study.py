@@ -31,7 +31,7 @@ import argparse
 import csv
 import importlib.util
 import json
-import os
+import logging
 import statistics
 import sys
 import time
@@ -260,6 +260,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument("--steps", type=int, default=0, help="train.num_steps of every run; 0 = the config's")
   p.add_argument("--data", default="", help="data.source of every run, e.g. folder:PATH; '' = the config's")
   p.add_argument("--no-compile-cache", action="store_true", help="no persistent XLA compilation cache")
+  p.add_argument("--verbose", action="store_true", help="show each run's training log (INFO)")
   return p.parse_args(argv)
 
 
@@ -269,6 +270,8 @@ def main(argv: Sequence[str]) -> int:
   from jaxft.data import DataError  # pylint: disable=g-import-not-at-top
   from jaxft.train.errors import TrainError  # pylint: disable=g-import-not-at-top
   args = parse_args(argv)
+  if args.verbose:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
   workdir = Path(args.workdir).absolute()
   try:
     runs = plan(args)
