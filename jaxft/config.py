@@ -148,6 +148,9 @@ def _data() -> _Section:
   s.val_fraction = field(0.1, v.FRACTION)  # share of the training data held out when val_source is ''
   s.split_seed = field(0, v.SEED)  # seed of that hold-out split
   s.limit = field(0, v.COUNT)  # 0 = all images
+  # Low-data runs: train on this many images per class, chosen by split_seed; val_fraction of the
+  # remaining images is the validation set (when val_source is ''). 0 = all.
+  s.per_class = field(0, v.COUNT)
   s.image_size = field(0, v.COUNT)  # resize at decode time (folders of mixed sizes); 0 = keep
   s.crop_padding = field(4, v.COUNT)  # random crop with this zero padding; 0 = no crop
   s.flip = field(True, v.flag)  # random horizontal flips

@@ -22,6 +22,7 @@ ROOTS = {"*": {"config": ""}, "optim.py": {"cfg": "optim."}}
 METHODS = {"to_json", "to_dict", "items", "keys", "values", "lock", "unlock", "copy_and_resolve_references",
            "update", "is_locked"}
 CONFIGS = {"cifar10": [""], "tiny": [""], "quickstart": [""], "cifar10_resnet56": [""], "multitask": [""],
+           "low_data": [""],
            "cifar10_distill": ["", "base", "control", "teacher"]}
 
 

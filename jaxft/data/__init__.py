@@ -24,7 +24,7 @@ _NAMES = {
     "sources": ("load_source", "SCHEMES", "NAMED_SCHEMES", "IMAGE_EXTENSIONS", "SPLIT_NAMES",
                 "SKLEARN_DATASETS"),
     "cache": ("default_cache_dir",),
-    "pipeline": ("split_train_val", "epoch_permutation", "steps_per_epoch", "batch_indices", "Batch",
+    "pipeline": ("split_train_val", "take_per_class", "epoch_permutation", "steps_per_epoch", "batch_indices", "Batch",
                  "Prefetcher", "iterate"),
     "transforms": ("normalize", "augment", "preprocess_eval"),
 }
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
   from jaxft.data.cache import default_cache_dir
   from jaxft.data.dataset import DataError, Dataset, describe
   from jaxft.data.pipeline import (Batch, Prefetcher, batch_indices, epoch_permutation, iterate,
-                                   split_train_val, steps_per_epoch)
+                                   split_train_val, steps_per_epoch, take_per_class)
   from jaxft.data.sources import (IMAGE_EXTENSIONS, NAMED_SCHEMES, SCHEMES, SKLEARN_DATASETS, SPLIT_NAMES,
                                   load_source)
   from jaxft.data.transforms import augment, normalize, preprocess_eval

@@ -53,6 +53,46 @@ def split_train_val(ds: Dataset, val_fraction: float, seed: int) -> tuple[Datase
   return ds.subset(np.flatnonzero(~val_mask)), ds.subset(np.flatnonzero(val_mask))
 
 
+def take_per_class(ds: Dataset, per_class: int, seed: int) -> tuple[Dataset, Dataset]:
+  """Splits ``ds`` into ``(taken, rest)``: ``per_class`` examples of every class, and all the others.
+
+  Within each class the examples are shuffled with a generator seeded by ``(seed, class index)`` and
+  the first ``per_class`` are taken, so the choice depends only on ``seed``, the labels and the order of
+  ``ds``, and with one seed the examples taken for a smaller ``per_class`` are among those taken for a
+  larger one. Both parts keep the original order of ``ds``. This is the low-data training set
+  (``data.per_class``); the validation set is then carved out of ``rest`` (:func:`split_train_val`).
+
+  Args:
+    ds: the dataset; not mutated.
+    per_class: a positive int, at most the size of the smallest class.
+    seed: a non-negative int.
+
+  Returns:
+    ``(taken, rest)``, new datasets whose indices together cover ``ds`` exactly once.
+
+  Raises:
+    DataError: a class with fewer than ``per_class`` examples (naming it and its count).
+    ValueError: ``per_class`` not a positive int, or a negative seed.
+  """
+  if not isinstance(per_class, (int, np.integer)) or isinstance(per_class, bool) or per_class <= 0:
+    raise ValueError(f"per_class must be a positive int, got {per_class!r}")
+  _check_seed(seed)
+  counts = np.bincount(ds.labels, minlength=ds.num_classes)
+  short = [f"{ds.class_names[c]!r} ({counts[c]})" for c in range(ds.num_classes) if counts[c] < per_class]
+  if short:
+    raise DataError(f"data.per_class={per_class} but {len(short)} class(es) have fewer training images: "
+                    f"{', '.join(short[:5])}{', …' if len(short) > 5 else ''}; lower data.per_class to "
+                    f"at most {int(counts.min())} or add images")
+  take = np.zeros(len(ds), bool)
+  for c in range(ds.num_classes):
+    idx = np.flatnonzero(ds.labels == c)
+    # Its own stream, not split_train_val's (seed, c) one, so the validation split of the rest does not
+    # start from the same shuffle as the examples taken.
+    perm = np.random.default_rng([seed, c, 1]).permutation(len(idx))
+    take[idx[perm[:per_class]]] = True
+  return ds.subset(np.flatnonzero(take)), ds.subset(np.flatnonzero(~take))
+
+
 def _check_seed(seed: int) -> None:
   if not isinstance(seed, (int, np.integer)) or seed < 0:
     raise ValueError(f"seed must be a non-negative int, got {seed!r}")

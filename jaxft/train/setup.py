@@ -36,15 +36,20 @@ Config = ml_collections.ConfigDict
 
 def load_data(config: Config) -> tuple[data_lib.Dataset, data_lib.Dataset | None]:
   """Returns ``(train, val)`` (decoded once, cached on disk); val is carved from train unless
-  ``data.val_source`` is given, and None when ``data.val_fraction`` is 0."""
+  ``data.val_source`` is given, and None when ``data.val_fraction`` is 0. With ``data.per_class``,
+  train is that many images per class and val is carved from the images left over."""
   dc = config.data
   common = dict(image_size=dc.image_size or None, skip_corrupt=dc.skip_corrupt,
                 cache_dir=dc.cache_dir or None)
   train_ds = data_lib.load_source(dc.source, split="train", limit=dc.limit or None, **common)
+  rest = train_ds
+  if dc.per_class:
+    train_ds, rest = data_lib.take_per_class(train_ds, dc.per_class, dc.split_seed)
   if dc.val_source:
     val_ds = data_lib.load_source(dc.val_source, split=dc.val_split, **common)
   elif dc.val_fraction > 0:
-    train_ds, val_ds = data_lib.split_train_val(train_ds, dc.val_fraction, dc.split_seed)
+    kept, val_ds = data_lib.split_train_val(rest, dc.val_fraction, dc.split_seed)
+    train_ds = train_ds if dc.per_class else kept
   else:
     val_ds = None
   logging.info("train: %s", data_lib.describe(train_ds))
