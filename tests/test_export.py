@@ -4,9 +4,7 @@ and the ``tools/export_torch.py`` CLI."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+import importlib.util
 from pathlib import Path
 
 import jax
@@ -127,7 +125,8 @@ def test_torchvision_strict_load_round_trip_and_parity(arch: str, size: int) -> 
         m.running_mean.normal_(0, 0.2), m.running_var.uniform_(0.5, 1.5), m.weight.uniform_(0.5, 1.5)
         m.bias.normal_(0, 0.2)
   model = convert.convert_state_dict(source.state_dict(), arch)
-  exported = export.to_torch(model).state_dict()
+  net = export.to_torch(model)
+  exported = net.state_dict()
   assert list(exported) == list(source.state_dict())  # torchvision's names, in torchvision's order
   assert_round_trip(source.state_dict(), exported)
   fresh = getattr(torchvision.models, arch)().eval()
@@ -136,7 +135,7 @@ def test_torchvision_strict_load_round_trip_and_parity(arch: str, size: int) -> 
   with torch.no_grad():
     want = fresh(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
   assert rel_err(jaxft_logits(model, x), want) < TOL
-  assert rel_err(torch_logits(export.to_torch(model), x), want) < TOL
+  assert rel_err(torch_logits(net, x), want) < TOL
 
 
 def test_real_lite0_round_trip_and_parity(lite0: Model) -> None:
@@ -244,19 +243,25 @@ def test_to_torch_never_mutates_nor_shares(resnet20: Model) -> None:
 # The CLI.
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, str(ROOT / "tools" / "export_torch.py"), *map(str, args)],
-                        capture_output=True, text=True, env={**os.environ}, timeout=300)
+def run_cli(capsys: pytest.CaptureFixture, *args) -> tuple[int, str, str]:
+  """``tools/export_torch.py ARGS`` in this process (test_bad_input_export runs it as a process):
+  ``(exit status, stdout, stderr)``."""
+  spec = importlib.util.spec_from_file_location("export_torch", ROOT / "tools" / "export_torch.py")
+  tool = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(tool)
+  code = tool.main([str(a) for a in args])
+  out = capsys.readouterr()
+  return code, out.out, out.err
 
 
-def test_cli_writes_pth_and_safetensors(resnet20: Model, tmp_path: Path) -> None:
+def test_cli_writes_pth_and_safetensors(resnet20: Model, tmp_path: Path, capsys) -> None:
   model = surgery.add_head(resnet20, "aux", 3)
   ckpt = checkpoint.save_model(tmp_path / "model", model)
   want = export.to_torch(model).state_dict()
   for name in ("model.pth", "model.safetensors"):
-    r = run_cli(ckpt, tmp_path / name)
-    assert r.returncode == 0, r.stderr
-    assert f"wrote {tmp_path / name}" in r.stdout
+    code, out, err = run_cli(capsys, ckpt, tmp_path / name)
+    assert code == 0, err
+    assert f"wrote {tmp_path / name}" in out
     if name.endswith(".pth"):
       got = torch.load(tmp_path / name, weights_only=True)
       assert list(got) == list(want)
@@ -270,13 +275,13 @@ def test_cli_writes_pth_and_safetensors(resnet20: Model, tmp_path: Path) -> None
 
 
 @pytest.mark.slow
-def test_cli_reads_a_training_workdir(tmp_path: Path) -> None:
+def test_cli_reads_a_training_workdir(tmp_path: Path, capsys) -> None:
   from test_train import tiny_config, write_folder
   from jaxft import train
   train.train_and_evaluate(tiny_config(write_folder(tmp_path / "tiny"), tmp_path), tmp_path / "run")
-  r = run_cli(tmp_path / "run", tmp_path / "run.pth")
-  assert r.returncode == 0, r.stderr
-  assert "of cifar_resnet8 (step 4" in r.stdout
+  code, out, err = run_cli(capsys, tmp_path / "run", tmp_path / "run.pth")
+  assert code == 0, err
+  assert "of cifar_resnet8 (step 4" in out
   model = checkpoint.load_model(tmp_path / "run")
   net = export.to_torch(model)
   net.load_state_dict(torch.load(tmp_path / "run.pth", weights_only=True), strict=True)
