@@ -4,6 +4,7 @@ and the ``tools/export_torch.py`` CLI."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 from conftest import RESNET_WEIGHTS
 from jaxft import checkpoint, convert, export, paths, surgery
 from jaxft.models.layers import ACTIVATIONS
+from jaxft.models import ModelSpec
 from jaxft.models.model import Model
 
 torch = pytest.importorskip("torch")
@@ -286,3 +288,59 @@ def test_cli_reads_a_training_workdir(tmp_path: Path, capsys) -> None:
   net = export.to_torch(model)
   net.load_state_dict(torch.load(tmp_path / "run.pth", weights_only=True), strict=True)
   assert rel_err(torch_logits(net, images(32)), jaxft_logits(model, images(32))) < TOL
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The contract with folded BatchNorm and LoRA (specs that carry `folded_bn` / `lora`), on stand-in specs
+# until those fields land in ModelSpec: export reads them with getattr.
+
+
+@dataclasses.dataclass(frozen=True)
+class _FoldedSpec(ModelSpec):
+  folded_bn: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class _LoraSpec(ModelSpec):
+  lora: tuple = ("head",)
+
+
+def _fold(model: Model) -> Model:
+  """``model`` with every BN folded into the conv before it, by hand (numpy): conv biases, no BN."""
+  flat = paths.flatten(model.variables)
+  bns = {p.split("/", 1)[1].rsplit("/", 1)[0] for p in flat if p.startswith("batch_stats/")}
+  out = {p: v for p, v in flat.items()
+         if p.startswith("params/") and p.split("/", 1)[1].rsplit("/", 1)[0] not in bns}
+  pairs = {"stem/conv": "stem/bn"}
+  for st in model.spec.stages:
+    for b in st.blocks:
+      for k in (1, 2):
+        pairs[f"{st.name}/{b.name}/conv{k}"] = f"{st.name}/{b.name}/bn{k}"
+  for conv, bn in pairs.items():
+    mul = np.asarray(flat[f"params/{bn}/scale"]) / np.sqrt(np.asarray(flat[f"batch_stats/{bn}/var"])
+                                                           + model.spec.bn_eps)
+    out[f"params/{conv}/kernel"] = np.asarray(flat[f"params/{conv}/kernel"]) * mul
+    out[f"params/{conv}/bias"] = np.asarray(flat[f"params/{bn}/bias"]) - np.asarray(
+        flat[f"batch_stats/{bn}/mean"]) * mul
+  spec = _FoldedSpec(**{f.name: getattr(model.spec, f.name) for f in dataclasses.fields(ModelSpec)})
+  return model.replace(spec=spec, variables=paths.unflatten(out))
+
+
+def test_folded_bn_exports_convs_with_bias_and_no_bn(resnet20: Model) -> None:
+  folded = _fold(resnet20)
+  sd = export.torch_state_dict(folded)
+  assert "layer1.0.conv1.bias" in sd and not any(".bn" in k or k.startswith("bn") for k in sd)
+  x = images(32)
+  assert rel_err(torch_logits(export.to_torch(folded), x), jaxft_logits(resnet20, x)) < TOL
+
+
+def test_lora_is_merged_before_export(resnet20: Model, monkeypatch: pytest.MonkeyPatch) -> None:
+  spec = _LoraSpec(**{f.name: getattr(resnet20.spec, f.name) for f in dataclasses.fields(ModelSpec)})
+  lora = resnet20.replace(spec=spec)
+  if not hasattr(surgery, "merge_lora"):  # before merge_lora lands
+    with pytest.raises(export.ExportError, match="has LoRA adapters .* no merge_lora"):
+      export.to_torch(lora)
+  merged = []
+  monkeypatch.setattr(surgery, "merge_lora", lambda m: merged.append(m) or resnet20, raising=False)
+  assert export.torch_state_dict(lora).keys() == export.torch_state_dict(resnet20).keys()
+  assert merged == [lora]
