@@ -19,7 +19,7 @@ _EXPORTS = {
     "save_model": "jaxft.checkpoint", "convert_file": "jaxft.convert",
 }
 
-_SUBMODULES = ("checkpoint", "config", "convert", "cpu", "data", "ema", "evaluate", "losses", "models",
-               "optim", "paths", "report", "safe_pickle", "surgery", "train")
+_SUBMODULES = ("checkpoint", "config", "convert", "cpu", "data", "ema", "evaluate", "export", "losses",
+               "models", "optim", "paths", "report", "safe_pickle", "surgery", "train")
 
 __getattr__, __dir__, __all__ = _lazy.attach(__name__, _EXPORTS, _SUBMODULES)

@@ -571,3 +571,69 @@ def test_import_is_lazy():
           "assert 'jaxft.surgery.history' in sys.modules and 'jaxft.surgery.ops' in sys.modules\n")
   r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# Known limits, fixed: append_blocks after a trained adapter; prune_channels replays the same channels.
+
+
+@pytest.mark.parametrize("name,stage", [("cifar", "layer3"), ("mbconv", "stage2")])
+def test_append_blocks_after_a_trained_adapter_keeps_the_function(name, stage):
+  m = surgery.add_adapters(tiny(name), f"{stage}/block0", width=4, expect=1)  # the stage's last block
+  # "Trained": the adapter's zero-initialised up conv gets weights, so it no longer computes identity.
+  v = paths.flatten(m.variables)
+  for p in [p for p in v if "/adapter/" in p]:
+    v[p] = jnp.asarray(np.random.default_rng(3).normal(0.0, 0.5, v[p].shape), jnp.float32)
+  m = m.replace(variables=paths.unflatten(v))
+  out = run(surgery.append_blocks, m, stage, 2)
+  assert [(b.name, b.adapter) for b in out.spec.stage(stage).blocks] == [
+      ("block0", 0), ("block1", 0), ("block2", 4)]
+  for p in [p for p in v if "/adapter/" in p]:  # the very same arrays, moved to the new last block
+    assert paths.flatten(out.variables)[p.replace("block0/adapter", "block2/adapter")] is v[p]
+  np.testing.assert_allclose(logits(out), logits(m), atol=1e-5, rtol=0)
+  again = surgery.replay(m, json.loads(json.dumps(out.history[-1:])))
+  assert again.spec == out.spec
+
+
+def _kept(model: Model, block: str) -> np.ndarray:
+  return np.asarray(paths.get(model.params, f"{block}/conv1/kernel"))
+
+
+def test_prune_channels_records_and_replays_the_kept_channels_on_other_weights():
+  m = tiny("cifar")
+  out = run(surgery.prune_channels, m, "layer.*", fraction=0.5)
+  record = json.loads(json.dumps(out.history[-1]))
+  indices = record["args"]["indices"]
+  assert sorted(indices) == ["layer1/block0", "layer2/block0", "layer3/block0"]
+  for block, (idx,) in indices.items():
+    np.testing.assert_array_equal(_kept(out, block), np.take(_kept(m, block), idx, axis=-1))
+  # Other weights (as after training) rank the channels differently; the replay keeps the recorded ones.
+  other = random_model(m.spec, seed=7)
+  again = surgery.replay(other, [record])
+  assert again.spec == out.spec and again.history[-1]["args"]["indices"] == indices
+  for block, (idx,) in indices.items():
+    np.testing.assert_array_equal(_kept(again, block), np.take(_kept(other, block), idx, axis=-1))
+  # A record from before indices existed still replays (by the criterion, which here picks others).
+  old = {"op": "prune_channels", "args": {k: v for k, v in record["args"].items() if k != "indices"}}
+  by_criterion = surgery.replay(other, [old])
+  assert by_criterion.spec == out.spec
+  assert by_criterion.history[-1]["args"]["indices"] != indices
+
+
+def test_prune_channels_bad_indices():
+  m = tiny("cifar")
+  good = surgery.prune_channels(m, "layer[23]/.*", keep=3).history[-1]["args"]["indices"]
+  same = surgery.prune_channels(m, "layer[23]/.*", indices=good)  # keep= may be left out
+  assert same.history[-1]["args"]["indices"] == good
+  cases = [
+      ({"layer2/block0": good["layer2/block0"]}, r"must name exactly the selected blocks .*missing "
+                                                 r"\['layer3/block0'\]"),
+      ({**good, "layer1/block0": [[0]]}, r"not selected \['layer1/block0'\]"),
+      ({**good, "layer2/block0": [[0, 1], [2]]}, "2 channel lists, the block has 1 inner group"),
+      ({**good, "layer2/block0": [[2, 1, 0]]}, r"group 0: need 3 distinct ascending channel numbers in "
+                                               r"\[0, \d+\), got \[2, 1, 0\]"),
+      ({**good, "layer2/block0": [[0, 1, 999]]}, "distinct ascending channel numbers"),
+  ]
+  for indices, match in cases:
+    with pytest.raises(ValueError, match=match):
+      surgery.prune_channels(m, "layer[23]/.*", keep=3, indices=indices)

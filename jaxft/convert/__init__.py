@@ -37,7 +37,7 @@ from jaxft import _lazy
 # submodule → the public names it defines
 _MODULES: dict[str, tuple[str, ...]] = {
     "errors": ("ConversionError",),
-    "tables": ("Entry", "FAMILY_MARKERS", "MAPPINGS", "RULES", "cifar_resnet_mapping",
+    "tables": ("Entry", "FAMILY_MARKERS", "INVERSE_RULES", "MAPPINGS", "RULES", "cifar_resnet_mapping",
                "efficientnet_lite_mapping", "mapping_table", "resnet_mapping", "target_shapes",
                "torch_shape"),
     "torch_pickle": ("read_torch_file",),

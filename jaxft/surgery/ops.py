@@ -190,9 +190,11 @@ def append_blocks(model: Model, stage: str, n: int = 1, *, seed: int = 0) -> Mod
   Each new block copies the kind, widths, kernel, groups and activation of the stage's last block, with
   stride 1 and no adapter; its residual branch is closed by a BN whose scale is zero
   (``BlockKind.last_bn``), so the branch outputs 0. ``mbconv`` blocks then compute ``x``; post-activation
-  ResNet blocks compute ``relu(0 + x) = x`` because ``x`` is the output of a ReLU. When the stage's last
-  block does not end in a plain ReLU (another activation, or an adapter) that argument fails and a
-  warning says so.
+  ResNet blocks compute ``relu(0 + x) = x`` because ``x`` is the output of a ReLU. An adapter on the
+  stage's last block (``add_adapters``) would break that (its output can be negative once trained), so
+  it *moves*, weights and all, to the last new block: the stage still ends in the same adapter and the
+  function is kept exactly. When the last block's activation is not a plain ReLU, ``act(0 + x) == x``
+  fails and a warning says so.
 
   Args:
     model: never mutated.
@@ -212,19 +214,32 @@ def append_blocks(model: Model, stage: str, n: int = 1, *, seed: int = 0) -> Mod
     raise ValueError(f"stage {stage!r} has no block to copy")
   last = st.blocks[-1]
   kind = block_kind(last.kind)
-  if last.kind != "mbconv" and (last.act != "relu" or last.adapter):
-    logger.warning("append_blocks(%s): the last block ends in %s%s, so relu(0 + x) == x may not "
-                   "hold and the graft may change the function", stage, last.act,
-                   " + adapter" if last.adapter else "")
+  if last.kind != "mbconv" and last.act != "relu":
+    logger.warning("append_blocks(%s): the last block ends in %s, so relu(0 + x) == x may not hold "
+                   "and the graft may change the function", stage, last.act)
   names = _next_block_names([b.name for b in st.blocks], n)
   added = tuple(dataclasses.replace(last, name=nm, stride=1, adapter=0) for nm in names)
-  spec = with_stage(model.spec, i, st.blocks + added)
   targets = [f"{stage}/{nm}" for nm in names]
   # The zeroed BN scales are explicit values; the rest of each new block comes from init.
   values = {f"params/{t}/{kind.last_bn}/scale": jnp.zeros((last.out,), jnp.float32)
             for t in targets}
+  if last.adapter:  # the adapter moves to the new end of the stage (see the docstring)
+    added = added[:-1] + (dataclasses.replace(added[-1], adapter=last.adapter),)
+    values.update(_moved_adapter(model, f"{stage}/{last.name}", targets[-1]))
+  blocks = st.blocks[:-1] + (dataclasses.replace(last, adapter=0),) + added
+  spec = with_stage(model.spec, i, blocks)
   return rebuild(model, spec, op_record("append_blocks", stage=stage, n=n, seed=seed), seed=seed,
                  targets=targets, values=values)
+
+
+def _moved_adapter(model: Model, src: str, dst: str) -> dict[str, Any]:
+  """The adapter leaves of block ``src`` keyed as those of block ``dst`` (the very same arrays)."""
+  out = {}
+  for p, v in paths.flatten(model.variables).items():
+    coll, rest = p.split("/", 1)
+    if rest.startswith(f"{src}/adapter/"):
+      out[f"{coll}/{dst}/{rest[len(src) + 1:]}"] = v
+  return out
 
 
 def add_adapters(model: Model, blocks: str = ".*", *, width: int, expect: int | None = None,
@@ -403,13 +418,19 @@ def _keep_count(width: int, fraction: float | None, keep: int | None) -> int:
 
 def prune_channels(model: Model, blocks: str = ".*", *, fraction: float | None = None,
                    keep: int | None = None, criterion: str = "l1",
-                   expect: int | None = None) -> Model:
+                   expect: int | None = None,
+                   indices: Mapping[str, Sequence[Sequence[int]]] | None = None) -> Model:
   """Returns ``model`` with the inner width of the selected blocks reduced (structured pruning).
 
   Only channels inside a block are removed (``BLOCK_KINDS[kind].inner``), so block interfaces and
   shortcuts stay: basic — conv1 out, bn1, conv2 in; bottleneck — the same plus conv2 out, bn2, conv3 in;
   mbconv — the expanded width (expand_conv out, bn0, depthwise, bn1, project_conv in). Each group keeps
-  its best channels by ``criterion``, in their original order (ties keep the lower index).
+  its best channels by ``criterion``, in their original order (ties keep the lower index), unless
+  ``indices`` names them.
+
+  The record stores the kept channels as ``indices``, so :func:`~jaxft.surgery.replay` keeps exactly
+  the same channels on any weights (e.g. the base model after some training, where the criterion would
+  rank them differently). Records written before ``indices`` existed still replay, by the criterion.
 
   Args:
     model: never mutated.
@@ -419,27 +440,37 @@ def prune_channels(model: Model, blocks: str = ".*", *, fraction: float | None =
     criterion: ``l1`` (L1 norm of the producing conv's filters) or ``bn_scale`` (``|scale|`` of the BN
       that feeds the consuming conv).
     expect: number of blocks ``blocks`` must match.
+    indices: the channels to keep, ``{"<stage>/<block>": [[kept channels of each inner group], …]}``
+      for every selected block (ascending, as the record stores them); ``fraction``/``keep`` may then
+      be left out.
 
   Raises:
     PathError: the selector matches no block or not ``expect`` blocks.
-    ValueError: both or neither of fraction/keep, bad criterion, grouped convs (``groups > 1``), an
-      ``mbconv`` without expansion or pruned to its input width.
+    ValueError: both or neither of fraction/keep (without ``indices``), bad criterion, grouped convs
+      (``groups > 1``), an ``mbconv`` without expansion or pruned to its input width, ``indices`` that
+      do not fit the selected blocks.
   """
   if criterion not in ("l1", "bn_scale"):
     raise ValueError(f"unknown criterion {criterion!r}; valid: l1, bn_scale")
   check_expect(expect)
   spec = model.spec
   sel = select_blocks(spec, blocks, expect)
+  names = [f"{spec.stages[i].name}/{spec.stages[i].blocks[j].name}" for i, j in sel]
+  given = _check_indices(indices, names)
   cins = block_inputs(spec)
   old = paths.flatten(model.variables)
   values: dict[str, Any] = {}
-  new_blocks = {}
-  for i, j in sel:
+  new_blocks, kept = {}, {}
+  for (i, j), name in zip(sel, names):
     b = spec.stages[i].blocks[j]
-    name = f"{spec.stages[i].name}/{b.name}"
-    k = _pruned_width(b, name, cins[name], fraction, keep)
-    for group in block_kind(b.kind).inner:
-      idx = jnp.asarray(_kept_channels(model.params, name, group, k, criterion))
+    n_given = len(given[name][0]) if given and fraction is None and keep is None else None
+    k = _pruned_width(b, name, cins[name], fraction, n_given if n_given is not None else keep)
+    kept[name] = []
+    for g, group in enumerate(block_kind(b.kind).inner):
+      chosen = (_given_channels(given[name], g, len(block_kind(b.kind).inner), name, b.width, k)
+                if given else _kept_channels(model.params, name, group, k, criterion))
+      kept[name].append([int(c) for c in chosen])
+      idx = jnp.asarray(chosen)
       for module, axis in group.slices:
         for coll in model.variables:
           prefix = f"{coll}/{name}/{module}/"
@@ -449,8 +480,37 @@ def prune_channels(model: Model, blocks: str = ".*", *, fraction: float | None =
     new_blocks[(i, j)] = dataclasses.replace(b, width=k)
   return rebuild(model, with_blocks(spec, new_blocks),
                  op_record("prune_channels", blocks=blocks, fraction=fraction, keep=keep,
-                           criterion=criterion, expect=expect),
+                           criterion=criterion, expect=expect, indices=kept),
                  values=values)
+
+
+def _check_indices(indices: Mapping[str, Any] | None, names: Sequence[str]) -> dict[str, Any] | None:
+  """``indices`` as a plain dict after checking it names exactly the selected blocks ``names``."""
+  if indices is None:
+    return None
+  indices = dict(indices)
+  missing, extra = sorted(set(names) - set(indices)), sorted(set(indices) - set(names))
+  if missing or extra:
+    raise ValueError(f"prune_channels indices must name exactly the selected blocks {names}; "
+                     + (f"missing {missing}" if missing else "") + ("; " if missing and extra else "")
+                     + (f"not selected {extra}" if extra else ""))
+  return indices
+
+
+def _given_channels(groups: Sequence[Sequence[int]], g: int, n_groups: int, name: str, width: int,
+                    k: int) -> np.ndarray:
+  """The ``g``-th group of kept channels given for block ``name`` (inner ``width``, pruned to ``k``),
+  checked: ``n_groups`` groups of ``k`` ascending channels in ``[0, width)``."""
+  if len(groups) != n_groups:
+    raise ValueError(f"prune_channels indices for {name}: {len(groups)} channel lists, the block has "
+                     f"{n_groups} inner group(s)")
+  idx = np.asarray(groups[g])
+  ok = (idx.ndim == 1 and len(idx) == k and np.issubdtype(idx.dtype, np.integer)
+        and (k == 0 or (idx[0] >= 0 and idx[-1] < width)) and bool(np.all(np.diff(idx) > 0)))
+  if not ok:
+    raise ValueError(f"prune_channels indices for {name}, group {g}: need {k} distinct ascending "
+                     f"channel numbers in [0, {width}), got {list(groups[g])[:12]}")
+  return idx
 
 
 def _pruned_width(b: BlockSpec, name: str, cin: int, fraction: float | None, keep: int | None) -> int:
