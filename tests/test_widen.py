@@ -4,6 +4,7 @@ updates), each shown to fail without its preserving step; exact replay; report; 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -12,11 +13,11 @@ import numpy as np
 import pytest
 
 from jaxft import paths, surgery
-from jaxft.models import get_spec
+from jaxft.models import get_spec, resnet_spec
 from jaxft.surgery import widening
 from jaxft.surgery.select import block_index
 
-from test_surgery import X, assert_shared, fingerprint, random_model, run, tiny
+from test_surgery import X, assert_shared, fingerprint, mbconv_spec, random_model, run, shrink, tiny
 
 TOL = 1e-5  # |Δlogits| relative to max |logits|
 # Train mode normalises by batch statistics; at the last stage of a 32-px input they come from a few
@@ -164,9 +165,13 @@ def test_widen_adapters_and_extra_heads():
                                                         0.05, np.float32)
   m = m.replace(variables=paths.unflatten(v))
   out = surgery.widen_stage(m, ".*", factor=2)
-  assert rel_err(logits(out), logits(m)) <= TOL
-  aux = lambda model: np.asarray(model.apply(X, return_all=True)["heads"]["aux"])
-  assert rel_err(aux(out), aux(m)) <= TOL
+  assert out.params["layer3"]["block0"]["adapter"]["down"]["kernel"].shape == (1, 1, 128, 4)
+  heads = lambda model: jax.jit(lambda v, x: model.module().apply(v, x, return_all=True)["heads"])(
+      model.variables, X)
+  before, after = heads(m), heads(out)
+  assert sorted(after) == ["aux", "head"]
+  for name, ref in before.items():
+    assert rel_err(np.asarray(after[name]), np.asarray(ref)) <= TOL, name
 
 
 def test_noise_breaks_symmetry_and_keeps_function():
@@ -277,11 +282,14 @@ def test_widen_errors():
   with pytest.raises(ValueError, match=r"sources\['layer2/block0/conv1'\] must list 20 channel indices in "
                      r"\[0, 16\) naming every old channel"):
     surgery.widen(m, "layer2/.*", width=20, sources={"layer2/block0/conv1": [0] * 20})
+  spec = mbconv_spec()  # stage1/block0 as in EfficientNet's first stage: no expansion conv
+  no_expansion = random_model(dataclasses.replace(spec, stages=(dataclasses.replace(
+      spec.stages[0], blocks=(dataclasses.replace(spec.stages[0].blocks[0], width=8),)),)))
   with pytest.raises(ValueError, match="cannot widen the inner channels of stage1/block0: it has no "
                      "expansion conv"):
-    surgery.widen(random_model(get_spec("efficientnet_lite0", 5)), "stage1/block0", factor=2)
-  grouped = random_model(get_spec("resnext50_32x4d", 5))
-  with pytest.raises(ValueError, match=r"cannot widen layer1/block0: grouped convs \(groups=32\)"):
+    surgery.widen(no_expansion, "stage1/block0", factor=2)
+  grouped = random_model(shrink(resnet_spec((1, 1, 1, 1), "bottleneck", 5, groups=2, width_per_group=8)))
+  with pytest.raises(ValueError, match=r"cannot widen layer1/block0: grouped convs \(groups=2\)"):
     surgery.widen(grouped, "layer1/block0", factor=2)
   with pytest.raises(ValueError, match=r"out= widens one stage, but 'layer\[23\]' matched"):
     surgery.widen_stage(m, "layer[23]", out=64)
@@ -336,7 +344,7 @@ def test_resnet50_widened():
 
 @pytest.mark.slow
 def test_efficientnet_lite0_widened():
-  m = random_model(get_spec("efficientnet_lite0", 10), 2)
+  m = surgery.set_dropout(random_model(get_spec("efficientnet_lite0", 10), 2), 0.0)  # train mode: no rng
   out = surgery.widen_stage(m, "stem|stage[1-3]", factor=1.5, seed=1)  # stage1 has no expansion conv
   assert out.spec.stages[0].blocks[0].width == 48 and out.spec.stages[0].blocks[0].out == 24
   out2 = surgery.widen(out, "stage[4-7]/.*", factor=1.25, seed=2)
