@@ -310,16 +310,18 @@ def streams(spec: ModelSpec) -> list[Stream]:
 
 
 def option_a_sources(s: Stream, cin: int, inputs: np.ndarray | None, m: int,
-                     rng: np.random.Generator) -> np.ndarray:
+                     rng: np.random.Generator, given: Any = None) -> np.ndarray:
   """The source map of stream ``s`` (``s.width`` channels, started by an option-A shortcut from ``cin``
   channels) widened to ``m`` while its input is widened by ``inputs`` (``None``: not widened).
 
   The shortcut writes input channel ``c`` to output ``(out - cin) // 2 + c`` and zeros elsewhere, so new
   output channels there copy the old outputs of the input's sources, and the zero-padded new channels
-  copy old zero-padded ones (all of them in order, then random copies).
+  copy old zero-padded ones (all of them in order, then random copies; ``given`` — recorded sources —
+  fixes those copies instead).
 
   Raises:
-    ValueError: too few zero-padded channels left to copy the old ones, naming the block and the fix.
+    ValueError: too few zero-padded channels left to copy the old ones, naming the block and the fix;
+      ``given`` sources that break the shortcut's positions.
   """
   n = s.width
   inputs = np.arange(cin, dtype=np.int64) if inputs is None else inputs
@@ -338,7 +340,15 @@ def option_a_sources(s: Stream, cin: int, inputs: np.ndarray | None, m: int,
   g[lo_new:lo_new + len(inputs)] = lo + inputs
   g[pad_new[:len(pad_old)]] = pad_old
   g[pad_new[len(pad_old):]] = pad_old[_copies(len(pad_old), len(pad_new) - len(pad_old), rng)]
-  return g
+  if given is None:
+    return g
+  given = check_sources(s.name, given, n, m)
+  if (not np.array_equal(given[lo_new:lo_new + len(inputs)], g[lo_new:lo_new + len(inputs)])
+      or set(given[pad_new].tolist()) != set(pad_old.tolist())):
+    raise ValueError(f"sources[{s.name!r}] breaks the option-A shortcut of {s.head}: entries "
+                     f"{lo_new}…{lo_new + len(inputs) - 1} must copy the shortcut's channels and the "
+                     "others the old zero-padded ones; pass the sources a widen_stage record holds")
+  return given
 
 
 def _stream_targets(ss: Sequence[Stream], spec: ModelSpec, stages: str, out: int | None,
@@ -352,6 +362,8 @@ def _stream_targets(ss: Sequence[Stream], spec: ModelSpec, stages: str, out: int
   targets: dict[int, int] = {}
   for name in picked:
     hits = [k for k, s in enumerate(ss) if name in s.members]
+    if not hits:
+      raise ValueError(f"cannot widen {name}: it has no blocks")
     if len(hits) != 1:
       raise ValueError(f"cannot widen {name}: its blocks do not share one output width (streams "
                        f"{[ss[k].name for k in hits]}); widen_stage needs a stage whose blocks after "
@@ -376,17 +388,17 @@ def _stream_sources(ss: Sequence[Stream], targets: Mapping[int, int],
     m = targets.get(k, s.width)
     rng = np.random.default_rng([seed, 0, k])
     if s.option_a and (s.source in maps or k in targets):
-      g = option_a_sources(s, ss[s.source].width, maps.get(s.source), m, rng)
-      if given is not None and s.name in given:
-        if not np.array_equal(np.asarray(given[s.name]), g):
-          raise ValueError(f"sources[{s.name!r}] does not keep the option-A shortcut's positions of "
-                           f"{s.head}; pass the sources a widen_stage record holds")
+      g = option_a_sources(s, ss[s.source].width, maps.get(s.source), m, rng,
+                           None if given is None else given.get(s.name))
     elif m > s.width:
       g = (check_sources(s.name, given[s.name], s.width, m) if given is not None and s.name in given
            else draw_sources(s.width, m, rng))
     else:
       continue
     maps[k] = g
+  unused = sorted(set(given or ()) - {ss[k].name for k in maps})
+  if unused:
+    raise ValueError(f"sources given for streams this call does not widen: {unused}")
   return maps
 
 
