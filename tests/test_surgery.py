@@ -555,11 +555,15 @@ def test_resnet50_scenario():
 
 
 def test_every_op_is_registered_and_exported():
-  from jaxft.surgery import ops  # pylint: disable=g-import-not-at-top
-  assert sorted(surgery.REGISTRY) == sorted(ops.__all__)
-  for name in ops.__all__:
-    assert getattr(surgery, name) is surgery.REGISTRY[name] is getattr(ops, name)
-    assert name in surgery.__all__
+  from jaxft.surgery import history, ops, widening  # pylint: disable=g-import-not-at-top
+  assert ops in history.OP_MODULES and widening in history.OP_MODULES
+  names = [name for module in history.OP_MODULES for name in module.__all__]
+  assert len(set(names)) == len(names) and sorted(surgery.REGISTRY) == sorted(names)
+  for module in history.OP_MODULES:
+    for name in module.__all__:
+      assert getattr(surgery, name) is surgery.REGISTRY[name] is getattr(module, name)
+      assert callable(getattr(surgery, name)), name  # not shadowed by a submodule of the same name
+      assert name in surgery.__all__
 
 
 def test_import_is_lazy():

@@ -1,8 +1,9 @@
 """What surgery needs to know about each block kind (plain data; extend it for a new kind).
 
 A new block kind works with the ops that only rebuild the spec as soon as ``Network`` can build it; the
-ops that need to know which BN closes a residual branch (``append_blocks``) or which channels are
-"inner" (``prune_channels``) read its entry in :data:`BLOCK_KINDS`.
+ops that need to know which BN closes a residual branch (``append_blocks``), which channels are
+"inner" (``prune_channels``, ``widen``) or which convs read and write the residual stream
+(``widen_stage``) read its entry in :data:`BLOCK_KINDS`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,17 @@ class InnerGroup:
   bn: str
   slices: tuple[tuple[str, int], ...]
 
+  @property
+  def consumer(self) -> str:
+    """The conv that reads the group: the module sliced along its input axis (2)."""
+    return next(module for module, axis in self.slices if axis == 2)
+
+  @property
+  def producers(self) -> tuple[str, ...]:
+    """Every other module of the group (convs' output channels, BNs, the depthwise conv): the ones
+    whose every leaf carries one entry per channel along its last axis."""
+    return tuple(module for module, axis in self.slices if axis != 2)
+
 
 @dataclasses.dataclass(frozen=True)
 class BlockKind:
@@ -36,27 +48,34 @@ class BlockKind:
     last_bn: the BN that closes the residual branch; zeroing its scale makes a new block the identity.
     inner: the prunable channel groups; all share ``BlockSpec.width``.
     needs_expansion: the inner width only exists when it differs from the input width (``mbconv``).
+    input_conv: the conv that reads the block's input (when ``needs_expansion`` and there is no
+      expansion conv, the inner group reads it instead).
+    output_conv: the conv that writes the residual branch's output (normalised by ``last_bn``).
   """
 
   last_bn: str
   inner: tuple[InnerGroup, ...]
   needs_expansion: bool = False
+  input_conv: str = ""
+  output_conv: str = ""
 
 
 BLOCK_KINDS: dict[str, BlockKind] = {
     "basic": BlockKind(
         last_bn="bn2",
-        inner=(InnerGroup("conv1", "bn1", (("conv1", -1), ("bn1", 0), ("conv2", 2))),)),
+        inner=(InnerGroup("conv1", "bn1", (("conv1", -1), ("bn1", 0), ("conv2", 2))),),
+        input_conv="conv1", output_conv="conv2"),
     "bottleneck": BlockKind(
         last_bn="bn3",
         inner=(InnerGroup("conv1", "bn1", (("conv1", -1), ("bn1", 0), ("conv2", 2))),
-               InnerGroup("conv2", "bn2", (("conv2", -1), ("bn2", 0), ("conv3", 2))))),
+               InnerGroup("conv2", "bn2", (("conv2", -1), ("bn2", 0), ("conv3", 2)))),
+        input_conv="conv1", output_conv="conv3"),
     "mbconv": BlockKind(
         last_bn="bn2",
         inner=(InnerGroup("expand_conv", "bn1", (("expand_conv", -1), ("bn0", 0),
                                                  ("depthwise_conv", -1), ("bn1", 0),
                                                  ("project_conv", 2))),),
-        needs_expansion=True),
+        needs_expansion=True, input_conv="expand_conv", output_conv="project_conv"),
 }
 
 

@@ -32,7 +32,7 @@ from jaxft import paths
 from jaxft.models.layers import activation as _check_activation
 from jaxft.models.model import Model
 from jaxft.models.network import head_module_name
-from jaxft.models.spec import BlockSpec, HeadSpec
+from jaxft.models.spec import BlockSpec, HeadSpec, ModelSpec
 from jaxft.surgery.kinds import InnerGroup, block_kind
 from jaxft.surgery.rebuild import op_record, rebuild
 from jaxft.surgery.select import (block_index, block_inputs, check_expect, head_index, select_blocks,
@@ -121,6 +121,22 @@ def replace_activation(model: Model, act: str, *, blocks: str | None = ".*", ste
                                         neck=neck, expect=expect))
 
 
+def _check_option_a(spec: ModelSpec, what: str) -> None:
+  """Raises ``ValueError`` naming the first block whose option-A shortcut would have to drop channels
+  (its input is wider than its output): zero padding can only add them."""
+  if spec.shortcut != "option_a":
+    return
+  cins = block_inputs(spec)
+  for st in spec.stages:
+    for b in st.blocks:
+      name, cin = f"{st.name}/{b.name}", cins[f"{st.name}/{b.name}"]
+      if b.kind != "mbconv" and cin > b.out:
+        raise ValueError(f"{what} gives {name} {cin} input channels but it outputs {b.out}: its "
+                         f"option-A shortcut (zero padding) cannot drop channels; give {name} out >= "
+                         f"{cin} too (replace_block or replace_stage), or widen function-preservingly "
+                         "with widen_stage")
+
+
 def replace_block(model: Model, block: str, fields: Mapping[str, Any], *, seed: int = 0) -> Model:
   """Returns ``model`` with block ``block`` rebuilt from its spec updated by ``fields``.
 
@@ -137,7 +153,8 @@ def replace_block(model: Model, block: str, fields: Mapping[str, Any], *, seed: 
 
   Raises:
     PathError: unknown block.
-    ValueError: unknown field, or an attempt to rename the block.
+    ValueError: unknown field, an attempt to rename the block, or (option-A ResNets) a new ``out``
+      wider than the following block's, naming that block.
   """
   i, j = block_index(model.spec, block)
   old = model.spec.stages[i].blocks[j]
@@ -146,6 +163,7 @@ def replace_block(model: Model, block: str, fields: Mapping[str, Any], *, seed: 
                      f"{fields['name']!r}")
   new = _make_block(dict(fields), **_block_dict(old))
   spec = with_blocks(model.spec, {(i, j): new})
+  _check_option_a(spec, f"replace_block({block!r}, out={new.out})")
   return rebuild(model, spec, op_record("replace_block", block=block, fields=dict(fields), seed=seed),
                  seed=seed, targets=[block], allow_reinit=True)
 
