@@ -125,12 +125,12 @@ def _leaves(c: Any, prefix: str = "") -> list[tuple[str, Any]]:
 
 
 def specs(config: Any) -> dict[str, Adaptive]:
-  """``{dotted key: Adaptive}`` of every adaptive field of ``config`` (never mutated), in schema order.
+  """``{dotted key: Adaptive}`` of every adaptive field of ``config`` (never mutated), sorted by key.
 
   Raises:
     ValueError: a malformed spec (validate the config first for one line per problem).
   """
-  return {k: parse(v) for k, v in _leaves(config) if supports(k) and isinstance(v, str)}
+  return {k: parse(v) for k, v in sorted(_leaves(config)) if supports(k) and isinstance(v, str)}
 
 
 def start_config(config: Any) -> Any:
