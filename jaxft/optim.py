@@ -21,7 +21,9 @@ The chain, in order (each piece only when enabled)::
   scale_by_multipliers(mult)          per-leaf lr multipliers (rules × layer-wise decay)
 
 so for plain SGD one step is ``w -= lr(t) * mult * (g + wd*w + alpha*(w - w0))``: decay and L2-SP
-follow the schedule and the multipliers, exactly like the gradient. With ``accumulate_steps = k`` the
+follow the schedule and the multipliers, exactly like the gradient. An adaptive ``wd`` or ``alpha``
+(``build_optimizer(dynamic=...)``, see ``docs/regularization.md``) is read at every update from the
+extra argument ``reg`` of ``tx.update(grads, state, params, reg={"optim.weight_decay": wd, …})``. With ``accumulate_steps = k`` the
 whole chain is wrapped in ``optax.MultiSteps``: ``update`` is called once per micro-batch, returns zero
 updates k-1 times and, on every k-th call, applies the chain to the *mean* of the k micro-batch
 gradients; the schedule (and ``total_steps``) counts these optimizer steps, not micro-batches.
