@@ -286,3 +286,25 @@ def test_adaptive_loss_field_that_is_no_term_weight_is_refused():
   with pytest.raises(jaxft.train.TrainError, match="'nonsense' is not a loss term weight"):
     controller.check_terms({"loss.nonsense": adapt.Adaptive(1.0, 2.0, 0.1)})
   controller.check_terms({"loss.kd": adapt.Adaptive(1.0, 2.0, 0.1)})
+
+
+def test_checkpoint_holds_the_adaptive_values_exactly_and_refuses_other_ones(tmp_path):
+  import optax
+  from jaxft import checkpoint as ckpt_lib
+  model = create_model("cifar_resnet8", jax.random.key(0), num_classes=2)
+  tx = optax.sgd(0.1)
+  odd = f32(1 / 3)  # not a short decimal: JSON must carry every bit
+  state = TrainState.create(model.params, {}, model.batch_stats, tx.init(model.params),
+                            reg=({"loss.kd": odd, "optim.weight_decay": f32(1e-3)},
+                                 {"loss.kd": np.int32(adapt.UP), "optim.weight_decay": np.int32(adapt.DOWN)}))
+  mngr = ckpt_lib.train_manager(tmp_path, 2)
+  ckpt_lib.save_train_state(mngr, state.replace(step=np.int32(3)), model)
+  template = state.replace(reg={k: f32(0.5) for k in state.reg}, reg_mode={k: np.int32(0) for k in state.reg})
+  back, step = ckpt_lib.resume_train_state(mngr, template)
+  assert step == 3 and back.reg == state.reg and back.reg["loss.kd"].tobytes() == odd.tobytes()
+  assert back.reg_mode == {"loss.kd": adapt.UP, "optim.weight_decay": adapt.DOWN}
+  other = state.replace(reg={"loss.ce": f32(1.0)}, reg_mode={"loss.ce": np.int32(0)})
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"adaptive weights saved: \['loss.kd', "
+                     r"'optim.weight_decay'\]; this config's: \['loss.ce'\]"):
+    ckpt_lib.restore_train_state(mngr, 3, other)
+  mngr.close()
