@@ -16,10 +16,10 @@ _EXPORTS = {
     "Model": "jaxft.models", "ModelSpec": "jaxft.models", "Network": "jaxft.models",
     "create_model": "jaxft.models", "get_spec": "jaxft.models", "list_archs": "jaxft.models",
     "load_model": "jaxft.checkpoint", "load_pretrained": "jaxft.checkpoint",
-    "save_model": "jaxft.checkpoint", "convert_file": "jaxft.convert",
+    "save_model": "jaxft.checkpoint", "convert_file": "jaxft.convert", "adaptive": "jaxft.adapt",
 }
 
-_SUBMODULES = ("checkpoint", "config", "convert", "cpu", "data", "ema", "evaluate", "export", "losses",
-               "models", "optim", "paths", "report", "safe_pickle", "surgery", "train")
+_SUBMODULES = ("adapt", "checkpoint", "config", "convert", "cpu", "data", "ema", "evaluate", "export",
+               "losses", "models", "optim", "paths", "report", "safe_pickle", "surgery", "train")
 
 __getattr__, __dir__, __all__ = _lazy.attach(__name__, _EXPORTS, _SUBMODULES)

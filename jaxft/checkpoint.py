@@ -9,10 +9,10 @@ A jaxft checkpoint is an orbax composite checkpoint with two items:
 
 so :func:`load_model` rebuilds the network from the stored spec with no config. Training workdirs use
 the same two items inside each step of an orbax ``CheckpointManager`` at ``WORKDIR/checkpoints/``, plus
-``opt_state`` and ``train`` (``{"step"}``: what resuming needs) and, when EMA is on, ``ema`` (the
-averaged variables, as whole variables: :func:`load_ema_model` rebuilds a model from them) and, with
-``loss.delta``, ``delta_attention`` (DELTA's channel weights, read back by :func:`restore_train_item` so a
-resumed run never recomputes them). Save and
+``opt_state`` and ``train`` (``{"step"}``, and ``"adaptive"`` when a weight is adaptive: what resuming
+needs) and, when EMA is on, ``ema`` (the averaged variables, as whole variables: :func:`load_ema_model`
+rebuilds a model from them) and, with ``loss.delta``, ``delta_attention`` (DELTA's channel weights, read
+back by :func:`restore_train_item` so a resumed run never recomputes them). Save and
 restore of a train state are :func:`save_train_state` / :func:`restore_train_state`, here only. Orbax
 writes each step to a temporary directory and renames it when complete, so a crash never leaves a
 half-written checkpoint as the latest.
@@ -56,6 +56,7 @@ MODEL_ITEM = "model"
 OPT_STATE_ITEM = "opt_state"
 TRAIN_ITEM = "train"
 EMA_ITEM = "ema"
+ADAPTIVE_KEY = "adaptive"  # in the train item: {config key: [value, mode]} of the adaptive weights
 # DELTA's channel attention {stage: [C]}, computed once before step 1 (jaxft.train.delta).
 DELTA_ITEM = "delta_attention"
 TRAIN_ITEMS = (VARIABLES_ITEM, MODEL_ITEM, OPT_STATE_ITEM, TRAIN_ITEM, EMA_ITEM, DELTA_ITEM)
@@ -574,9 +575,14 @@ def save_train_state(mngr: ocp.CheckpointManager, state: "TrainState", model: Mo
   for name, tree in host.items():
     if (leaf := _first_non_finite(name, tree)) is not None:
       raise NonFiniteStateError(leaf)
+  train_record: dict[str, Any] = {"step": step}
+  if state.reg:  # the adaptive weights in effect and the controller's memory (exact: float32 in JSON)
+    train_record[ADAPTIVE_KEY] = state.reg_record()
+    if (leaf := _first_non_finite(ADAPTIVE_KEY, state.reg)) is not None:
+      raise NonFiniteStateError(leaf)
   items = {k: ocp.args.StandardSave(v) for k, v in host.items()}
   items.update({MODEL_ITEM: ocp.args.JsonSave(model_record(model)),
-                TRAIN_ITEM: ocp.args.JsonSave({"step": step})})
+                TRAIN_ITEM: ocp.args.JsonSave(train_record)})
   mngr.save(step, args=ocp.args.Composite(**items),
             metrics=None if val_top1 is None else {VAL_TOP1: val_top1}, force=True)
   mngr.wait_until_finished()
@@ -596,8 +602,12 @@ def restore_train_state(mngr: ocp.CheckpointManager, step: int, template: "Train
            OPT_STATE_ITEM: ocp.args.StandardRestore(jax.device_get(template.opt_state))}
   if template.ema is not None:
     items[EMA_ITEM] = ocp.args.StandardRestore(jax.device_get(template.ema_variables()))
+  if template.reg:
+    items[TRAIN_ITEM] = ocp.args.JsonRestore()
   try:
     restored = mngr.restore(step, args=ocp.args.Composite(**items))
+    if template.reg:
+      template = template.with_reg_record(restored[TRAIN_ITEM].get(ADAPTIVE_KEY, {}))
   except (ValueError, KeyError, OSError) as e:
     raise CheckpointError(
         f"the checkpoint at step {step} in {mngr.directory} does not fit the model/optimizer this "

@@ -63,7 +63,14 @@ class _Section:
     """The section's defaults as a new (unlocked) ConfigDict."""
     c = ml_collections.ConfigDict()
     for name, item in self.items.items():
-      setattr(c, name, item.config() if isinstance(item, _Section) else item.default)
+      if isinstance(item, _Section):
+        setattr(c, name, item.config())
+      elif getattr(item.check, "adaptive", False):
+        # A number or an adaptive(...) string: ml_collections locks a field to its default's type,
+        # so such a field is declared with no type (the check says what it takes).
+        setattr(c, name, ml_collections.FieldReference(item.default, field_type=object))
+      else:
+        setattr(c, name, item.default)
     return c
 
   def checks(self, prefix: str = "") -> dict[str, v.Check]:
@@ -77,6 +84,15 @@ class _Section:
 
 def _section() -> _Section:
   return _Section()
+
+
+def _adaptive_weights(s: _Section) -> _Section:
+  """``s`` with every float field able to be ``adaptive(...)`` (every loss weight, whoever adds it)."""
+  for name, item in list(s.items.items()):
+    if isinstance(item, Field) and isinstance(item.default, float):
+      if not getattr(item.check, "adaptive", False):
+        s.items[name] = Field(item.default, v.adaptive_or(item.check))
+  return s
 
 
 def checks() -> dict[str, v.Check]:
@@ -105,7 +121,7 @@ def _schema() -> _Section:
   c.surgery = field([], v.surgery_ops)
   c.data = _data()
   c.optim = _optim()
-  c.loss = _loss()
+  c.loss = _adaptive_weights(_loss())
   c.distill = _distill()
   # Multi-task heads, each trained on labels mapped from the main classes, e.g.
   # {"name": "coarse", "classes": ("animal", "vehicle"), "label_map": {"cat": "animal", …},
@@ -114,6 +130,7 @@ def _schema() -> _Section:
   c.mix = _mix()
   c.ema = _ema()
   c.train = _train()
+  c.adaptive = _adaptive()
   return c
 
 
@@ -133,7 +150,8 @@ def _model() -> _Section:
   s.input_size = field(0, v.COUNT)  # resize images on device to this size; 0 = keep the data's size
   # BN running-average momentum (flax convention, e.g. 0.9); 0 = the model's.
   s.bn_momentum = field(0.0, v.FRACTION)
-  s.dropout = field(0.0, v.FRACTION)  # dropout before the main head (surgery.set_dropout); 0 = as it is
+  # Dropout before the main head (surgery.set_dropout); 0 = as it is; or adaptive(min, max, gap).
+  s.dropout = field(0.0, v.adaptive_or(v.FRACTION))
   return s
 
 
@@ -171,7 +189,8 @@ def _optim() -> _Section:
   s.b1 = field(0.9, v.FRACTION)  # Adam-family / lion beta 1
   s.b2 = field(0.999, v.FRACTION)  # Adam-family / lion beta 2
   s.eps = field(1e-8, v.NON_NEGATIVE)  # Adam-family epsilon
-  s.weight_decay = field(0.0, v.NON_NEGATIVE)  # decoupled: w -= lr * (dir + wd * w); 0 = off
+  # Decoupled: w -= lr * (dir + wd * w); 0 = off; or adaptive(min, max, gap) (docs/regularization.md).
+  s.weight_decay = field(0.0, v.adaptive_or(v.NON_NEGATIVE))
   # Ordered (regex, bool) rules: which leaves decay (unmatched: none).
   s.wd_rules = field(KERNELS_ONLY, v.rules(v.flag, "bool"))
   # Clip the global gradient norm of the trainable leaves to this; 0 = off.
@@ -196,8 +215,8 @@ def _optim() -> _Section:
   # Average the gradients of this many micro-batches per optimizer step.
   s.accumulate_steps = field(1, v.POSITIVE_COUNT)
   s.l2sp = _section()
-  # L2-SP pull alpha * (w - w0) of pretrained leaves toward w0; 0 = off.
-  s.l2sp.alpha = field(0.0, v.NON_NEGATIVE)
+  # L2-SP pull alpha * (w - w0) of pretrained leaves toward w0; 0 = off; or adaptive(min, max, gap).
+  s.l2sp.alpha = field(0.0, v.adaptive_or(v.NON_NEGATIVE))
   s.l2sp.beta = field(0.0, v.NON_NEGATIVE)  # beta * w decay of new (surgery-created) leaves when on
   # (regex, bool): which leaves L2-SP applies to at all.
   s.l2sp.rules = field(KERNELS_ONLY, v.rules(v.flag, "bool"))
@@ -214,6 +233,7 @@ def _loss() -> _Section:
   # The loss is a weighted sum of named terms, each logged as train/loss_<term> (unweighted):
   # ce (main head), kd (T²·KL to the teacher's softened logits), feature (pooled-feature
   # distillation), delta, bss, and task_<name> for each entry of tasks (its own weight). 0 = term off.
+  # Every weight here may be adaptive(min, max, target_gap) (docs/regularization.md).
   s.ce = field(1.0, v.NON_NEGATIVE)  # weight of the main head's cross-entropy
   s.kd = field(0.0, v.NON_NEGATIVE)  # weight of the logits distillation term
   s.feature = field(0.0, v.NON_NEGATIVE)  # weight of the pooled-feature distillation term
@@ -250,6 +270,18 @@ def _mix() -> _Section:
   s.cutmix_alpha = field(0.0, v.NON_NEGATIVE)  # Beta(alpha, alpha) cutmix; 0 = off
   s.prob = field(1.0, v.PROBABILITY)  # probability that a batch is mixed at all
   s.switch_prob = field(0.5, v.PROBABILITY)  # probability of cutmix when both are on
+  return s
+
+
+def _adaptive() -> _Section:
+  """The ``adaptive`` section: the controller of the weights given as ``adaptive(min, max, target_gap)``
+  (:mod:`jaxft.adapt`, ``docs/regularization.md``)."""
+  s = _section()
+  s.factor = field(1.5, v.number(1, lo_open=True))  # f: a move multiplies or divides a weight by f
+  s.band = field(0.1, v.FRACTION)  # h: a move starts when the gap leaves target * [1 - h, 1 + h]
+  # Training images (a fixed random subset) scored in eval mode at each evaluation for the gap;
+  # 0 = as many as the validation set has.
+  s.train_images = field(0, v.COUNT)
   return s
 
 

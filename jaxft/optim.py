@@ -21,7 +21,9 @@ The chain, in order (each piece only when enabled)::
   scale_by_multipliers(mult)          per-leaf lr multipliers (rules × layer-wise decay)
 
 so for plain SGD one step is ``w -= lr(t) * mult * (g + wd*w + alpha*(w - w0))``: decay and L2-SP
-follow the schedule and the multipliers, exactly like the gradient. With ``accumulate_steps = k`` the
+follow the schedule and the multipliers, exactly like the gradient. An adaptive ``wd`` or ``alpha``
+(``build_optimizer(dynamic=...)``, see ``docs/regularization.md``) is read at every update from the
+extra argument ``reg`` of ``tx.update(grads, state, params, reg={"optim.weight_decay": wd, …})``. With ``accumulate_steps = k`` the
 whole chain is wrapped in ``optax.MultiSteps``: ``update`` is called once per micro-batch, returns zero
 updates k-1 times and, on every k-th call, applies the chain to the *mean* of the k micro-batch
 gradients; the schedule (and ``total_steps``) counts these optimizer steps, not micro-batches.
@@ -392,7 +394,7 @@ class L2SPState(NamedTuple):
 
 
 def l2sp(anchor: Any, alpha: float, beta: float, pretrained_mask: Any,
-         mask: Any = None) -> optax.GradientTransformation:
+         mask: Any = None, alpha_from: str | None = None) -> optax.GradientTransformationExtraArgs:
   """Decoupled L2-SP (Li et al. 2018, "Explicit inductive bias for transfer learning").
 
   Adds ``alpha * (w - w0)`` to the update of pretrained leaves (``w0`` = anchor) and ``beta * w`` to new
@@ -407,9 +409,12 @@ def l2sp(anchor: Any, alpha: float, beta: float, pretrained_mask: Any,
     beta: decay strength of new leaves.
     pretrained_mask: tree of bools like the params, True = pretrained.
     mask: tree of bools like the params: leaves with False get no term at all (None: every leaf).
+    alpha_from: when given, the strength of the pull is read at every update from the extra argument
+      ``reg`` (``update(..., reg={alpha_from: scalar})``, an adaptive weight); ``alpha`` (> 0) then
+      only says that pretrained leaves are pulled (their anchors are kept).
 
   Returns:
-    A ``GradientTransformation`` whose ``update`` needs ``params``.
+    A ``GradientTransformationExtraArgs`` whose ``update`` needs ``params``.
 
   Example:
     >>> import jax.numpy as jnp, optax
@@ -432,14 +437,58 @@ def l2sp(anchor: Any, alpha: float, beta: float, pretrained_mask: Any,
         lambda a, pull: jnp.array(a, jnp.float32) if pull else jnp.zeros((), jnp.float32),
         anchor, pulls))
 
-  def update_fn(updates: Any, state: L2SPState, params: Any = None) -> tuple[Any, L2SPState]:
+  def update_fn(updates: Any, state: L2SPState, params: Any = None, *, reg: Any = None,
+                **extra: Any) -> tuple[Any, L2SPState]:
+    del extra
     if params is None:
       raise ValueError("l2sp needs params: call update(grads, state, params)")
-    out = jax.tree.map(lambda u, w, a, c: u + (c * (w - a)).astype(u.dtype) if c else u,
-                       updates, params, state.anchor, coef)
+    a = float(alpha) if alpha_from is None else dynamic_value(reg, alpha_from)
+    out = jax.tree.map(lambda u, w, anc, c, pull: u + ((a if pull else c) * (w - anc)).astype(u.dtype)
+                       if (pull or c) else u, updates, params, state.anchor, coef, pulls)
     return out, state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def dynamic_value(reg: Any, name: str) -> jax.Array:
+  """``reg[name]``: a hyperparameter the train step passes to every update (an adaptive weight).
+
+  Raises:
+    ValueError: ``reg`` lacks it (the caller did not pass ``update(..., reg=...)``).
+  """
+  if reg is None or name not in reg:
+    raise ValueError(f"this optimizer reads {name!r} at every update: call "
+                     f"tx.update(grads, state, params, reg={{{name!r}: value}})")
+  return jnp.asarray(reg[name], jnp.float32)
+
+
+def add_decayed_weights_from(name: str, mask: Any) -> optax.GradientTransformationExtraArgs:
+  """Decoupled weight decay ``u + wd * w`` on the leaves ``mask`` selects, as
+  ``optax.add_decayed_weights``, but with ``wd = reg[name]`` read at every update (the extra argument
+  ``reg``, see :func:`dynamic_value`): an adaptive weight decay moves with no recompilation.
+
+  Args:
+    name: the key of the decay in ``reg``.
+    mask: params-shaped tree of bools (True = decayed). Never mutated.
+
+  Returns:
+    A stateless ``GradientTransformationExtraArgs`` whose ``update`` needs ``params``.
+  """
+
+  def init_fn(params: Any) -> optax.EmptyState:
+    del params
+    return optax.EmptyState()
+
+  def update_fn(updates: Any, state: optax.EmptyState, params: Any = None, *, reg: Any = None,
+                **extra: Any) -> tuple[Any, optax.EmptyState]:
+    del extra
+    if params is None:
+      raise ValueError("weight decay needs params: call update(grads, state, params, reg=...)")
+    wd = dynamic_value(reg, name)
+    return jax.tree.map(lambda u, w, m: u + (wd * w).astype(u.dtype) if m else u,
+                        updates, params, mask), state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -495,8 +544,8 @@ def _bool_tree(tree: Tree, rules: Any, what: str, log_name: str) -> dict[str, An
 def build_optimizer(cfg: ml_collections.ConfigDict, params: Tree, *, spec: ModelSpec | None = None,
                     total_steps: int, anchor: Tree | None = None,
                     new_leaf_mask: Tree | None = None,
-                    clip: Callable[[float], optax.GradientTransformation] = optax.clip_by_global_norm
-                    ) -> Optimizer:
+                    clip: Callable[[float], optax.GradientTransformation] = optax.clip_by_global_norm,
+                    dynamic: Sequence[str] = ()) -> Optimizer:
   """Builds the optax chain described in the module docstring from a ``config.optim`` section.
 
   Args:
@@ -510,6 +559,9 @@ def build_optimizer(cfg: ml_collections.ConfigDict, params: Tree, *, spec: Model
       and leaves absent from ``anchor`` count as new too.
     clip: ``clip(max_norm)`` → the clipping transformation (``jaxft.cpu.norm_functions()`` supplies the
       CPU backend's, with the same updates).
+    dynamic: of ``"weight_decay"`` and ``"l2sp.alpha"``, those read at every update from the extra
+      argument ``reg`` (``tx.update(g, s, p, reg={"optim.weight_decay": wd, …})``, adaptive weights);
+      their ``cfg`` values must then be > 0 (they turn the term on).
 
   Returns:
     An :class:`Optimizer`.
@@ -548,7 +600,18 @@ def build_optimizer(cfg: ml_collections.ConfigDict, params: Tree, *, spec: Model
   if frozen_bn:
     logging.info("BatchNorm statistics frozen in: %s", ", ".join(frozen_bn))
 
-  # The chain, over the trainable subtree only.
+  tx = _chain(cfg, params, trainable, trainable_mask, multipliers, schedule, table,
+              dict(anchor=anchor, new_leaf_mask=new_leaf_mask, clip=clip, dynamic=dynamic))
+  return Optimizer(tx=tx, trainable_mask=trainable_mask, frozen_bn=frozen_bn, schedule=schedule,
+                   multipliers=multipliers, table=table)
+
+
+def _chain(cfg: ml_collections.ConfigDict, params: Tree, trainable: Tree, trainable_mask: Tree,
+           multipliers: Tree, schedule: Schedule, table: dict[str, list[dict[str, Any]]],
+           opts: dict[str, Any]) -> optax.GradientTransformation:
+  """The chain of the module docstring over the trainable subtree (``opts``: build_optimizer's
+  ``anchor``, ``new_leaf_mask``, ``clip`` and ``dynamic``); fills ``table``'s decay and L2-SP rows."""
+  clip, dynamic = opts["clip"], opts["dynamic"]
   chain: list[optax.GradientTransformation] = []
   if cfg.clip_norm:
     chain.append(clip(float(cfg.clip_norm)))
@@ -556,9 +619,12 @@ def build_optimizer(cfg: ml_collections.ConfigDict, params: Tree, *, spec: Model
   if cfg.weight_decay:
     wd_mask = _bool_tree(trainable, cfg.wd_rules, "wd_rules", "weight decay mask")
     table["weight_decay"] = rule_table(trainable, _rules(cfg.wd_rules, "wd_rules"), False)
-    chain.append(optax.add_decayed_weights(float(cfg.weight_decay), mask=wd_mask))
+    chain.append(add_decayed_weights_from("optim.weight_decay", wd_mask) if "weight_decay" in dynamic
+                 else optax.add_decayed_weights(float(cfg.weight_decay), mask=wd_mask))
   if cfg.l2sp.alpha or cfg.l2sp.beta:
-    chain.append(_build_l2sp(cfg, params, trainable, trainable_mask, anchor, new_leaf_mask, table))
+    chain.append(_build_l2sp(cfg, params, trainable, trainable_mask, opts["anchor"],
+                             opts["new_leaf_mask"], table,
+                             "optim.l2sp.alpha" if "l2sp.alpha" in dynamic else None))
   if cfg.name == "lamb":
     chain.append(optax.scale_by_trust_ratio())
   chain.append(optax.scale_by_learning_rate(schedule))
@@ -567,13 +633,13 @@ def build_optimizer(cfg: ml_collections.ConfigDict, params: Tree, *, spec: Model
   tx = optax.chain(*chain)
   if int(cfg.accumulate_steps) > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=int(cfg.accumulate_steps)).gradient_transformation()
-  return Optimizer(tx=tx, trainable_mask=trainable_mask, frozen_bn=frozen_bn, schedule=schedule,
-                   multipliers=multipliers, table=table)
+  return tx
 
 
 def _build_l2sp(cfg: ml_collections.ConfigDict, params: Tree, trainable: Tree, trainable_mask: Tree,
                 anchor: Tree | None, new_leaf_mask: Tree | None,
-                table: dict[str, list[dict[str, Any]]]) -> optax.GradientTransformation:
+                table: dict[str, list[dict[str, Any]]],
+                alpha_from: str | None = None) -> optax.GradientTransformation:
   flat_anchor = paths.flatten(params if anchor is None else anchor)
   by_rule = paths.flatten(_bool_tree(params, cfg.l2sp.new_rules, "l2sp.new_rules", "L2-SP new leaves"))
   given = paths.flatten(new_leaf_mask) if new_leaf_mask is not None else {}
@@ -598,4 +664,4 @@ def _build_l2sp(cfg: ml_collections.ConfigDict, params: Tree, trainable: Tree, t
                    zip(rows.items(), (cfg.l2sp.alpha, cfg.l2sp.beta, 0.0))]
   logging.info("L2-SP: %s", "; ".join(f"{r['rule']}: {r['leaves']} leaves, {r['params']:,} params"
                                       for r in table["l2sp"]))
-  return l2sp(anc_tree, float(cfg.l2sp.alpha), float(cfg.l2sp.beta), pre_tree, on)
+  return l2sp(anc_tree, float(cfg.l2sp.alpha), float(cfg.l2sp.beta), pre_tree, on, alpha_from)

@@ -130,8 +130,17 @@ def read_metrics(workdir: str | os.PathLike[str]) -> list[dict[str, Any]]:
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_curves(records: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> None:
-  """Saves training curves (train loss, val loss, val top-1, learning rate vs step) as a PNG."""
+REG_PREFIX = "reg/"  # train records' adaptive weights in effect (jaxft.train.steps.REG_METRIC)
+
+
+def plot_curves(records: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> dict[str, list[str]]:
+  """Saves training curves as a PNG: train/val loss, top-1, the learning rate and, when a run has
+  adaptive weights (``reg/<key>`` in its train records), the values in effect, one line each (log
+  scale), vs step.
+
+  Returns:
+    What was drawn: ``{panel title: [line labels]}``.
+  """
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -141,23 +150,31 @@ def plot_curves(records: Sequence[Mapping[str, Any]], path: str | os.PathLike[st
            if r.get("split") == split and isinstance(r.get(key), (int, float))]
     return [p[0] for p in pts], [p[1] for p in pts]
 
-  fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-  for split, style in (("train", "-"), ("val", "o-")):
-    axes[0].plot(*series(split, "loss"), style, label=split)
-  axes[0].set_title("loss")
-  axes[0].legend()
-  for split, style in (("train", "-"), ("val", "o-")):
-    axes[1].plot(*series(split, "top1"), style, label=split)
-  axes[1].set_title("top-1 accuracy")
-  axes[1].legend()
-  axes[2].plot(*series("train", "lr"))
-  axes[2].set_title("learning rate")
-  for ax in axes:
+  reg_keys = sorted({k for r in records if r.get("split") == "train" for k in r
+                     if k.startswith(REG_PREFIX)})
+  panels = {"loss": [("train", "loss", "-"), ("val", "loss", "o-")],
+            "top-1 accuracy": [("train", "top1", "-"), ("val", "top1", "o-")],
+            "learning rate": [("train", "lr", "-")]}
+  if reg_keys:
+    panels["adaptive weights"] = [("train", k, "-") for k in reg_keys]
+  fig, axes = plt.subplots(1, len(panels), figsize=(4.7 * len(panels), 4))
+  drawn: dict[str, list[str]] = {}
+  for ax, (title, lines) in zip(axes, panels.items()):
+    for split, key, style in lines:
+      label = key[len(REG_PREFIX):] if key.startswith(REG_PREFIX) else split
+      ax.plot(*series(split, key), style, label=label)
+      drawn.setdefault(title, []).append(label)
+    ax.set_title(title)
+    if len(lines) > 1:
+      ax.legend()
+    if title == "adaptive weights":
+      ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
+  return drawn
 
 
 def plot_confusion(confusion: Sequence[Sequence[int]], class_names: Sequence[str],

@@ -170,6 +170,28 @@ def steps(v: Any) -> str | None:
   return "must be a tuple of step numbers (integers >= 0)"
 
 
+def adaptive_or(base: Check) -> Check:
+  """A value ``base`` accepts, or an adaptive spec ``adaptive(min, max, target_gap)``
+  (:mod:`jaxft.adapt`) whose bounds ``base`` accepts. The schema gives these fields no fixed type."""
+  from jaxft import adapt  # pylint: disable=g-import-not-at-top
+
+  def check(v: Any) -> str | None:
+    if not isinstance(v, str):
+      return base(v)
+    try:
+      spec = adapt.parse(v)
+    except ValueError as e:
+      return str(e)
+    for name, bound in (("min", spec.lo), ("max", spec.hi)):
+      problem = base(bound)
+      if problem:
+        return f"adaptive {name} = {bound!r}: {problem}"
+    return None
+
+  check.adaptive = True  # read by jaxft.config: the field takes a string too
+  return check
+
+
 # ---------------------------------------------------------------------------------------------------
 # Checks of sources (weights, a teacher, data): their form, and that the path exists. A check that looks at
 # the filesystem takes ``files=`` (False: the form only), which validate(check_files=...) passes.
@@ -288,6 +310,7 @@ def _cross_field(config: ml_collections.ConfigDict) -> list[str]:
   if config.train.num_steps == 0 and config.train.epochs == 0:
     out.append("config.train.epochs = 0: must be >= 1 when config.train.num_steps = 0 (the run would "
                "train nothing)")
+  out += _adaptive_rules(config)
   if config.model.pretrained == "" and config.model.arch == "":
     out.append("config.model.arch = '': must name an architecture (jaxft.models.list_archs()) when "
                "config.model.pretrained = '' (random init)")
@@ -295,6 +318,30 @@ def _cross_field(config: ml_collections.ConfigDict) -> list[str]:
     out.append(f"config.loss.delta = {config.loss.delta}: needs pretrained weights to stay close to "
                "(set config.model.pretrained, or loss.delta = 0)")
   return out
+
+
+def _adaptive_rules(config: ml_collections.ConfigDict) -> list[str]:
+  """An adaptive weight needs evaluations (it moves at each) and a validation set (the gap)."""
+  from jaxft import adapt  # pylint: disable=g-import-not-at-top
+  keys = list(adapt.specs(config))
+  if not keys:
+    return []
+  out = []
+  if config.data.val_source == "" and config.data.val_fraction == 0:
+    out.append(f"config.{keys[0]} is adaptive: it needs a validation set (set config.data.val_fraction "
+               "> 0 or config.data.val_source), or give it a number")
+  if config.train.eval_every == 0:
+    out.append(f"config.{keys[0]} is adaptive: it moves at each evaluation, so config.train.eval_every "
+               "must be > 0")
+  return out
+
+
+def _unsupported_adaptive(values: Mapping[str, Any]) -> dict[str, str]:
+  """``{key: line}`` for each field given ``adaptive(...)`` that cannot take it."""
+  from jaxft import adapt  # pylint: disable=g-import-not-at-top
+  return {k: f"config.{k} = {shown(v)}: this field cannot be adaptive; fields that can: "
+             f"{adapt.supported_keys()}" for k, v in values.items()
+          if adapt.looks_adaptive(v) and not adapt.supports(k)}
 
 
 def validate(config: ml_collections.ConfigDict, *, check_files: bool = True) -> list[str]:
@@ -315,8 +362,10 @@ def validate(config: ml_collections.ConfigDict, *, check_files: bool = True) -> 
          for k in values if k not in checks]
   out += [f"config.{k}: missing (a config holds every key of jaxft.config.default_config())"
           for k in checks if k not in values]
+  bad_adaptive = _unsupported_adaptive(values)
+  out += list(bad_adaptive.values())
   for key, check in checks.items():
-    if key in values:
+    if key in values and key not in bad_adaptive:
       takes_files = "files" in inspect.signature(check).parameters
       problem = check(values[key], files=check_files) if takes_files else check(values[key])
       if problem:

@@ -61,6 +61,16 @@ def conv(features: int, kernel: int, stride: int = 1, groups: int = 1, *, use_bi
                 kernel_init=kernel_init, name=name)
 
 
+def dropout(key: jax.Array, x: jax.Array, rate: Any) -> jax.Array:
+  """Inverted dropout whose ``rate`` (in ``[0, 1)``) may be a traced value, e.g. an adaptive rate that
+  moves during training with no recompilation (``flax.linen.Dropout`` needs a static rate: it tests
+  ``rate == 0`` in Python). Keeps each element with probability ``1 - rate`` and scales it by
+  ``1 / (1 - rate)``; returns a new array."""
+  keep = 1.0 - jnp.asarray(rate, jnp.float32)
+  mask = jax.random.bernoulli(key, keep, x.shape)
+  return lax.select(mask, x / keep.astype(x.dtype), jnp.zeros_like(x))
+
+
 def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
   """torch ``MaxPool2d(3, stride=2, padding=1)`` of NHWC ``x``: symmetric padding with -inf.
 

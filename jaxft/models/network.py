@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import flax.linen as nn
 import jax
@@ -237,7 +237,8 @@ class Network(nn.Module):
                  tuple(self.scope.path))
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False, return_all: bool = False) -> Any:
+  def __call__(self, x: jax.Array, train: bool = False, return_all: bool = False,
+               head_dropout: Mapping[str, Any] | None = None) -> Any:
     """Runs the network.
 
     Args:
@@ -245,6 +246,8 @@ class Network(nn.Module):
       train: batch statistics for BN (and their running averages updated, which needs
         ``mutable=['batch_stats']``) and active dropout (needs a ``dropout`` rng).
       return_all: return a dict instead of the main logits.
+      head_dropout: ``{head name: rate}`` replacing the spec's dropout rate of those heads in training;
+        a rate may be a traced scalar (an adaptive rate: no recompilation when it moves).
 
     Returns:
       The main head's ``[N, num_classes]`` float32 logits; with ``return_all``, a dict with
@@ -265,8 +268,12 @@ class Network(nn.Module):
     outputs = {}
     for h in s.heads:
       f = features
-      if h.dropout:
-        f = nn.Dropout(h.dropout, deterministic=not train)(f)
+      rate = h.dropout if head_dropout is None else head_dropout.get(h.name, h.dropout)
+      if isinstance(rate, (int, float)):
+        if rate:
+          f = nn.Dropout(rate, deterministic=not train)(f)
+      elif train:
+        f = layers_lib.dropout(self.make_rng("dropout"), f, rate)
       outputs[h.name] = nn.Dense(h.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
                                  name=head_module_name(h.name))(f).astype(jnp.float32)
     main = outputs[s.heads[0].name]

@@ -33,7 +33,7 @@ from typing import Any, Iterator, NoReturn
 
 from jaxft import checkpoint as ckpt_lib
 from jaxft import config as config_lib
-from jaxft import cpu, report, validate
+from jaxft import adapt, cpu, report, validate
 from jaxft.train import errors
 from jaxft.train.errors import TrainError
 
@@ -122,7 +122,19 @@ def _check_argv(argv: list[str]) -> list[str]:
   path = Path(spec.split(":", 1)[0])
   if not path.is_file():
     return [f"config file {path} not found" + (" (it is a directory)" if path.is_dir() else "")]
-  return _unknown_overrides(argv)
+  return _unknown_overrides(argv) + _unsupported_adaptive(argv)
+
+
+def _unsupported_adaptive(argv: list[str]) -> list[str]:
+  """One line per ``--config.KEY=adaptive(...)`` whose KEY cannot be adaptive (a number field)."""
+  out = []
+  for a in argv:
+    m = re.match(r"--?config\.([^=\s]+)=(.*)", a, re.S)
+    if (m and adapt.looks_adaptive(m.group(2)) and m.group(1) in config_lib.checks()
+        and not adapt.supports(m.group(1))):
+      out.append(f"--config.{m.group(1)} cannot be adaptive(...); fields that can: "
+                 f"{adapt.supported_keys()}")
+  return out
 
 
 def _chain(e: BaseException) -> Iterator[BaseException]:
@@ -158,6 +170,10 @@ def _config_file_problem(e: BaseException, config_file: str) -> str | None:
 def _config_error(exc: BaseException, source: str) -> str:
   """``exc`` raised by the config file line ``source``, said shortly (a locked key: the nearest keys)."""
   m = re.search(r'Key "(\w+)" does not exist and cannot be added', str(exc))
+  bad = re.search(r"Could not override field '(\w+)'.* adaptive\(", str(exc))
+  if bad:  # an adaptive(...) string given to a number field
+    return (f"field {bad.group(1)!r} cannot be adaptive(...); fields that can: "
+            f"{adapt.supported_keys()}")
   if not m:
     return f"{type(exc).__name__}: {_first_line(exc)}"
   chain = re.match(r"\w+((?:\.\w+)+)\s*=", source)

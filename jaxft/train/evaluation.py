@@ -64,6 +64,10 @@ class Evaluator:
       out["tasks"] = per_task
     return out
 
+  def main_loss(self, state: TrainState) -> float:
+    """The main head's mean cross-entropy with the raw weights (what the adaptive controller reads)."""
+    return float(self._metrics(state.variables())["loss"])
+
   def __call__(self, state: TrainState) -> dict[str, Any]:
     """Main-head metrics (:func:`jaxft.report.classification_metrics`), plus ``tasks`` (per task
     head) and ``ema`` (the same for the averaged weights, when the state has them)."""

@@ -24,10 +24,10 @@ import orbax.checkpoint as ocp
 from jaxft import checkpoint as ckpt_lib
 from jaxft import cpu
 from jaxft import data as data_lib
-from jaxft import models, report, surgery
+from jaxft import adapt, models, report, surgery
 from jaxft.models.model import Model
+from jaxft.train import controller, evaluation, setup
 from jaxft.train import delta as delta_lib
-from jaxft.train import evaluation, setup
 from jaxft.train import workdir as workdir_lib
 from jaxft.train.errors import EXIT_BAD_INPUT, EXIT_DAMAGED_CHECKPOINT, TrainError, check_config
 from jaxft.train.mesh import DataMesh
@@ -119,11 +119,14 @@ def _locked_train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path)
   """:func:`train_and_evaluate` once this process holds the workdir."""
   resuming = bool(ckpt_lib.saved_steps(workdir))
   config_changes = workdir_lib.check_workdir_config(workdir, config, resuming)
+  written = config  # what config.json records; the run is built with each adaptive weight's start
+  specs = adapt.specs(config)
+  config = adapt.start_config(config)
 
   # --- Data: decoded once (cached on disk), validation carved from train unless given. ---
   train_ds, val_ds = setup.load_data(config)
   identity = workdir_lib.data_identity(train_ds, val_ds)
-  data_changes = workdir_lib.check_workdir_data(workdir, config, identity, resuming)
+  data_changes = workdir_lib.check_workdir_data(workdir, written, identity, resuming)
   total_steps = setup.total_steps(config, len(train_ds))
 
   # --- Model: pretrained → else init; then the config's surgery; the data's classes in its meta. ---
@@ -135,7 +138,7 @@ def _locked_train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path)
   objective, teacher_net, teacher_variables = setup.build_objective(config, base, model, tasks)
   setup.check_bss(config, model)
   reference_net, delta_stages = setup.build_reference(config, base, model)
-  opt = setup.build_optimizer(config, base, model, total_steps)
+  opt = setup.build_optimizer(config, base, model, total_steps, adaptive=tuple(specs))
   net = models.Network(model.spec, dtype=setup.compute_dtype(config), frozen_bn=tuple(opt.frozen_bn),
                        layers=cpu.network_layers())
   sc = setup.step_config(config, model)
@@ -145,10 +148,10 @@ def _locked_train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path)
   _log_devices(mesh)
   trainable, frozen = opt.split(model.params)
   fresh = TrainState.create(trainable, frozen, model.batch_stats, opt.tx.init(trainable),
-                            ema=bool(config.ema.decay))
+                            ema=bool(config.ema.decay), reg=adapt.initial(specs))
   mngr = ckpt_lib.train_manager(workdir, config.train.keep_checkpoints)
   state = _start(mngr, fresh, workdir, mesh)
-  workdir_lib.record_start(workdir, config, identity, int(state.step), config_changes, data_changes)
+  workdir_lib.record_start(workdir, written, identity, int(state.step), config_changes, data_changes)
 
   # --- The compiled steps. ---
   train_step = jax.jit(_train_step(config, net, opt, sc, objective, teacher_net, reference_net),
@@ -162,10 +165,12 @@ def _locked_train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path)
   reference = None if reference_net is None else mesh.replicate(
       {"variables": {"params": base.params, "batch_stats": base.batch_stats},
        "attention": saved[ckpt_lib.DELTA_ITEM]}, copy=True)
+  eval_fn = jax.jit(make_eval_step(net, sc))
   evaluate = None if val_ds is None else evaluation.Evaluator(
-      jax.jit(make_eval_step(net, sc)), val_ds, tasks, config.train.eval_batch_size, mesh)
+      eval_fn, val_ds, tasks, config.train.eval_batch_size, mesh)
+  adapter = controller.build_controller(config, specs, eval_fn, train_ds, val_ds, mesh)
   run = _Run(train_step, teacher_variables, mesh, None, evaluate, None, mngr, model, total_steps,
-             config.train.eval_every, config.train.checkpoint_every, reference, saved)
+             config.train.eval_every, config.train.checkpoint_every, reference, saved, adapter)
   try:
     result, val = _run_steps(config, workdir, run, state, train_ds)
   finally:
@@ -227,6 +232,7 @@ class _Run:
   ckpt_every: int
   reference: Any = None  # the delta term's {'variables', 'attention'} on the devices, or None
   saved: dict[str, Any] = dataclasses.field(default_factory=dict)  # more checkpoint items by name
+  controller: controller.Controller | None = None  # moves the adaptive weights at each evaluation
 
 
 def _train(run: _Run, state: TrainState, batches: Any) -> tuple[TrainState, dict[str, Any] | None, bool]:
@@ -244,9 +250,13 @@ def _train(run: _Run, state: TrainState, batches: Any) -> tuple[TrainState, dict
       val = None
       if run.evaluate is not None and ((run.eval_every and step % run.eval_every == 0) or is_last):
         val = run.evaluate(state)
-        run.writer.write(step, "val", evaluation.val_record(val))
+        record = evaluation.val_record(val)
         logging.info("%s", evaluation.val_line(step, val))
         run.monitor.check_val(step, val)
+        if run.controller is not None:  # before the checkpoint, which then holds the moved weights
+          state, moved = run.controller(state, val)
+          record.update(moved)
+        run.writer.write(step, "val", record)
       if (run.ckpt_every and step % run.ckpt_every == 0) or is_last or stop.signal is not None:
         # Checked (never checkpoint a non-finite state) and written first, so that a kill after the
         # checkpoint loses no record of the steps it holds.

@@ -209,8 +209,10 @@ def new_leaf_mask(base: Model, model: Model) -> dict[str, Any]:
 # Optimizer and step settings.
 
 
-def build_optimizer(config: Config, base: Model, model: Model, steps: int) -> optim.Optimizer:
-  """The optax chain over the trainable subtree, for a run of ``steps`` batches.
+def build_optimizer(config: Config, base: Model, model: Model, steps: int,
+                    adaptive: tuple[str, ...] = ()) -> optim.Optimizer:
+  """The optax chain over the trainable subtree, for a run of ``steps`` batches; the ``optim.*`` keys
+  among ``adaptive`` (config keys of adaptive weights) are read at every update from the step's ``reg``.
 
   Raises:
     TrainError: bad rules, schedule or optimizer settings, naming them.
@@ -220,7 +222,9 @@ def build_optimizer(config: Config, base: Model, model: Model, steps: int) -> op
   try:
     return optim.build_optimizer(config.optim, model.params, spec=model.spec, total_steps=opt_steps,
                                  anchor=base.params, new_leaf_mask=new_leaf_mask(base, model),
-                                 clip=cpu.norm_functions().clip_by_global_norm)
+                                 clip=cpu.norm_functions().clip_by_global_norm,
+                                 dynamic=tuple(k[len("optim."):] for k in adaptive
+                                               if k.startswith("optim.")))
   except (ValueError, KeyError) as e:
     raise TrainError(f"config.optim: {e}") from e
 

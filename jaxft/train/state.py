@@ -32,6 +32,10 @@ class TrainState:
     batch_stats: BatchNorm running statistics.
     opt_state: the optax state of ``params``.
     ema: the averaged params and statistics, or None when EMA is off.
+    reg: the adaptive weights in effect, ``{config key: float32 scalar}`` (``optim.weight_decay``,
+      ``loss.kd``, …; empty when none is adaptive): inputs of the train step, moved between steps by
+      :mod:`jaxft.train.controller`.
+    reg_mode: the controller's memory of each, ``{config key: int32}`` (:data:`jaxft.adapt.UP` …).
   """
 
   step: Any
@@ -40,11 +44,14 @@ class TrainState:
   batch_stats: Tree
   opt_state: Any
   ema: Ema | None = None
+  reg: dict[str, Any] = flax.struct.field(default_factory=dict)
+  reg_mode: dict[str, Any] = flax.struct.field(default_factory=dict)
 
   @classmethod
   def create(cls, trainable: Tree, frozen: Tree, batch_stats: Tree, opt_state: Any,
-             ema: bool = False) -> "TrainState":
-    """Returns the state at step 0; with ``ema`` the average starts as a copy of the weights.
+             ema: bool = False, reg: tuple[dict[str, Any], dict[str, Any]] = ({}, {})) -> "TrainState":
+    """Returns the state at step 0; with ``ema`` the average starts as a copy of the weights; ``reg``
+    is the adaptive weights' ``(values, modes)`` (:func:`jaxft.adapt.initial`).
 
     Copies, because the state is donated to the step: no two of its leaves may share a buffer.
     Nothing passed in is mutated.
@@ -54,7 +61,7 @@ class TrainState:
       average = jax.tree.map(lambda a: np.array(a, copy=True),
                              Ema(params=trainable, batch_stats=batch_stats))
     return cls(step=np.int32(0), params=trainable, frozen=frozen, batch_stats=batch_stats,
-               opt_state=opt_state, ema=average)
+               opt_state=opt_state, ema=average, reg=dict(reg[0]), reg_mode=dict(reg[1]))
 
   def variables(self) -> dict[str, Tree]:
     """The network's variables ``{'params': trainable + frozen, 'batch_stats'}`` (a new dict)."""
@@ -76,6 +83,23 @@ class TrainState:
       ema = Ema(params=self._split(ema_variables["params"])[0], batch_stats=ema_variables["batch_stats"])
     return self.replace(step=np.int32(step), params=params, frozen=frozen,
                         batch_stats=variables["batch_stats"], opt_state=opt_state, ema=ema)
+
+  def reg_record(self) -> dict[str, list[float | int]]:
+    """The adaptive weights as JSON data, ``{key: [value, mode]}`` (float32 values as exact floats)."""
+    values, modes = jax.device_get((self.reg, self.reg_mode))
+    return {k: [float(values[k]), int(modes[k])] for k in sorted(values)}
+
+  def with_reg_record(self, record: dict[str, Any]) -> "TrainState":
+    """A state holding the adaptive weights of ``record`` (from :meth:`reg_record`); not mutated.
+
+    Raises:
+      ValueError: ``record`` names other weights than this state has.
+    """
+    if sorted(record) != sorted(self.reg):
+      raise ValueError(f"adaptive weights saved: {sorted(record) or 'none'}; this config's: "
+                       f"{sorted(self.reg) or 'none'}")
+    return self.replace(reg={k: np.float32(record[k][0]) for k in self.reg},
+                        reg_mode={k: np.int32(record[k][1]) for k in self.reg})
 
   def _split(self, params: Tree) -> tuple[dict[str, Any], dict[str, Any]]:
     trainable = set(paths.flatten(self.params))

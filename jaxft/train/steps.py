@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxft import adapt
 from jaxft import ema as ema_lib
 from jaxft import losses
 from jaxft.data import transforms
@@ -23,6 +24,7 @@ from jaxft.train.objective import Objective, TeacherNet, loss_terms
 from jaxft.train.state import TrainState
 
 Array = jax.Array
+REG_METRIC = "reg/"  # metrics ``reg/<config key>``: the adaptive weights in effect at the step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +82,20 @@ def _metrics(loss: Array, terms: dict[str, Array], out: dict[str, Any], t_out: d
   return metrics
 
 
+def _reweighted(terms: dict[str, tuple[Any, Array]], reg: dict[str, Array]
+                ) -> dict[str, tuple[Any, Array]]:
+  """``terms`` with the weight of each term ``t`` that is adaptive (``reg['loss.t']``) read from the
+  state (a new dict)."""
+  return {k: (reg.get(adapt.LOSS_PREFIX + k, w), v) for k, (w, v) in terms.items()}
+
+
+def _dropout_override(net: Any, reg: dict[str, Array]) -> dict[str, Any]:
+  """``net.apply``'s ``head_dropout`` argument when ``model.dropout`` is adaptive (else nothing)."""
+  if "model.dropout" not in reg:
+    return {}
+  return {"head_dropout": {net.spec.heads[0].name: reg["model.dropout"]}}
+
+
 def make_train_step(net: Any, tx: optax.GradientTransformation, schedule: Callable[[Any], Any],
                     sc: StepConfig, seed: int, accumulate_steps: int = 1,
                     objective: Objective = Objective(), teacher: TeacherNet | None = None,
@@ -100,7 +116,8 @@ def make_train_step(net: Any, tx: optax.GradientTransformation, schedule: Callab
   Metrics: ``loss`` (the weighted sum), ``loss_<term>`` (each term unweighted), ``top1`` (and
   ``top1_<task>``) against the label of the image that dominates each mixed one, ``teacher_agreement``
   (share of the batch where student and teacher predict the same class), ``grad_norm``, ``param_norm``,
-  ``lr``.
+  ``lr``, and ``reg/<config key>`` for each adaptive weight (``state.reg``: the loss weights, the head
+  dropout rate and the optimizer's ``reg`` extra argument read it, so a move never recompiles).
   """
   base_key = jax.random.key(seed)
   num_classes = net.spec.num_classes
@@ -125,13 +142,17 @@ def make_train_step(net: Any, tx: optax.GradientTransformation, schedule: Callab
     def loss_fn(trainable: Any) -> tuple[Array, tuple[dict[str, Array], dict[str, Any], Any]]:
       variables = state.replace(params=trainable).variables()
       out, updates = net.apply(variables, x, train=True, mutable=["batch_stats"],
-                               rngs={"dropout": drop_key}, return_all=True)
-      terms = loss_terms(obj, out, targets, teacher, t_out, ref)
-      total = sum(w * v for w, v in terms.values() if w)
+                               rngs={"dropout": drop_key}, return_all=True,
+                               **_dropout_override(net, state.reg))
+      terms = _reweighted(loss_terms(obj, out, targets, teacher, t_out, ref), state.reg)
+      # A traced (adaptive) weight is always summed; a Python 0 turns its term off.
+      total = sum(w * v for w, v in terms.values() if not isinstance(w, (int, float)) or w)
       return total, ({k: v for k, (_, v) in terms.items()}, out, updates["batch_stats"])
 
     (loss, (terms, out, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    optim_reg = {k: v for k, v in state.reg.items() if k.startswith("optim.")}
+    updates, opt_state = tx.update(grads, state.opt_state, state.params,
+                                   **({"reg": optim_reg} if optim_reg else {}))
     params = optax.apply_updates(state.params, updates)
     ema = state.ema
     if ema is not None:  # the EMA of the weights (and BN statistics), after the update
@@ -140,7 +161,9 @@ def make_train_step(net: Any, tx: optax.GradientTransformation, schedule: Callab
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               batch_stats=batch_stats, ema=ema)
     lr = schedule(state.step // accumulate_steps)  # the schedule counts optimizer steps
-    return new_state, _metrics(loss, terms, out, t_out, labels, lam, norm, grads, params, lr)
+    metrics = _metrics(loss, terms, out, t_out, labels, lam, norm, grads, params, lr)
+    metrics.update({f"{REG_METRIC}{k}": v for k, v in state.reg.items()})  # the values in effect
+    return new_state, metrics
 
   return train_step
 
