@@ -169,6 +169,7 @@ def test_restore_mid_epoch_gives_the_same_next_batches(folder):
   assert not np.array_equal(whole[0][1], _batches(_train(src, seed=2), 0, 1)[0][1])  # seed matters
 
 
+@pytest.mark.slow  # starts two grain worker processes (~10 s on 2 cores)
 def test_same_batches_whatever_the_worker_and_thread_count(folder):
   src = stream.open_folder(f"folder:{folder}")
   ds = _train(src)
@@ -231,6 +232,13 @@ def test_bad_options_and_sources_are_clear_errors(folder, tmp_path):
     stream.open_folder("cifar:/x")
   with pytest.raises(DataError, match="is not a directory"):
     stream.open_folder(f"folder:{tmp_path / 'nope'}")
+
+
+def test_missing_grain_is_one_clear_error(folder, monkeypatch):
+  src = stream.open_folder(f"folder:{folder}")
+  monkeypatch.setitem(sys.modules, "grain", None)  # import grain → ImportError
+  with pytest.raises(DataError, match=r"needs grain, which is not installed; pip install 'jaxft\[stream\]'"):
+    _train(src)
 
 
 # --- bad data --------------------------------------------------------------------------------------------

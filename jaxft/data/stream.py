@@ -42,6 +42,20 @@ SCAN_POOL_MIN_FILES = 4096
 _READ_ERRORS = decode._DECODE_ERRORS  # pylint: disable=protected-access
 
 
+def _grain() -> Any:
+  """The grain module, imported on first use (it imports JAX).
+
+  Raises:
+    DataError: grain is not installed.
+  """
+  try:
+    import grain  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise DataError("the streaming pipeline needs grain, which is not installed; "
+                    "pip install 'jaxft[stream]' (or pip install grain)") from None
+  return grain
+
+
 # --- sources ------------------------------------------------------------------------------------------
 
 
@@ -114,7 +128,7 @@ def scan_files(paths: Sequence[str], num_workers: int = 0) -> list[str | None]:
   Returns:
     One entry per path, in order: None when it decodes to RGB, else the reason it does not.
   """
-  import grain  # pylint: disable=g-import-not-at-top
+  grain = _grain()
 
   if not paths:
     return []
@@ -282,7 +296,7 @@ def train_dataset(source: Source, options: StreamOptions, *, batch_size: int, se
     DataError: a source with fewer than two classes; a batch larger than the data, or not divisible by
       the host count; eval options.
   """
-  import grain  # pylint: disable=g-import-not-at-top
+  grain = _grain()
 
   p, count = _hosts(process_index, process_count)
   if not options.train:
@@ -306,7 +320,7 @@ def eval_dataset(source: Source, options: StreamOptions, *, batch_size: int,
   Raises:
     DataError: train options, or a batch size not divisible by the host count.
   """
-  import grain  # pylint: disable=g-import-not-at-top
+  grain = _grain()
 
   p, count = _hosts(process_index, process_count)
   if options.train:
@@ -353,7 +367,7 @@ class StreamIterator:
 
   def __init__(self, dataset: Any, start_step: int = 0, num_steps: int | None = None,
                num_workers: int = 0, num_threads: int = 2, worker_buffer: int = 2):
-    import grain  # pylint: disable=g-import-not-at-top
+    grain = _grain()
     import time  # pylint: disable=g-import-not-at-top
 
     if start_step < 0:
