@@ -338,3 +338,39 @@ def test_class_left_empty_by_skipping_is_an_error(tmp_path):
     p.write_bytes(b"")
   with pytest.raises(DataError, match=r"class folder\(s\) \['bee'\] .* hold no readable image"):
     stream.open_folder(f"folder:{root}", skip_corrupt=True)
+
+
+# --- training on the stream ---------------------------------------------------------------------------
+
+
+def test_stream_config_is_checked_before_anything_loads():
+  from jaxft import config as config_lib, validate
+
+  c = config_lib.default_config()
+  c.data.source = "sklearn:digits"
+  c.model.arch = "cifar_resnet8"
+  c.data.pipeline = "stream"
+  c.data.scale = (0.9, 0.2)
+  c.data.ratio = (0.5,)
+  problems = validate.validate(c, check_files=False)
+  assert "config.data.scale = (0.9, 0.2): must be a pair (lo, hi) with lo <= hi" in problems
+  assert any(p.startswith("config.data.ratio = (0.5,): must be a pair (lo, hi) of numbers") for p in problems)
+  c.data.scale, c.data.ratio = (0.2, 0.9), (0.5, 2.0)
+  assert validate.validate(c, check_files=False) == [
+      "config.data.image_size = 0: must be > 0 (the side of the crops it makes) when "
+      "config.data.pipeline = 'stream'"]
+
+
+@pytest.mark.slow  # one tiny training run (~20 s on 2 cores); exact resume: test_train_crash.py
+def test_training_streams_the_folder(tmp_path):
+  import json
+  from tests.test_train import tiny_config, write_folder
+  from jaxft import train
+
+  folder = write_folder(tmp_path / "data", size=40)  # 40 px files, 32 px crops: cropped on the host
+  kw = {"data.pipeline": "stream", "data.image_size": 32, "data.scale": (0.5, 1.0), "train.num_steps": 2}
+  result = train.train_and_evaluate(tiny_config(folder, tmp_path, **kw), tmp_path / "run")
+  assert result["step"] == 2 and result["n"] == 6
+  identity = json.loads((tmp_path / "run" / "data.json").read_text())
+  assert identity["train"]["image_shape"] is None and identity["train"]["n"] == 18  # files, streamed
+  assert identity["val"]["image_shape"] == [32, 32, 3]  # the eval transform's crops

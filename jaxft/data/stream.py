@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import logging
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -33,7 +34,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from jaxft.data import decode, host_transforms, pipeline, sources
+from jaxft.data import cache, decode, host_transforms, pipeline, sources
 from jaxft.data.dataset import DataError, Dataset
 
 MAX_LISTED = 5  # unreadable files named in the log / error
@@ -82,6 +83,25 @@ class FileSource:
     """``(path, label)`` of example ``i``."""
     return self.paths[i], int(self.labels[i])
 
+  @property
+  def num_classes(self) -> int:
+    """``len(class_names)``."""
+    return len(self.class_names)
+
+  def subset(self, indices: Sequence[int] | np.ndarray) -> FileSource:
+    """A new source of the examples at ``indices``, in that order (``self`` is not mutated)."""
+    idx = np.asarray(indices, np.int64)
+    return FileSource(tuple(self.paths[i] for i in idx), self.labels[idx], self.class_names, self.skipped)
+
+  def fingerprint(self) -> dict[str, Any]:
+    """What a workdir records of this data: count, classes, and the sha256 of every path, size, mtime
+    and label (the pixels are not read)."""
+    h = hashlib.sha256()
+    for p, label in zip(self.paths, self.labels.tolist()):
+      h.update(repr((p, *cache.file_stat(Path(p)), label)).encode())
+    return {"n": len(self), "class_names": list(self.class_names), "image_shape": None,
+            "sha256": h.hexdigest()}
+
 
 @dataclasses.dataclass(frozen=True)
 class ArraySource:
@@ -106,6 +126,24 @@ class ArraySource:
   def item(self, i: int) -> tuple[host_transforms.ImageInput, int]:
     """``(image uint8 [H, W, 3], label)`` of example ``i``."""
     return self.images[i], int(self.labels[i])
+
+  @property
+  def num_classes(self) -> int:
+    """``len(class_names)``."""
+    return len(self.class_names)
+
+  def subset(self, indices: Sequence[int] | np.ndarray) -> ArraySource:
+    """A new source of the examples at ``indices`` (copies; ``self`` is not mutated)."""
+    idx = np.asarray(indices, np.int64)
+    return ArraySource(self.images[idx], self.labels[idx], self.class_names)
+
+  def fingerprint(self) -> dict[str, Any]:
+    """As :func:`jaxft.train.workdir.data_identity` records a :class:`Dataset`."""
+    h = hashlib.sha256()
+    for a in (self.images, self.labels):
+      h.update(np.ascontiguousarray(a).data)
+    return {"n": len(self), "class_names": list(self.class_names),
+            "image_shape": list(self.images.shape[1:]), "sha256": h.hexdigest()}
 
 
 Source = FileSource | ArraySource
@@ -140,9 +178,10 @@ def scan_files(paths: Sequence[str], num_workers: int = 0) -> list[str | None]:
 
 
 def open_folder(source: str, split: str = "train", *, skip_corrupt: bool = False,
-                num_workers: int = 0) -> FileSource:
+                num_workers: int = 0, limit: int | None = None) -> FileSource:
   """Lists ``folder:PATH`` (as :func:`jaxft.data.load_source`: ``PATH/<class>/`` or
-  ``PATH/<split>/<class>/``) and checks every file once (:func:`scan_files`).
+  ``PATH/<split>/<class>/``; ``limit`` files taken round-robin over the classes) and checks every
+  file once (:func:`scan_files`).
 
   Unreadable files (corrupt, truncated, empty, not an image) are skipped when ``skip_corrupt``, with
   their count and the first :data:`MAX_LISTED` paths logged; otherwise they stop the load, listed.
@@ -161,7 +200,7 @@ def open_folder(source: str, split: str = "train", *, skip_corrupt: bool = False
   if not path.is_dir():
     raise DataError(f"data path {str(path)!r} (from source {source!r}) is not a directory; check the path")
   root = sources._folder_root(path.resolve(), split)  # pylint: disable=protected-access
-  class_names, files = sources._list_folder(root, None)  # pylint: disable=protected-access
+  class_names, files = sources._list_folder(root, limit)  # pylint: disable=protected-access
   verdicts = scan_files([str(f) for f, _ in files], num_workers)
   bad = [(str(f), why) for (f, _), why in zip(files, verdicts) if why is not None]
   if bad:
@@ -195,7 +234,8 @@ def open_source(source: str, split: str = "train", *, skip_corrupt: bool = False
     DataError: as :func:`open_folder` or :func:`jaxft.data.load_source`.
   """
   if source.startswith("folder:"):
-    return open_folder(source, split, skip_corrupt=skip_corrupt, num_workers=num_workers)
+    return open_folder(source, split, skip_corrupt=skip_corrupt, num_workers=num_workers,
+                       limit=load_kwargs.get("limit"))
   return ArraySource.from_dataset(sources.load_source(source, split=split, skip_corrupt=skip_corrupt,
                                                       **load_kwargs))
 
@@ -329,6 +369,21 @@ def eval_dataset(source: Source, options: StreamOptions, *, batch_size: int,
     raise DataError(f"eval batch_size {batch_size} must be positive and divisible by {count} hosts")
   fn = _Example(source, options, 0, batch_size, batch_size // count, p)
   return grain.MapDataset.range(p, len(source), count).map(fn).batch(batch_size // count)
+
+
+def eval_arrays(source: Source, options: StreamOptions, batch_size: int = 64) -> Dataset:
+  """Every example of ``source`` through the eval transform, once, as an in-memory :class:`Dataset`
+  (``uint8 [N, S, S, 3]``): the eval transform is deterministic, so validation decodes only once.
+
+  Returns:
+    A new Dataset (``skipped`` = the source's skipped files); ``source`` is not mutated.
+  """
+  ds = eval_dataset(source, options, batch_size=batch_size, process_index=0, process_count=1)
+  batches = list(ds.to_iter_dataset(_grain().ReadOptions(num_threads=2, prefetch_buffer_size=2)))
+  images = (np.concatenate([b["image"] for b in batches]) if batches
+            else np.zeros((0, options.size, options.size, 3), np.uint8))
+  return Dataset(images, np.asarray(source.labels, np.int32), source.class_names,
+                 skipped=len(getattr(source, "skipped", ())))
 
 
 def buffered_batches(num_workers: int, num_threads: int, worker_buffer: int) -> int:
