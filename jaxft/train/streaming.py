@@ -58,10 +58,15 @@ def load_stream_data(config: Config) -> tuple[stream.Source, data_lib.Dataset | 
 
 def train_batches(config: Config, train: stream.Source, start_step: int, num_steps: int) -> Any:
   """A :class:`~jaxft.data.stream.StreamIterator` over steps ``start_step …`` of ``train``: what
-  :func:`jaxft.data.iterate` yields, with the same examples at every step."""
+  :func:`jaxft.data.iterate` yields, with the same examples at every step.
+
+  Each process builds the whole global batch, as the in-memory pipeline does, because
+  ``DataMesh.shard`` takes global batches and keeps this process's rows; building only this host's
+  rows (``train_dataset(process_index=…)``) needs a shard that takes local ones.
+  """
   try:
     ds = stream.train_dataset(train, options(config, train=True), batch_size=config.train.batch_size,
-                              seed=config.seed)
+                              seed=config.seed, process_index=0, process_count=1)
   except data_lib.DataError as e:
     raise TrainError(str(e)) from None
   return stream.StreamIterator(ds, start_step, num_steps, num_workers=config.data.workers)
