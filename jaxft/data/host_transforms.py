@@ -22,7 +22,7 @@ from typing import Union
 import numpy as np
 from PIL import Image
 
-from jaxft.data import decode
+from jaxft.data import decode, host_augment
 
 Box = tuple[float, float, float, float]  # (left, top, right, bottom) in pixels, pillow's convention
 ImageInput = Union[str, Path, np.ndarray]  # a file to decode, or an already decoded uint8 [H, W, 3]
@@ -102,9 +102,12 @@ def _crop_resize(im: Image.Image, box: Box, size: int, draft: bool) -> np.ndarra
 def train_transform(image: ImageInput, rng: np.random.Generator, size: int,
                     scale: tuple[float, float] = DEFAULT_SCALE,
                     ratio: tuple[float, float] = DEFAULT_RATIO, flip: bool = True,
-                    draft: bool = True) -> np.ndarray:
+                    draft: bool = True, policy: str = "none", num_ops: int = 2, magnitude: int = 9,
+                    jitter: float = 0.0) -> np.ndarray:
   """Random-resized crop (:func:`random_resized_crop_box`) to ``size`` x ``size``, then a horizontal flip
-  with probability 1/2 when ``flip``; any pillow mode is converted to RGB (:func:`decode.to_rgb`).
+  with probability 1/2 when ``flip``, then colour ``jitter`` and the augmentation ``policy``
+  (:func:`jaxft.data.host_augment.augment`: ``none``, ``trivial``, ``randaugment`` with ``num_ops`` at
+  ``magnitude``); any pillow mode is converted to RGB (:func:`decode.to_rgb`).
 
   Returns:
     A new ``uint8 [size, size, 3]``. ``image`` is not modified; ``rng`` advances.
@@ -118,7 +121,8 @@ def train_transform(image: ImageInput, rng: np.random.Generator, size: int,
     out = _crop_resize(im, box, size, draft)
   if flip and rng.random() < 0.5:
     out = out[:, ::-1]
-  return np.ascontiguousarray(out)
+  out = np.ascontiguousarray(out)
+  return host_augment.augment(out, rng, policy, num_ops=num_ops, magnitude=magnitude, jitter=jitter)
 
 
 def eval_transform(image: ImageInput, size: int, crop_pct: float = DEFAULT_CROP_PCT,

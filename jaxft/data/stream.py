@@ -34,7 +34,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from jaxft.data import cache, decode, host_transforms, pipeline, sources
+from jaxft.data import cache, decode, host_augment, host_transforms, pipeline, sources
 from jaxft.data.dataset import DataError, Dataset
 
 MAX_LISTED = 5  # unreadable files named in the log / error
@@ -249,8 +249,9 @@ class StreamOptions:
 
   Attributes:
     size: output side in pixels.
-    train: random-resized crop (``scale``, ``ratio``) + ``flip``; else resize-shorter + centre crop
-      (``crop_pct``).
+    train: random-resized crop (``scale``, ``ratio``) + ``flip`` + ``color_jitter`` + the ``augment``
+      policy (``num_ops``, ``magnitude``: :mod:`jaxft.data.host_augment`); else resize-shorter + centre
+      crop (``crop_pct``).
     draft: decode JPEGs at the smallest DCT scale that keeps the crop at ``size`` or more.
   """
 
@@ -261,6 +262,10 @@ class StreamOptions:
   flip: bool = True
   crop_pct: float = host_transforms.DEFAULT_CROP_PCT
   draft: bool = True
+  augment: str = "none"  # train: a host_augment.POLICIES name
+  num_ops: int = 2  # randaugment: ops per image
+  magnitude: int = 9  # randaugment: 0 … 30
+  color_jitter: float = 0.0  # train: brightness / contrast / saturation strength
 
   def __post_init__(self) -> None:
     problems = []
@@ -272,6 +277,11 @@ class StreamOptions:
       problems.append(f"ratio must satisfy 0 < lo <= hi, got {self.ratio}")
     if not 0 < self.crop_pct <= 1:
       problems.append(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+    if self.augment not in host_augment.POLICIES:
+      problems.append(f"augment must be one of {host_augment.POLICIES}, got {self.augment!r}")
+    if not 0 <= self.magnitude < host_augment.MAGNITUDE_BINS or self.num_ops < 0 or self.color_jitter < 0:
+      problems.append(f"need 0 <= magnitude <= 30, num_ops >= 0, color_jitter >= 0; got "
+                      f"{self.magnitude}, {self.num_ops}, {self.color_jitter}")
     if problems:
       raise DataError("; ".join(problems))
 
@@ -304,7 +314,8 @@ class _Example:
     try:
       if o.train:
         rng = np.random.default_rng([self.seed, step, slot])
-        pixels = host_transforms.train_transform(image, rng, o.size, o.scale, o.ratio, o.flip, o.draft)
+        pixels = host_transforms.train_transform(image, rng, o.size, o.scale, o.ratio, o.flip, o.draft,
+                                                 o.augment, o.num_ops, o.magnitude, o.color_jitter)
       else:
         pixels = host_transforms.eval_transform(image, o.size, o.crop_pct, o.draft)
     except _READ_ERRORS as e:

@@ -23,7 +23,9 @@ def options(config: Config, train: bool) -> stream.StreamOptions:
   """The host transform of the train (``train``) or validation examples, from ``config.data``."""
   dc = config.data
   return stream.StreamOptions(size=dc.image_size, train=train, scale=tuple(dc.scale),
-                              ratio=tuple(dc.ratio), flip=dc.flip, crop_pct=dc.crop_pct)
+                              ratio=tuple(dc.ratio), flip=dc.flip, crop_pct=dc.crop_pct,
+                              augment=dc.augment, num_ops=dc.randaugment_ops,
+                              magnitude=dc.randaugment_magnitude, color_jitter=dc.color_jitter)
 
 
 def load_stream_data(config: Config) -> tuple[stream.Source, data_lib.Dataset | None]:
