@@ -374,3 +374,26 @@ def test_training_streams_the_folder(tmp_path):
   identity = json.loads((tmp_path / "run" / "data.json").read_text())
   assert identity["train"]["image_shape"] is None and identity["train"]["n"] == 18  # files, streamed
   assert identity["val"]["image_shape"] == [32, 32, 3]  # the eval transform's crops
+
+
+def _stream_config(folder: Path, tmp: Path, **overrides):
+  from tests.test_train import tiny_config
+  return tiny_config(folder, tmp, **{"data.pipeline": "stream", "data.image_size": 16, **overrides})
+
+
+def test_run_data_on_the_stream_is_checked_before_training(tmp_path):
+  from jaxft.train import setup
+  from jaxft.train.errors import TrainError
+
+  root = _write_folder(tmp_path / "d", per_class=4)
+  train, val = setup.load_data(_stream_config(root, tmp_path))
+  assert isinstance(train, stream.FileSource) and (len(train), len(val)) == (6, 2)
+  assert val.images.shape == (2, 16, 16, 3) and sorted(val.labels.tolist()) == [0, 1]
+  (root / "bee" / "00.png").write_bytes(b"")
+  with pytest.raises(TrainError, match=r"^1 unreadable image file\(s\) under .*00.png"):
+    setup.load_data(_stream_config(root, tmp_path))
+  train, _ = setup.load_data(_stream_config(root, tmp_path, **{"data.skip_corrupt": True}))
+  assert len(train) == 5 and len(train.skipped) == 1
+  one = _write_folder(tmp_path / "one", per_class=4, classes=("ant",))
+  with pytest.raises(TrainError, match="has a single class"):
+    setup.load_data(_stream_config(one, tmp_path))
