@@ -15,6 +15,11 @@ from PIL import Image
 from jaxft.data import DataError, host_transforms as ht, pipeline, sources, stream
 
 
+@pytest.fixture(autouse=True)
+def _cache_in_tmp(tmp_path, monkeypatch):
+  monkeypatch.setenv("JAXFT_CACHE_DIR", str(tmp_path / "cache"))  # never the user's ~/.cache
+
+
 def _gradient(width: int, height: int) -> np.ndarray:
   """R = x, G = y, B = 0: a pixel's value says where it came from."""
   x = np.broadcast_to(np.arange(width, dtype=np.uint8)[None, :], (height, width))
@@ -275,6 +280,23 @@ def test_unreadable_files_are_skipped_counted_and_logged(tmp_path, caplog):
   assert "skipped 4 unreadable image file(s)" in warnings and str(bad[0]) in warnings
   assert "ignored 1 file(s) without an image extension" in warnings and "notes.txt" in warnings
   assert len(_batches(_train(src, batch_size=6), 0, 2)) == 2  # what is left streams
+
+
+def test_the_file_check_is_cached_until_a_file_changes(tmp_path, monkeypatch):
+  root, bad = _bad_folder(tmp_path / "d")
+  first = stream.open_folder(f"folder:{root}", skip_corrupt=True)
+  assert list((tmp_path / "cache").glob("scan-d-*.json"))
+  calls = []
+  real = stream.scan_files
+  monkeypatch.setattr(stream, "scan_files", lambda paths, n=0: calls.append(len(paths)) or real(paths, n))
+  again = stream.open_folder(f"folder:{root}", skip_corrupt=True)
+  assert calls == [] and again.paths == first.paths and again.skipped == first.skipped  # from the cache
+  good = (root / "ant" / "00.jpg").read_bytes()
+  bad[2].write_bytes(good)  # the empty file is now a good image: its size changed
+  fixed = stream.open_folder(f"folder:{root}", skip_corrupt=True)
+  assert calls == [10] and len(fixed) == 7 and len(fixed.skipped) == 3
+  stream.open_folder(f"folder:{root}", skip_corrupt=True, cache_dir=False)
+  assert calls == [10, 10]
 
 
 def test_a_file_that_breaks_after_the_check_is_a_clear_error(tmp_path):

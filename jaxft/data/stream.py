@@ -27,7 +27,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import json
 import logging
+import os
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -177,11 +179,39 @@ def scan_files(paths: Sequence[str], num_workers: int = 0) -> list[str | None]:
   return [r or None for batch in it for r in batch]
 
 
+def _cached_scan(paths: list[str], num_workers: int, cache_dir: str | Path | None | bool,
+                 root: Path) -> list[str | None]:
+  """:func:`scan_files`, its verdicts kept in the cache directory (JSON) under a key of every path,
+  size and mtime, so that a rerun or resume of a large folder does not decode it all again."""
+  listing = [[p, *cache.file_stat(Path(p))] for p in paths]
+  where = cache.cache_file(cache_dir, "scan", root, {"version": 1, "listing": listing})
+  where = where.with_suffix(".json") if where is not None else None
+  if where is not None and where.is_file():
+    try:
+      verdicts = json.loads(where.read_text())
+      if isinstance(verdicts, list) and len(verdicts) == len(paths):
+        return [v if isinstance(v, str) else None for v in verdicts]
+    except (OSError, ValueError):
+      pass  # unreadable: check again and rewrite
+  verdicts = scan_files(paths, num_workers)
+  if where is not None:
+    try:
+      where.parent.mkdir(parents=True, exist_ok=True)
+      tmp = where.with_suffix(f".tmp{os.getpid()}")
+      tmp.write_text(json.dumps(verdicts))
+      os.replace(tmp, where)  # atomic: a reader sees the old file or the whole new one
+    except OSError as e:
+      logging.warning("could not cache the file check in %s (%s)", where, e)
+  return verdicts
+
+
 def open_folder(source: str, split: str = "train", *, skip_corrupt: bool = False,
-                num_workers: int = 0, limit: int | None = None) -> FileSource:
+                num_workers: int = 0, limit: int | None = None,
+                cache_dir: str | Path | None | bool = None) -> FileSource:
   """Lists ``folder:PATH`` (as :func:`jaxft.data.load_source`: ``PATH/<class>/`` or
   ``PATH/<split>/<class>/``; ``limit`` files taken round-robin over the classes) and checks every
-  file once (:func:`scan_files`).
+  file once (:func:`scan_files`; the verdicts are cached in ``cache_dir`` as
+  :func:`jaxft.data.load_source` caches arrays, ``False`` = no cache).
 
   Unreadable files (corrupt, truncated, empty, not an image) are skipped when ``skip_corrupt``, with
   their count and the first :data:`MAX_LISTED` paths logged; otherwise they stop the load, listed.
@@ -190,7 +220,8 @@ def open_folder(source: str, split: str = "train", *, skip_corrupt: bool = False
     A new :class:`FileSource`; no file is modified.
 
   Raises:
-    DataError: a missing folder, no class folders, a class folder without images, unreadable files (without ``skip_corrupt``), or a class whose every file is unreadable.
+    DataError: a missing folder, no class folders, a class folder without images, unreadable files
+      (without ``skip_corrupt``), or a class whose every file is unreadable.
   """
   scheme, _, rest = source.partition(":")
   if scheme != "folder" or not rest:
@@ -201,7 +232,7 @@ def open_folder(source: str, split: str = "train", *, skip_corrupt: bool = False
     raise DataError(f"data path {str(path)!r} (from source {source!r}) is not a directory; check the path")
   root = sources._folder_root(path.resolve(), split)  # pylint: disable=protected-access
   class_names, files = sources._list_folder(root, limit)  # pylint: disable=protected-access
-  verdicts = scan_files([str(f) for f, _ in files], num_workers)
+  verdicts = _cached_scan([str(f) for f, _ in files], num_workers, cache_dir, root)
   bad = [(str(f), why) for (f, _), why in zip(files, verdicts) if why is not None]
   if bad:
     listed = "; ".join(f"{p} ({why})" for p, why in bad[:MAX_LISTED])
@@ -235,7 +266,7 @@ def open_source(source: str, split: str = "train", *, skip_corrupt: bool = False
   """
   if source.startswith("folder:"):
     return open_folder(source, split, skip_corrupt=skip_corrupt, num_workers=num_workers,
-                       limit=load_kwargs.get("limit"))
+                       limit=load_kwargs.get("limit"), cache_dir=load_kwargs.get("cache_dir"))
   return ArraySource.from_dataset(sources.load_source(source, split=split, skip_corrupt=skip_corrupt,
                                                       **load_kwargs))
 
