@@ -176,6 +176,19 @@ def _data() -> _Section:
   # Per-image probability of erasing a random box (after normalising).
   s.random_erasing = field(0.0, v.PROBABILITY)
   s.cache_dir = field("", v.text)  # '' = $JAXFT_CACHE_DIR or ~/.cache/jaxft
+  # memory: decode every image once, at image_size, augment on device (crop_padding, flip); stream: grain
+  # (pip install jaxft[stream]) decodes per step: train random-resized crop (scale, ratio) + flip, val
+  # resize shorter side + centre crop (crop_pct), both to image_size, on the host.
+  s.pipeline = field("memory", v.one_of(("memory", "stream")))
+  s.scale = field((0.08, 1.0), v.interval(0, 1, lo_open=True))  # stream: crop area fraction range
+  s.ratio = field((3 / 4, 4 / 3), v.interval(0, 100, lo_open=True))  # stream: crop width / height range
+  s.crop_pct = field(0.875, v.number(0, 1, lo_open=True))  # stream: val crop side / resized shorter side
+  s.workers = field(0, v.COUNT)  # stream: grain worker processes (0 = threads of this process only)
+  # stream: a host augmentation policy after the crop and flip (none | trivial | randaugment).
+  s.augment = field("none", v.one_of(v.lazy("jaxft.data.host_augment", "POLICIES")))
+  s.randaugment_ops = field(2, v.COUNT)  # stream, randaugment: ops per image
+  s.randaugment_magnitude = field(9, v.number(0, 30, integer=True))  # stream, randaugment: of 30
+  s.color_jitter = field(0.0, v.NON_NEGATIVE)  # stream: brightness/contrast/saturation strength; 0 = off
   return s
 
 

@@ -92,6 +92,19 @@ POSITIVE_COUNT = number(1, integer=True)  # an integer >= 1
 SEED = number(0, 2 ** 32 - 1, integer=True)
 
 
+def interval(lo: float, hi: float, *, lo_open: bool = False) -> Check:
+  """A pair ``(a, b)`` of numbers with ``a <= b``, both in the given range."""
+  each = number(lo, hi, lo_open=lo_open)
+
+  def check(v: Any) -> str | None:
+    v = _plain(v)
+    if not isinstance(v, (tuple, list)) or len(v) != 2 or any(each(x) for x in v):
+      return f"must be a pair (lo, hi) of numbers {_range_words(lo, hi, lo_open, False)}"
+    return None if v[0] <= v[1] else "must be a pair (lo, hi) with lo <= hi"
+
+  return check
+
+
 def flag(v: Any) -> str | None:
   """``True`` or ``False``."""
   return None if isinstance(v, bool) else "must be True or False"
@@ -317,6 +330,12 @@ def _cross_field(config: ml_collections.ConfigDict) -> list[str]:
   if config.loss.delta and config.model.pretrained == "":
     out.append(f"config.loss.delta = {config.loss.delta}: needs pretrained weights to stay close to "
                "(set config.model.pretrained, or loss.delta = 0)")
+  if config.data.pipeline == "stream" and config.data.image_size == 0:
+    out.append("config.data.image_size = 0: must be > 0 (the side of the crops it makes) when "
+               "config.data.pipeline = 'stream'")
+  if config.data.pipeline == "stream" and config.data.per_class:
+    out.append(f"config.data.per_class = {config.data.per_class}: only the in-memory pipeline takes it "
+               "(set config.data.pipeline = 'memory', or data.per_class = 0)")
   return out
 
 

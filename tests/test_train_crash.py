@@ -32,11 +32,17 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
   return root
 
 
-def _args(folder: Path, tmp: Path, workdir: Path, steps: int) -> list[str]:
+# The streaming pipeline, host crops in grain threads (with --config.data.workers=2 the CLI's spawned
+# workers pass this test too, but take ~3x as long on 2 cores; tests/test_stream.py checks that the
+# worker count changes no batch).
+STREAM = ("--config.data.pipeline=stream", "--config.data.image_size=32")
+
+
+def _args(folder: Path, tmp: Path, workdir: Path, steps: int, extra: tuple[str, ...] = ()) -> list[str]:
   return [sys.executable, "-m", "jaxft.train", "--config", "configs/tiny.py",
           f"--config.data.source=folder:{folder}", f"--config.data.cache_dir={tmp / 'cache'}",
           f"--config.train.num_steps={steps}", "--config.train.checkpoint_every=2",
-          "--config.train.eval_every=0", "--workdir", str(workdir)]
+          "--config.train.eval_every=0", "--workdir", str(workdir), *extra]
 
 
 def _variables(workdir: Path) -> dict[str, np.ndarray]:
@@ -44,15 +50,16 @@ def _variables(workdir: Path) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.slow
-def test_kill_9_then_rerun_gives_the_uninterrupted_result(folder, tmp_path):
+@pytest.mark.parametrize("extra", [(), STREAM], ids=["memory", "stream"])
+def test_kill_9_then_rerun_gives_the_uninterrupted_result(folder, tmp_path, extra):
   steps = 40
   straight = tmp_path / "straight"
-  r = subprocess.run(_args(folder, tmp_path, straight, steps), cwd=REPO, capture_output=True,
+  r = subprocess.run(_args(folder, tmp_path, straight, steps, extra), cwd=REPO, capture_output=True,
                      text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
 
   crashed = tmp_path / "crashed"
-  proc = subprocess.Popen(_args(folder, tmp_path, crashed, steps), cwd=REPO,
+  proc = subprocess.Popen(_args(folder, tmp_path, crashed, steps, extra), cwd=REPO,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   ckpts = crashed / "checkpoints"
   deadline = time.time() + 300
@@ -68,7 +75,7 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_result(folder, tmp_path):
   # The killed run's lock file is left behind naming it, but its flock died with it: no stale lock.
   assert f"pid {proc.pid} " in (crashed / ".lock").read_text()
 
-  r = subprocess.run(_args(folder, tmp_path, crashed, steps), cwd=REPO, capture_output=True,
+  r = subprocess.run(_args(folder, tmp_path, crashed, steps, extra), cwd=REPO, capture_output=True,
                      text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   assert "resuming" in r.stderr

@@ -8,6 +8,8 @@ image transforms. The names below are re-exported from the submodules, imported 
 * :mod:`~jaxft.data.pipeline` — validation split, batch indices as a function of ``(seed, step)``,
   background prefetch.
 * :mod:`~jaxft.data.transforms` — crop, flip, resize, normalise, mixup, cutmix, random erasing.
+* :mod:`~jaxft.data.stream` — the streaming pipeline on grain (imported only when used: grain loads JAX).
+* :mod:`~jaxft.data.host_transforms` — random-resized crop, flip, resize-shorter + centre crop, per image.
 
 See docs/data.md.
 """
@@ -28,7 +30,8 @@ _NAMES = {
                  "Prefetcher", "iterate"),
     "transforms": ("normalize", "augment", "preprocess_eval"),
 }
-_SUBMODULES = ("cache", "dataset", "decode", "pipeline", "sources", "transforms")
+_SUBMODULES = ("cache", "dataset", "decode", "host_transforms", "pipeline", "sources", "stream",
+               "transforms")
 
 __getattr__, __dir__, __all__ = _lazy.attach(
     __name__, {name: '.' + module for module, names in _NAMES.items() for name in names}, _SUBMODULES)

@@ -128,14 +128,19 @@ def _list_folder(root: Path, limit: int | None) -> tuple[tuple[str, ...], list[t
   if not classes:
     raise DataError(f"folder {str(root)!r} has no class sub-folders; expected PATH/<class>/<image> "
                     "(one sub-folder per class)")
-  per_class = [sorted(f for f in c.iterdir() if f.is_file() and not f.name.startswith(".")
-                      and f.suffix.lower() in IMAGE_EXTENSIONS) for c in classes]
-  for c, fs in zip(classes, per_class):
-    if not fs:
-      logging.warning("class folder %s holds no images (extensions %s)", c, sorted(IMAGE_EXTENSIONS))
+  listed = [sorted(f for f in c.iterdir() if f.is_file() and not f.name.startswith(".")) for c in classes]
+  per_class = [[f for f in fs if f.suffix.lower() in IMAGE_EXTENSIONS] for fs in listed]
+  others = [f for fs in listed for f in fs if f.suffix.lower() not in IMAGE_EXTENSIONS]
+  if others:  # counted, so that nothing is lost silently
+    logging.warning("ignored %d file(s) without an image extension under %s, first: %s", len(others),
+                    root, ", ".join(str(f) for f in others[:5]))
   if not any(per_class):
     raise DataError(f"folder {str(root)!r} holds no image files (extensions "
                     f"{', '.join(sorted(IMAGE_EXTENSIONS))}) in its class sub-folders")
+  empty = [c.name for c, fs in zip(classes, per_class) if not fs]
+  if empty:
+    raise DataError(f"class folder(s) {empty} under {str(root)!r} hold no image files (extensions "
+                    f"{', '.join(sorted(IMAGE_EXTENSIONS))}); add images or remove the folder(s)")
   if limit is None:
     files = [(f, label) for label, fs in enumerate(per_class) for f in fs]
   else:

@@ -196,8 +196,7 @@ def _run_steps(config: ml_collections.ConfigDict, workdir: Path, run: "_Run", st
                          total_steps=run.total_steps, log_every=config.train.log_every,
                          checkpoint_dir=workdir / ckpt_lib.CHECKPOINTS_SUBDIR,
                          last_good=run.mngr.latest_step())
-  batches = data_lib.iterate(train_ds, config.train.batch_size, seed=config.seed, start_step=start,
-                             num_steps=run.total_steps - start)
+  batches = setup.train_batches(config, train_ds, start, run.total_steps - start)
   run = dataclasses.replace(run, monitor=monitor, writer=writer)
   try:
     state, val, interrupted = _train(run, state, batches)

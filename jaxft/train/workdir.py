@@ -119,6 +119,8 @@ def check_workdir_config(workdir: Path, config: ml_collections.ConfigDict,
 
 
 def _fingerprint(ds: data_lib.Dataset) -> dict[str, Any]:
+  if not isinstance(ds, data_lib.Dataset):  # a stream source (jaxft.data.stream) says what it is
+    return ds.fingerprint()
   h = hashlib.sha256()
   for a in (ds.images, ds.labels):
     h.update(np.ascontiguousarray(a).data)
