@@ -153,6 +153,7 @@ def _error_lines(sweep_dir: Path, i: int) -> list[str]:
 
 def _coordinate(f: Any, config: Any, space: Any, sweep_dir: Path) -> tuple[int, list[str]]:
   """The coordinator: study, requeue, workers, results (module docstring)."""
+  from optuna.trial import TrialState  # pylint: disable=g-import-not-at-top
   from jaxft.sweep import results  # pylint: disable=g-import-not-at-top
   from jaxft.sweep import storage as storage_lib  # pylint: disable=g-import-not-at-top
   sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -165,7 +166,10 @@ def _coordinate(f: Any, config: Any, space: Any, sweep_dir: Path) -> tuple[int, 
       print(f"trial(s) {', '.join(map(str, requeued))} were running when this sweep stopped: they "
             "resume from their last checkpoint", flush=True)
     print(f"study {f.study!r}: {f.trials} trials, {f.workers} worker(s), in {sweep_dir}", flush=True)
-    code, lines = _wait(_start_workers(f.workers, lock.fd, sweep_dir), study, sweep_dir)
+    trials = study.get_trials(deepcopy=False)
+    done = (sum(storage_lib.counted(t) for t in trials) >= f.trials
+            and not any(t.state == TrialState.WAITING for t in trials))
+    code, lines = (0, []) if done else _wait(_start_workers(f.workers, lock.fd, sweep_dir), study, sweep_dir)
     text, files = results.write(study, space, config, sweep_dir)
   print(text)
   print("\n".join(files), flush=True)
@@ -188,6 +192,8 @@ def main(argv: list[str]) -> None:
   """CLI entry point (module docstring); every failure is one line per problem and an exit code."""
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
+  import optuna  # pylint: disable=g-import-not-at-top
+  optuna.logging.set_verbosity(optuna.logging.WARNING)  # the CLI prints each trial itself
   f = flags.FLAGS
   try:
     config, space, sweep_dir = _inputs(f)

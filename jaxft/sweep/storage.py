@@ -154,8 +154,14 @@ def open_study(storage: optuna.storages.BaseStorage, name: str, space: space_lib
     TrainError: the existing study was created with a different space or base config (nothing is
       written; exit code 2).
   """
-  study = optuna.create_study(storage=storage, study_name=name, direction="maximize",
-                              load_if_exists=True, pruner=pruner)
+  try:  # loaded first: creating an existing study would still append a record to a journal
+    study = optuna.load_study(study_name=name, storage=storage, pruner=pruner)
+  except KeyError:
+    study = optuna.create_study(storage=storage, study_name=name, direction="maximize",
+                                load_if_exists=True, pruner=pruner)
+  if study.direction != optuna.study.StudyDirection.MAXIMIZE:
+    raise TrainError(f"study {name!r} already exists and minimises; a jaxft sweep maximises validation "
+                     "top-1: use another --study")
   attrs = study.user_attrs
   if SPACE_ATTR in attrs:
     diff = space_lib.space_diff(attrs[SPACE_ATTR], space)
