@@ -4,6 +4,7 @@ a killed sweep's trials, pruning, the CLI's one-line errors, and end to end (kil
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
 import shutil
@@ -84,6 +85,34 @@ def test_space_value_that_is_no_distribution():
       "CategoricalDistribution (optuna.distributions)"]
 
 
+def test_from_json_config_runs_a_saved_config(tmp_path):
+  from configs import from_json  # pylint: disable=g-import-not-at-top
+  saved = space_lib.with_params(tiny.get_config(), {"optim.lr": 0.0123})
+  (tmp_path / "c.json").write_text(saved.to_json(indent=2))
+  loaded = from_json.get_config(str(tmp_path / "c.json"))
+  assert loaded.to_json() == saved.to_json() and loaded.is_locked
+  (tmp_path / "bad.json").write_text(json.dumps({"optim": {"lrr": 1.0}}))
+  with pytest.raises(KeyError, match="lrr"):
+    from_json.get_config(str(tmp_path / "bad.json"))
+
+
+def test_space_over_a_config_without_validation_is_refused():
+  base = space_lib.with_params(tiny.get_config(), {"data.val_fraction": 0.0})
+  assert space_lib.check_space(_space(), base) == [
+      "trials are scored by validation top-1, and the config has no validation set: set "
+      "config.data.val_fraction > 0 or config.data.val_source"]
+
+
+def test_a_second_sweep_in_the_same_dir_is_refused(tmp_path):
+  with storage_lib.SweepLock(tmp_path):
+    with pytest.raises(TrainError, match=r"is in use by another sweep") as e:
+      with storage_lib.SweepLock(tmp_path, wait_s=0.2):
+        pass
+  assert e.value.exit_code == 5
+  with storage_lib.SweepLock(tmp_path, wait_s=0.2):  # free again
+    pass
+
+
 def test_space_file_problems(tmp_path):
   (tmp_path / "none.py").write_text("X = 1\n")
   (tmp_path / "list.py").write_text("def get_space():\n  return [1]\n")
@@ -111,6 +140,8 @@ def test_unreachable_or_malformed_storage_is_one_clear_error(tmp_path):
   with pytest.raises(TrainError, match=r"cannot open the study storage .*check the URL, that the server runs") as e:
     storage_lib.open_storage(url, tmp_path)
   assert time.time() - t0 < 30 and "s3cret" not in str(e.value) and "127.0.0.1" in str(e.value)
+  if importlib.util.find_spec("psycopg"):  # with the driver, the server itself is what is missing
+    assert "OperationalError" in str(e.value)
   with pytest.raises(TrainError, match="not a database URL"):
     storage_lib.open_storage("my_study.db", tmp_path)
   assert list(tmp_path.iterdir()) == []  # nothing written
@@ -234,6 +265,21 @@ def test_cli_clash_and_unreachable_storage_keep_the_study(folder, tmp_path):
   assert "cannot open the study storage" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_cli_trial_error_that_would_repeat_stops_the_sweep(tmp_path):
+  empty = tmp_path / "empty"
+  (empty / "a").mkdir(parents=True)
+  (empty / "b").mkdir()
+  sweep_dir = tmp_path / "sweep"
+  r = _run(_sweep_cmd(empty, sweep_dir, "--trials=3"))
+  assert r.returncode == 2, r.stdout + r.stderr
+  errors = [l for l in r.stderr.splitlines() if l.startswith("error: ")]
+  assert len(errors) == 1 and errors[0].startswith("error: trial 0: "), r.stderr
+  study = optuna.load_study(study_name="tiny", storage=storage_lib.open_storage(None, sweep_dir))
+  [t] = study.trials  # failed, recorded, and not counted: a rerun after the fix replaces it
+  assert t.state == TrialState.FAIL and t.user_attrs[storage_lib.ERROR_ATTR] == errors[0][len("error: trial 0: "):]
+  assert not storage_lib.counted(t)
+
+
 # ---------------------------------------------------------------------------------------------------
 # End to end.
 
@@ -334,7 +380,7 @@ def _postgres(tmp_path: Path) -> tuple[str, list[str]]:
 
 @pytest.mark.slow
 def test_sweep_on_a_real_postgresql_server(folder, tmp_path):
-  pytest.importorskip("psycopg2", reason="psycopg2-binary (jaxft[sweep]) is needed for PostgreSQL")
+  pytest.importorskip("psycopg", reason="psycopg (jaxft[sweep]) is needed for PostgreSQL")
   url, stop = _postgres(tmp_path)
   try:
     r = _run(_sweep_cmd(folder, tmp_path / "sweep", "--trials=2", "--workers=2", f"--storage={url}"))

@@ -129,8 +129,8 @@ def _wait(procs: list[subprocess.Popen], study: Any, sweep_dir: Path) -> tuple[i
       failed = [(i, p.returncode) for i, p in enumerate(procs) if p.returncode not in (None, 0)]
       if (stop or failed) and not stopping:
         stopping = True
-        code = errors.EXIT_INTERRUPTED if stop else failed[0][1]
-        lines = [] if stop else _error_lines(sweep_dir, failed[0][0])
+        code = errors.EXIT_INTERRUPTED if stop else _exit_code(failed[0][1])
+        lines = [] if stop else _error_lines(sweep_dir, *failed[0])
         for p in procs:
           if p.poll() is None:
             p.send_signal(signal.SIGTERM)
@@ -140,12 +140,20 @@ def _wait(procs: list[subprocess.Popen], study: Any, sweep_dir: Path) -> tuple[i
   if not stopping:
     bad = [(i, p.returncode) for i, p in enumerate(procs) if p.returncode]
     if bad:
-      code, lines = bad[0][1], _error_lines(sweep_dir, bad[0][0])
+      code, lines = _exit_code(bad[0][1]), _error_lines(sweep_dir, *bad[0])
   return code, lines
 
 
-def _error_lines(sweep_dir: Path, i: int) -> list[str]:
+def _exit_code(returncode: int) -> int:
+  """A worker's exit status as the sweep's exit code: 128 + N when signal N killed it."""
+  return 128 - returncode if returncode < 0 else returncode
+
+
+def _error_lines(sweep_dir: Path, i: int, returncode: int) -> list[str]:
   """The ``error:`` lines worker ``i`` ended with (its log's tail otherwise)."""
+  if returncode < 0:
+    return [f"worker {i} was killed by signal {-returncode} ({signal.Signals(-returncode).name}); its trial "
+            "resumes from its checkpoint when you rerun the same command"]
   log = (sweep_dir / "logs" / f"worker{i}.log").read_text(errors="replace").splitlines()
   found = [l[len("error: "):] for l in log if l.startswith("error: ")]
   return found[-5:] or [f"worker {i} failed; see {sweep_dir / 'logs' / f'worker{i}.log'}"]

@@ -132,8 +132,11 @@ def _key_problems(key: str, dist: Any, base: ml_collections.ConfigDict) -> list[
 
 def check_space(space: Mapping[str, Any], base: ml_collections.ConfigDict) -> list[str]:
   """One line per problem of ``space`` over the config ``base`` (empty when every trial's config will be
-  valid as far as the schema can tell); neither is mutated."""
+  valid as far as the schema can tell, and has a validation set to be scored on); neither is mutated."""
   out = []
+  if not base.data.val_source and not base.data.val_fraction:
+    out.append("trials are scored by validation top-1, and the config has no validation set: set "
+               "config.data.val_fraction > 0 or config.data.val_source")
   for key, dist in space.items():
     out += _key_problems(str(key), dist, base)
   return out
