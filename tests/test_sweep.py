@@ -185,6 +185,23 @@ def test_requeue_resumes_own_running_trials_under_the_same_number(tmp_path):
                                                                                       ownerless.number]
 
 
+def test_requeue_takes_a_silent_machine_s_trials_for_dead_and_a_heartbeat_keeps_them(tmp_path):
+  storage = _journal(tmp_path)
+  study = storage_lib.open_study(storage, "s", _space(), tiny.get_config(), optuna.pruners.NopPruner())
+  silent, alive = study.ask(_space()), study.ask(_space())
+  for t in (silent, alive):
+    t.set_user_attr(storage_lib.OWNER_ATTR, "elsewhere:/sweep")
+  silent.set_user_attr(storage_lib.HEARTBEAT_ATTR, time.time() - 700)
+  with worker.Heartbeat(alive, every_s=0.05):
+    time.sleep(0.3)
+  beat = study.trials[alive.number].user_attrs[storage_lib.HEARTBEAT_ATTR]
+  assert time.time() - beat < 1 and storage_lib.last_beat(study.trials[alive.number]) == beat
+  me = storage_lib.owner(tmp_path)
+  assert storage_lib.requeue_own_trials(storage, study, me, claim_ownerless=False) == []
+  assert storage_lib.requeue_own_trials(storage, study, me, False, stale_s=600) == [silent.number]
+  assert [t.state for t in study.get_trials()] == [TrialState.WAITING, TrialState.RUNNING]
+
+
 def test_claim_stops_at_the_budget_and_counts_diverged_but_not_failed(tmp_path):
   storage = _journal(tmp_path)
   study = storage_lib.open_study(storage, "s", _space(), tiny.get_config(), optuna.pruners.NopPruner())
@@ -342,7 +359,7 @@ def test_sweep_killed_mid_way_and_rerun_finishes_without_duplicates(folder, tmp_
 
   r = _run(cmd, timeout=600)
   assert r.returncode == 0, r.stdout + r.stderr
-  assert f"trial(s) {', '.join(map(str, running))} were running when this sweep stopped" in r.stdout
+  assert f"trial(s) {', '.join(map(str, running))} were running when this sweep" in r.stdout
   _check_done(study(), 6, sweep_dir)
   logs = "".join(p.read_text() for p in (sweep_dir / "logs").iterdir())
   assert "resuming" in logs  # a requeued trial continued from its checkpoint

@@ -31,6 +31,7 @@ from jaxft.train.errors import TrainError
 
 POLL_S = 1.0  # how often the coordinator looks at its workers and the study
 PR_SET_PDEATHSIG = 1  # <sys/prctl.h>
+HEARTBEATS_PER_STALE = 5  # a live trial misses this many heartbeats in a row before it is taken for dead
 
 
 def define_flags() -> None:
@@ -45,6 +46,8 @@ def define_flags() -> None:
   flags.DEFINE_integer("workers", 1, "Worker processes on this machine.", lower_bound=1)
   flags.DEFINE_integer("startup_trials", 5, "Trials that finish before the median pruner stops any.",
                        lower_bound=0)
+  flags.DEFINE_integer("stale_after", 600, "With --storage: a running trial whose heartbeat is older than "
+                       "this many seconds is taken for dead (its machine) and requeued.", lower_bound=60)
   flags.DEFINE_integer("worker", None, "Internal: run as worker I of a sweep.")
 
 
@@ -169,10 +172,11 @@ def _coordinate(f: Any, config: Any, space: Any, sweep_dir: Path) -> tuple[int, 
     storage = storage_lib.open_storage(f.storage, sweep_dir)
     study = storage_lib.open_study(storage, f.study, space, config, _pruner(f))
     me = storage_lib.owner(sweep_dir)
-    requeued = storage_lib.requeue_own_trials(storage, study, me, claim_ownerless=not f.storage)
+    requeued = storage_lib.requeue_own_trials(storage, study, me, claim_ownerless=not f.storage,
+                                              stale_s=f.stale_after if f.storage else None)
     if requeued:
-      print(f"trial(s) {', '.join(map(str, requeued))} were running when this sweep stopped: they "
-            "resume from their last checkpoint", flush=True)
+      print(f"trial(s) {', '.join(map(str, requeued))} were running when this sweep (or, silent for "
+            f"--stale_after, another) stopped: they resume from their last checkpoint", flush=True)
     print(f"study {f.study!r}: {f.trials} trials, {f.workers} worker(s), in {sweep_dir}", flush=True)
     trials = study.get_trials(deepcopy=False)
     done = (sum(storage_lib.counted(t) for t in trials) >= f.trials
@@ -193,7 +197,9 @@ def _work(f: Any, config: Any, space: Any, sweep_dir: Path) -> tuple[int, list[s
   from jaxft.sweep import worker  # pylint: disable=g-import-not-at-top
   storage = storage_lib.open_storage(f.storage, sweep_dir)
   study = optuna.load_study(study_name=f.study, storage=storage, pruner=_pruner(f))
-  return worker.work(study, space, config, sweep_dir, f.trials, storage_lib.owner(sweep_dir))
+  # Heartbeats only for a shared (RDB) study: a journal file in the sweep dir has no other user.
+  heartbeat_s = f.stale_after / HEARTBEATS_PER_STALE if f.storage else None
+  return worker.work(study, space, config, sweep_dir, f.trials, storage_lib.owner(sweep_dir), heartbeat_s)
 
 
 def main(argv: list[str]) -> None:

@@ -11,7 +11,10 @@
 * **A killed sweep.** Each trial records its owner (host and sweep dir). A rerun in the same sweep dir
   (which one process group holds at a time, :class:`SweepLock`) puts the trials its owner left RUNNING
   back in the queue (WAITING) under the same number and parameters; the worker that takes one resumes
-  its workdir from the last checkpoint. Trials of other owners are theirs to resume.
+  its workdir from the last checkpoint. Trials of other owners are theirs to resume — unless, on a
+  shared RDB study, their heartbeat is older than ``--stale_after``: then their machine is taken for dead
+  and any sweep requeues them. (Optuna's own heartbeats fail a stale trial and retry it under a new
+  number; requeueing keeps the number, so a trial's workdir and checkpoints stay its own.)
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ JOURNAL_FILE = "study.journal"
 OWNER_ATTR = "jaxft_owner"  # trial user attribute: host:sweep dir of the sweep that runs it
 DIVERGED_ATTR = "jaxft_diverged"  # trial user attribute: it failed by a non-finite loss (counts as done)
 ERROR_ATTR = "jaxft_error"  # trial user attribute: why it failed
+HEARTBEAT_ATTR = "jaxft_heartbeat"  # trial user attribute: epoch seconds its worker last said it was alive
 SPACE_ATTR, CONFIG_ATTR = "jaxft_space", "jaxft_config"  # study user attributes
 
 
@@ -180,21 +184,33 @@ def open_study(storage: optuna.storages.BaseStorage, name: str, space: space_lib
   return study
 
 
+def last_beat(trial: optuna.trial.FrozenTrial) -> float:
+  """When a running trial's worker last said it was alive (its heartbeat, else its start), epoch seconds."""
+  beat = trial.user_attrs.get(HEARTBEAT_ATTR)
+  if beat is not None:
+    return float(beat)
+  return trial.datetime_start.timestamp() if trial.datetime_start else time.time()
+
+
 def requeue_own_trials(storage: optuna.storages.BaseStorage, study: optuna.Study, me: str,
-                       claim_ownerless: bool) -> list[int]:
+                       claim_ownerless: bool, stale_s: float | None = None) -> list[int]:
   """Puts back in the queue (RUNNING → WAITING, same number and parameters) the trials owned by ``me``,
-  and with ``claim_ownerless`` those with no owner yet (killed between creation and tagging: only
-  safe when this sweep is the storage's only user, as with the default journal file).
+  with ``claim_ownerless`` those with no owner yet (killed between creation and tagging: only safe
+  when this sweep is the storage's only user, as with the default journal file), and with ``stale_s``
+  those of any owner whose heartbeat (:data:`HEARTBEAT_ATTR`) is older than that (a machine sharing
+  the study that died and never came back; the trial restarts from step 0 unless this sweep dir has
+  its checkpoint).
 
   Only call while holding the sweep dir's :class:`SweepLock`: then none of ``me``'s trials is alive.
 
   Returns:
     The numbers of the trials requeued.
   """
-  out = []
+  out, now = [], time.time()
   for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
     who = t.user_attrs.get(OWNER_ATTR)
-    if who == me or (who is None and claim_ownerless):
+    stale = stale_s is not None and now - last_beat(t) > stale_s
+    if who == me or (who is None and claim_ownerless) or stale:
       # FrozenTrial._trial_id is the storage's key for the trial; Optuna exposes no other handle.
       storage.set_trial_state_values(t._trial_id, TrialState.WAITING)  # pylint: disable=protected-access
       out.append(t.number)

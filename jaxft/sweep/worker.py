@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -67,8 +69,44 @@ def _stored(trial: optuna.Trial) -> optuna.trial.FrozenTrial:
   return next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
 
 
+class Heartbeat:
+  """``with Heartbeat(trial, every_s):`` — records :data:`jaxft.sweep.storage.HEARTBEAT_ATTR` on ``trial``
+  every ``every_s`` seconds (never when ``every_s`` is None), from a daemon thread."""
+
+  def __init__(self, trial: optuna.Trial, every_s: float | None):
+    self.trial, self.every_s, self.done = trial, every_s, threading.Event()
+    self.thread = threading.Thread(target=self._beat, name="sweep-heartbeat", daemon=True)
+
+  def _beat(self) -> None:
+    while True:
+      try:
+        self.trial.set_user_attr(storage_lib.HEARTBEAT_ATTR, time.time())
+      except Exception as e:  # pylint: disable=broad-except  # a missed beat is retried, never fatal
+        logging.warning("trial %d: heartbeat not recorded: %s", self.trial.number, e)
+      if self.done.wait(self.every_s):
+        return
+
+  def __enter__(self) -> "Heartbeat":
+    if self.every_s is not None:
+      self.thread.start()
+    return self
+
+  def __exit__(self, *exc: Any) -> None:
+    self.done.set()
+    if self.thread.is_alive():
+      self.thread.join()
+
+
+def _tell(study: optuna.Study, trial: optuna.Trial, *args: Any, **kwargs: Any) -> None:
+  """``study.tell``, except when the trial was finished meanwhile by a sweep that took it for dead."""
+  try:
+    study.tell(trial, *args, **kwargs)
+  except optuna.exceptions.UpdateFinishedTrialError:
+    logging.warning("trial %d was finished by another worker meanwhile; its result stands", trial.number)
+
+
 def run_trial(study: optuna.Study, trial: optuna.Trial, base: ml_collections.ConfigDict,
-              sweep_dir: Path) -> tuple[int, list[str]]:
+              sweep_dir: Path, heartbeat_s: float | None = None) -> tuple[int, list[str]]:
   """Trains trial ``trial`` and tells the study how it ended (complete with its best top-1, pruned, or
   failed: diverged, or an error). Returns ``(exit code, lines)``: ``(0, [])`` for every ending the
   sweep goes on after, the train CLI's code and message for an error that would repeat, 75 when a
@@ -78,10 +116,11 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: ml_collections.Con
   workdir = trial_dir(sweep_dir, trial.number)
   logging.info("trial %d: %s in %s", trial.number, trial.params, workdir)
   try:
-    result = train_and_evaluate(space_lib.with_params(base, trial.params), workdir,
-                                on_eval=_reporter(trial))
+    with Heartbeat(trial, heartbeat_s):
+      result = train_and_evaluate(space_lib.with_params(base, trial.params), workdir,
+                                  on_eval=_reporter(trial))
   except optuna.TrialPruned:
-    study.tell(trial, state=TrialState.PRUNED)
+    _tell(study, trial, state=TrialState.PRUNED)
     return 0, []
   except Exception as e:  # pylint: disable=broad-except  # each failure is recorded on the trial
     code, lines = cli.describe(e, workdir)
@@ -89,27 +128,28 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: ml_collections.Con
     if isinstance(e, TrainError) and e.exit_code == errors.EXIT_NONFINITE:
       trial.set_user_attr(storage_lib.DIVERGED_ATTR, True)  # a result of its parameters: counted, go on
       code, lines = 0, []
-    study.tell(trial, state=TrialState.FAIL)
+    _tell(study, trial, state=TrialState.FAIL)
     return code, [f"trial {trial.number}: {line}" for line in lines]
   if result.get("interrupted"):
     return errors.EXIT_INTERRUPTED, []
   values = _stored(trial).intermediate_values
   if not values:
-    study.tell(trial, state=TrialState.FAIL)
+    _tell(study, trial, state=TrialState.FAIL)
     return errors.EXIT_BAD_INPUT, ["the sweep needs a validation set to score trials: set "
                                    "config.data.val_fraction > 0 or config.data.val_source"]
-  study.tell(trial, max(values.values()))
+  _tell(study, trial, max(values.values()))
   return 0, []
 
 
 def work(study: optuna.Study, space: space_lib.Space, base: ml_collections.ConfigDict, sweep_dir: Path,
-         budget: int, me: str) -> tuple[int, list[str]]:
+         budget: int, me: str, heartbeat_s: float | None = None) -> tuple[int, list[str]]:
   """Runs trials until none is left (exit code 0) or one ends in an error that would repeat or a
-  signal (its code and lines, from :func:`run_trial`)."""
+  signal (its code and lines, from :func:`run_trial`); with ``heartbeat_s``, each running trial's
+  heartbeat is recorded that often."""
   while True:
     trial = claim(study, space, budget, me, sweep_dir / "claim.lock")
     if trial is None:
       return 0, []
-    code, lines = run_trial(study, trial, base, sweep_dir)
+    code, lines = run_trial(study, trial, base, sweep_dir, heartbeat_s)
     if code:
       return code, lines
