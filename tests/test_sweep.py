@@ -359,7 +359,7 @@ def test_sweep_killed_mid_way_and_rerun_finishes_without_duplicates(folder, tmp_
 
   r = _run(cmd, timeout=600)
   assert r.returncode == 0, r.stdout + r.stderr
-  assert f"trial(s) {', '.join(map(str, running))} were running when this sweep" in r.stdout
+  assert f"trial(s) {', '.join(map(str, running))} were left running by a stopped sweep" in r.stdout
   _check_done(study(), 6, sweep_dir)
   logs = "".join(p.read_text() for p in (sweep_dir / "logs").iterdir())
   assert "resuming" in logs  # a requeued trial continued from its checkpoint

@@ -175,8 +175,8 @@ def _coordinate(f: Any, config: Any, space: Any, sweep_dir: Path) -> tuple[int, 
     requeued = storage_lib.requeue_own_trials(storage, study, me, claim_ownerless=not f.storage,
                                               stale_s=f.stale_after if f.storage else None)
     if requeued:
-      print(f"trial(s) {', '.join(map(str, requeued))} were running when this sweep (or, silent for "
-            f"--stale_after, another) stopped: they resume from their last checkpoint", flush=True)
+      print(f"trial(s) {', '.join(map(str, requeued))} were left running by a stopped sweep: they resume "
+            "from their last checkpoint", flush=True)
     print(f"study {f.study!r}: {f.trials} trials, {f.workers} worker(s), in {sweep_dir}", flush=True)
     trials = study.get_trials(deepcopy=False)
     done = (sum(storage_lib.counted(t) for t in trials) >= f.trials
@@ -215,6 +215,8 @@ def main(argv: list[str]) -> None:
     code, lines = run_mode(f, config, space, sweep_dir)
   except TrainError as e:
     code, lines = e.exit_code, str(e).strip().splitlines()
+  except KeyboardInterrupt:  # before the workers started (then the coordinator handles signals itself)
+    code, lines = errors.EXIT_SIGINT, ["interrupted: rerun the same command to continue the sweep"]
   except Exception as e:  # pylint: disable=broad-except  # one line, the train CLI's wording
     if f.debug:
       raise
