@@ -16,6 +16,7 @@ worker behind; a rerun resumes each interrupted trial from its checkpoint under 
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import signal
 import subprocess
@@ -88,9 +89,12 @@ def _pruner(f: Any) -> Any:
   return optuna.pruners.MedianPruner(n_startup_trials=f.startup_trials)
 
 
-def _die_with_parent() -> None:
-  """In a worker before it execs: the kernel kills it when the coordinator dies (even by SIGKILL)."""
+def _die_with_parent(parent: int) -> None:
+  """In a worker before it execs: the kernel kills it when the coordinator (pid ``parent``) dies, even by
+  SIGKILL; if it died before this call, the worker exits at once."""
   ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+  if os.getppid() != parent:
+    os._exit(1)  # pylint: disable=protected-access
 
 
 def _start_workers(k: int, lock_fd: int, sweep_dir: Path) -> list[subprocess.Popen]:
@@ -102,7 +106,8 @@ def _start_workers(k: int, lock_fd: int, sweep_dir: Path) -> list[subprocess.Pop
     log = open(sweep_dir / "logs" / f"worker{i}.log", "ab")  # pylint: disable=consider-using-with
     procs.append(subprocess.Popen([sys.executable, "-m", "jaxft.sweep", *sys.argv[1:], f"--worker={i}"],
                                   stdout=log, stderr=subprocess.STDOUT, pass_fds=(lock_fd,),
-                                  preexec_fn=_die_with_parent if sys.platform == "linux" else None))
+                                  preexec_fn=(functools.partial(_die_with_parent, os.getpid())
+                                              if sys.platform == "linux" else None)))
     log.close()
   return procs
 
