@@ -94,8 +94,13 @@ def _surgery_report(base: Model, model: Model) -> Any:
   return rep
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str],
+                       on_eval: Callable[[int, dict[str, Any]], None] | None = None) -> dict:
   """Fine-tunes per ``config`` (never mutated), writing checkpoints, metrics and plots to ``workdir``.
+
+  ``on_eval(step, val)``, when given, is called after each validation pass (``val`` as in the result
+  below); it stops the run by raising (a hyperparameter search prunes a weak trial this way,
+  :mod:`jaxft.sweep`): the exception propagates, the checkpoints saved so far are kept.
 
   The workdir is locked for the whole run (a second process on it is refused); ``config.json`` and
   ``data.json`` are written once the run has really started (see :mod:`jaxft.train.workdir`).
@@ -112,10 +117,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   """
   workdir = _prepare(config, workdir)
   with workdir_lib.WorkdirLock(workdir, enabled=jax.process_index() == 0):
-    return _locked_train_and_evaluate(config, workdir)
+    return _locked_train_and_evaluate(config, workdir, on_eval)
 
 
-def _locked_train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dict:
+def _locked_train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
+                               on_eval: Callable[[int, dict[str, Any]], None] | None) -> dict:
   """:func:`train_and_evaluate` once this process holds the workdir."""
   resuming = bool(ckpt_lib.saved_steps(workdir))
   config_changes = workdir_lib.check_workdir_config(workdir, config, resuming)
@@ -170,7 +176,8 @@ def _locked_train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path)
       eval_fn, val_ds, tasks, config.train.eval_batch_size, mesh)
   adapter = controller.build_controller(config, specs, eval_fn, train_ds, val_ds, mesh)
   run = _Run(train_step, teacher_variables, mesh, None, evaluate, None, mngr, model, total_steps,
-             config.train.eval_every, config.train.checkpoint_every, reference, saved, adapter)
+             config.train.eval_every, config.train.checkpoint_every, reference, saved, adapter,
+             on_eval)
   try:
     result, val = _run_steps(config, workdir, run, state, train_ds)
   finally:
@@ -232,6 +239,7 @@ class _Run:
   reference: Any = None  # the delta term's {'variables', 'attention'} on the devices, or None
   saved: dict[str, Any] = dataclasses.field(default_factory=dict)  # more checkpoint items by name
   controller: controller.Controller | None = None  # moves the adaptive weights at each evaluation
+  on_eval: Callable[[int, dict[str, Any]], None] | None = None  # train_and_evaluate's hook
 
 
 def _train(run: _Run, state: TrainState, batches: Any) -> tuple[TrainState, dict[str, Any] | None, bool]:
@@ -256,6 +264,8 @@ def _train(run: _Run, state: TrainState, batches: Any) -> tuple[TrainState, dict
           state, moved = run.controller(state, val)
           record.update(moved)
         run.writer.write(step, "val", record)
+        if run.on_eval is not None:
+          run.on_eval(step, val)
       if (run.ckpt_every and step % run.ckpt_every == 0) or is_last or stop.signal is not None:
         # Checked (never checkpoint a non-finite state) and written first, so that a kill after the
         # checkpoint loses no record of the steps it holds.
