@@ -157,9 +157,9 @@ def test_tool_method_with_a_key_this_jaxft_lacks_fails_clearly(monkeypatch, caps
   err = capsys.readouterr().err
   assert "method 'future' sets config.loss.not_merged_yet, but this jaxft's config has no " \
          "loss.not_merged_yet" in err
-  monkeypatch.setitem(study.METHODS, "typed", {"optim.l2sp.alpha": "strong"})
+  monkeypatch.setitem(study.METHODS, "typed", {"train.batch_size": "big"})
   assert study.main(_args("--methods", "typed", "--data", f"folder:{folder}")) == study.EXIT_BAD_INPUT
-  assert "method 'typed' sets config.optim.l2sp.alpha = 'strong', which it refuses" in capsys.readouterr().err
+  assert "method 'typed' sets config.train.batch_size = 'big', which it refuses" in capsys.readouterr().err
 
 
 def test_tool_missing_data_fails_before_any_run(capsys):

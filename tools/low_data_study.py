@@ -47,17 +47,17 @@ sys.path.insert(0, str(ROOT))  # this checkout's jaxft and configs/
 # beforehand (no tuning on the held-out set): see configs/low_data.py for the L2-SP scale; DELTA's 0.01
 # and BSS's 0.001 are their papers' defaults.
 METHODS: dict[str, dict[str, Any]] = {
-    "none": {"optim.l2sp.alpha": 0.0, "optim.weight_decay": 0.0},
-    "l2sp": {"optim.l2sp.alpha": 10.0, "optim.weight_decay": 0.0},
+    "none": {"optim.l2sp.alpha": 0.0, "optim.weight_decay": 0.0, "loss.delta": 0.0},
+    "l2sp": {"optim.l2sp.alpha": 10.0, "optim.weight_decay": 0.0, "loss.delta": 0.0},
     # jaxft averages DELTA's squared feature distance over positions (the paper sums it), hence a larger
     # weight than the paper's 0.01; the channel attention is measured on 2 batches (50 images: each one
     # costs a pass of the rest of the net per channel).
     "delta": {"optim.l2sp.alpha": 0.0, "optim.weight_decay": 0.0, "loss.delta": 0.1,
               "loss.delta_batches": 2},
-    "bss": {"optim.l2sp.alpha": 0.0, "optim.weight_decay": 0.0, "loss.bss": 0.001},
+    "bss": {"optim.l2sp.alpha": 0.0, "optim.weight_decay": 0.0, "loss.delta": 0.0, "loss.bss": 0.001},
     # The controller moves alpha at each evaluation (val vs train loss), so this method evaluates every
     # 25 steps (3 more passes over the held-out set than the others; the same training steps).
-    "adaptive": {"optim.l2sp.alpha": "adaptive(0.1,100,0.1)", "optim.weight_decay": 0.0,
+    "adaptive": {"optim.l2sp.alpha": "adaptive(0.1,100,0.1)", "optim.weight_decay": 0.0, "loss.delta": 0.0,
                  "train.eval_every": 25},
 }
 DEFAULT_CONFIG = ROOT / "configs" / "low_data.py"
