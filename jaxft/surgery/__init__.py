@@ -21,6 +21,8 @@ or a number of blocks other than ``expect``, and an unknown stage, block or head
 Modules (each public name below is importable from ``jaxft.surgery`` itself):
 
 * :mod:`~jaxft.surgery.ops` — the ops (graft, replace, remove, prune; dropout and BN momentum).
+* :mod:`~jaxft.surgery.lora` — :func:`add_lora`, :func:`merge_lora` (low-rank conv updates).
+* :mod:`~jaxft.surgery.fold` — :func:`fold_batchnorm` (BatchNorm folded into the convs, for deployment).
 * :mod:`~jaxft.surgery.history` — :data:`REGISTRY` (ops by recorded name), :func:`replay`,
   :func:`apply_ops`.
 * :mod:`~jaxft.surgery.inspect` — :func:`count_params`, :func:`count_flops`, :func:`report`,
@@ -47,6 +49,7 @@ _EXPORTS: dict[str, str] = {
     "add_adapters": "ops", "add_head": "ops", "append_blocks": "ops", "prune_channels": "ops",
     "remove_blocks": "ops", "remove_stage": "ops", "replace_activation": "ops", "replace_block": "ops",
     "replace_head": "ops", "replace_stage": "ops", "set_bn_momentum": "ops", "set_dropout": "ops",
+    "add_lora": "lora", "merge_lora": "lora", "fold_batchnorm": "fold",
     "DiffResult": "inspect", "Report": "inspect", "count_flops": "inspect", "count_params": "inspect",
     "diff": "inspect", "report": "inspect",
     "REGISTRY": "history", "apply_ops": "history", "replay": "history",

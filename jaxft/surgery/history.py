@@ -1,6 +1,7 @@
 """Replaying the evolution log: the registry of ops by name, :func:`replay` and :func:`apply_ops`.
 
-A record is ``{"op": name, "args": {...}}`` as the ops write it (:mod:`jaxft.surgery.ops`); a config
+A record is ``{"op": name, "args": {...}}`` as the ops write it (:mod:`jaxft.surgery.ops`,
+:mod:`~jaxft.surgery.lora`, :mod:`~jaxft.surgery.fold`); a config
 writes an op as ``{"op": name, **args}``. Both name ops through :data:`REGISTRY`.
 """
 
@@ -10,10 +11,14 @@ import inspect
 from typing import Any, Callable, Iterable, Mapping
 
 from jaxft.models.model import Model
-from jaxft.surgery import ops as ops_lib
+from jaxft.surgery import fold, lora, ops
 
-# op name (as recorded in Model.history) → function: every op of jaxft.surgery.ops.
-REGISTRY: dict[str, Callable[..., Model]] = {name: getattr(ops_lib, name) for name in ops_lib.__all__}
+# The modules whose __all__ lists ops (each records itself under its own name).
+OP_MODULES = (ops, lora, fold)
+
+# op name (as recorded in Model.history) → function: every op of the OP_MODULES.
+REGISTRY: dict[str, Callable[..., Model]] = {name: getattr(m, name) for m in OP_MODULES
+                                             for name in m.__all__}
 
 
 def _lookup_op(name: Any) -> Callable[..., Model]:

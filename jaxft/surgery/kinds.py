@@ -2,12 +2,15 @@
 
 A new block kind works with the ops that only rebuild the spec as soon as ``Network`` can build it; the
 ops that need to know which BN closes a residual branch (``append_blocks``) or which channels are
-"inner" (``prune_channels``) read its entry in :data:`BLOCK_KINDS`.
+"inner" (``prune_channels``), which BN follows which conv (``fold_batchnorm``) or which conv is grouped
+(``add_lora``) read its entry in :data:`BLOCK_KINDS`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+
+from jaxft.models.spec import BlockSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,27 +39,41 @@ class BlockKind:
     last_bn: the BN that closes the residual branch; zeroing its scale makes a new block the identity.
     inner: the prunable channel groups; all share ``BlockSpec.width``.
     needs_expansion: the inner width only exists when it differs from the input width (``mbconv``).
+    conv_bn: ``(conv, bn)``: each conv of the block and the BN right after it (the projection shortcut,
+      ``downsample_conv`` / ``downsample_bn``, is common to the kinds that have one and not listed).
+    grouped: the conv that takes ``BlockSpec.groups`` (``""``: none, the kind ignores it);
+      ``depthwise``: that conv is always depthwise.
   """
 
   last_bn: str
   inner: tuple[InnerGroup, ...]
+  conv_bn: tuple[tuple[str, str], ...]
+  grouped: str
   needs_expansion: bool = False
+  depthwise: bool = False
+
+  def grouped_convs(self, block: BlockSpec) -> tuple[str, ...]:
+    """The convs of ``block`` (names inside it) that are grouped (``groups > 1`` or depthwise)."""
+    return (self.grouped,) if self.grouped and (self.depthwise or block.groups > 1) else ()
 
 
 BLOCK_KINDS: dict[str, BlockKind] = {
     "basic": BlockKind(
         last_bn="bn2",
-        inner=(InnerGroup("conv1", "bn1", (("conv1", -1), ("bn1", 0), ("conv2", 2))),)),
+        inner=(InnerGroup("conv1", "bn1", (("conv1", -1), ("bn1", 0), ("conv2", 2))),),
+        conv_bn=(("conv1", "bn1"), ("conv2", "bn2")), grouped=""),
     "bottleneck": BlockKind(
         last_bn="bn3",
         inner=(InnerGroup("conv1", "bn1", (("conv1", -1), ("bn1", 0), ("conv2", 2))),
-               InnerGroup("conv2", "bn2", (("conv2", -1), ("bn2", 0), ("conv3", 2))))),
+               InnerGroup("conv2", "bn2", (("conv2", -1), ("bn2", 0), ("conv3", 2)))),
+        conv_bn=(("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")), grouped="conv2"),
     "mbconv": BlockKind(
         last_bn="bn2",
         inner=(InnerGroup("expand_conv", "bn1", (("expand_conv", -1), ("bn0", 0),
                                                  ("depthwise_conv", -1), ("bn1", 0),
                                                  ("project_conv", 2))),),
-        needs_expansion=True),
+        conv_bn=(("expand_conv", "bn0"), ("depthwise_conv", "bn1"), ("project_conv", "bn2")),
+        grouped="depthwise_conv", needs_expansion=True, depthwise=True),
 }
 
 
