@@ -555,11 +555,13 @@ def test_resnet50_scenario():
 
 
 def test_every_op_is_registered_and_exported():
-  from jaxft.surgery import ops  # pylint: disable=g-import-not-at-top
-  assert sorted(surgery.REGISTRY) == sorted(ops.__all__)
-  for name in ops.__all__:
-    assert getattr(surgery, name) is surgery.REGISTRY[name] is getattr(ops, name)
-    assert name in surgery.__all__
+  from jaxft.surgery.history import OP_MODULES  # pylint: disable=g-import-not-at-top
+  names = [name for m in OP_MODULES for name in m.__all__]
+  assert sorted(surgery.REGISTRY) == sorted(names) and len(set(names)) == len(names)
+  for m in OP_MODULES:
+    for name in m.__all__:
+      assert getattr(surgery, name) is surgery.REGISTRY[name] is getattr(m, name)
+      assert name in surgery.__all__
 
 
 def test_import_is_lazy():
