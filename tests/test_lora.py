@@ -136,12 +136,15 @@ def test_spec_round_trips_lora_and_old_specs_load():
   assert ModelSpec.from_dict(old) == get_spec("cifar_resnet20")
 
 
-def test_checkpoint_keeps_lora(tmp_path):
+@pytest.mark.parametrize("fold", [False, True])
+def test_checkpoint_keeps_lora_and_folded_models(tmp_path, fold):
   from jaxft import checkpoint  # pylint: disable=g-import-not-at-top
   m = trained(surgery.add_lora(random_model(SPECS["cifar"]()), "layer1/.*", rank=2))
+  if fold:  # no BN left: an empty batch_stats collection is saved and restored
+    m = surgery.fold_batchnorm(m)
   checkpoint.save_model(tmp_path / "m", m)
   loaded = checkpoint.load_model(tmp_path / "m")
-  assert loaded.spec == m.spec
+  assert loaded.spec == m.spec and loaded.spec.folded_bn == fold
   np.testing.assert_array_equal(logits(loaded, X), logits(m, X))
 
 
