@@ -209,3 +209,17 @@ def test_conversion_refuses_lora_and_folded_specs():
     mapping_table(dataclasses.replace(spec, lora=(LoraSpec("stem/conv", 2, 2.0),)))
   with pytest.raises(ConversionError, match="fold_batchnorm"):
     mapping_table(dataclasses.replace(spec, folded_bn=True))
+
+
+def test_config_surgery_refusals_are_one_line_train_errors():
+  from jaxft import config as config_lib  # pylint: disable=g-import-not-at-top
+  from jaxft.train.errors import TrainError  # pylint: disable=g-import-not-at-top
+  from jaxft.train.setup import build_model  # pylint: disable=g-import-not-at-top
+  c = config_lib.default_config()
+  c.model.arch, c.model.pretrained, c.model.num_classes = "cifar_resnet8", "", 10
+  c.surgery = [{"op": "fold_batchnorm"}, {"op": "append_blocks", "stage": "layer1"}]
+  with pytest.raises(TrainError, match=r"^config.surgery: append_blocks needs BatchNorm layers"):
+    build_model(c, jax.random.key(0))
+  c.surgery = [{"op": "add_lora", "modules": "layer1/.*", "rank": 0}]
+  with pytest.raises(TrainError, match=r"^config.surgery: LoRA rank must be an int >= 1, got 0$"):
+    build_model(c, jax.random.key(0))
