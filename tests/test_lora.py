@@ -223,3 +223,24 @@ def test_config_surgery_refusals_are_one_line_train_errors():
   c.surgery = [{"op": "add_lora", "modules": "layer1/.*", "rank": 0}]
   with pytest.raises(TrainError, match=r"^config.surgery: LoRA rank must be an int >= 1, got 0$"):
     build_model(c, jax.random.key(0))
+
+
+@pytest.mark.slow
+def test_training_a_lora_model_moves_only_the_factors_and_the_head(tmp_path):
+  from jaxft import checkpoint, train  # pylint: disable=g-import-not-at-top
+  from jaxft.models import create_model  # pylint: disable=g-import-not-at-top
+  from test_train import tiny_config, write_folder  # pylint: disable=g-import-not-at-top
+  start = surgery.add_lora(create_model("cifar_resnet8", jax.random.key(0), num_classes=2), "layer3/.*",
+                           rank=2)
+  checkpoint.save_model(tmp_path / "start", start)
+  folder = write_folder(tmp_path / "data")
+  c = tiny_config(folder, tmp_path, **{"model.pretrained": str(tmp_path / "start"),
+                                        "train.num_steps": 2, "train.eval_every": 0,
+                                        "train.checkpoint_every": 2})
+  train.train_and_evaluate(c, tmp_path / "run")
+  end = paths.flatten(checkpoint.load_model(tmp_path / "run").variables)
+  moved = {p for p, v in paths.flatten(start.variables).items()
+           if not np.array_equal(np.asarray(v), end[p])}
+  assert moved and all("_lora/" in p or p.startswith("params/head/") for p in moved), sorted(moved)
+  assert any("_lora/up/" in p for p in moved)  # the zero factor starts learning
+  assert not any(p.startswith("batch_stats/") for p in moved)  # frozen BNs keep their statistics
