@@ -122,7 +122,8 @@ def save_args(model: Model) -> dict[str, ocp.args.CheckpointArgs]:
 
   Use this in a training loop so that its step directories are loadable by :func:`load_model`.
   """
-  return {VARIABLES_ITEM: ocp.args.StandardSave(_plain(model.variables)),
+  # Always a batch_stats collection (empty for a model without BN, e.g. folded), as training saves it.
+  return {VARIABLES_ITEM: ocp.args.StandardSave({"batch_stats": {}, **_plain(model.variables)}),
           MODEL_ITEM: ocp.args.JsonSave(model_record(model))}
 
 
@@ -448,7 +449,7 @@ def _restore_model(ckpt: Path, item: str) -> Model:
   """The :class:`Model` of checkpoint directory ``ckpt``, its variables read from ``item``."""
   record = _read_record(ckpt)
   spec = ModelSpec.from_dict(record["spec"])
-  target = abstract_variables(spec)
+  target = {"batch_stats": {}, **abstract_variables(spec)}  # saved even when empty (a folded model)
   try:
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
       restored = ckptr.restore(ckpt, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(target)}))

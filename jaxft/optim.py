@@ -28,7 +28,9 @@ whole chain is wrapped in ``optax.MultiSteps``: ``update`` is called once per mi
 updates k-1 times and, on every k-th call, applies the chain to the *mean* of the k micro-batch
 gradients; the schedule (and ``total_steps``) counts these optimizer steps, not micro-batches.
 
-Rules are ordered ``(regex, value)`` pairs matched against whole ``/``-joined parameter paths with
+A model with LoRA updates and no ``lr_rules`` trains only the LoRA factors and the heads
+(:data:`LORA_RULES`). Rules are ordered ``(regex, value)`` pairs matched against whole ``/``-joined
+parameter paths with
 ``jaxft.paths.assign`` (first match wins); every rule set is logged as a table at build time and
 returned as data in ``Optimizer.table``. A rule in use that matches no parameter (a typo) is an error
 unless ``allow_unmatched_rules``. Nothing here mutates its inputs.
@@ -57,6 +59,9 @@ FROZEN = "frozen"
 OPTIMIZERS = ("sgd", "adamw", "lamb", "lion")
 SCHEDULES = ("constant", "warmup_cosine", "step", "linear")
 KERNELS_ONLY = config_lib.KERNELS_ONLY
+# The lr rules of a model with LoRA updates (ModelSpec.lora) when optim.lr_rules is empty: only the
+# LoRA factors (``<conv>_lora/{down,up}``) and the heads train; explicit lr_rules replace them.
+LORA_RULES = ((r".*_lora/.*", 1.0), (r"head(_[^/]+)?/.*", 1.0), (".*", FROZEN))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -579,7 +584,7 @@ def build_optimizer(cfg: ml_collections.ConfigDict, params: Tree, *, spec: Model
   table: dict[str, list[dict[str, Any]]] = {}
 
   # Which leaves train, and at which multiplier.
-  lr_rules = _rules(cfg.lr_rules, "lr_rules")
+  lr_rules = _rules(default_lr_rules(cfg, spec), "lr_rules")
   rule_mult = lr_multiplier_tree(params, lr_rules, cfg.lr_default)
   table["lr"] = rule_table(params, lr_rules + (((".*", cfg.lr_default),) if cfg.lr_default is not None
                                                  else ()))
@@ -634,6 +639,14 @@ def _chain(cfg: ml_collections.ConfigDict, params: Tree, trainable: Tree, traina
   if int(cfg.accumulate_steps) > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=int(cfg.accumulate_steps)).gradient_transformation()
   return tx
+
+
+def default_lr_rules(cfg: ml_collections.ConfigDict, spec: ModelSpec | None) -> Any:
+  """``cfg.lr_rules``, or :data:`LORA_RULES` when they are empty and ``spec`` has LoRA updates."""
+  if cfg.lr_rules or spec is None or not spec.lora:
+    return cfg.lr_rules
+  logging.info("LoRA model and no optim.lr_rules: training only the LoRA factors and the heads")
+  return LORA_RULES
 
 
 def _build_l2sp(cfg: ml_collections.ConfigDict, params: Tree, trainable: Tree, trainable_mask: Tree,

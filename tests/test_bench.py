@@ -21,6 +21,19 @@ def test_resnet50_conv_list_matches_torchvision_flops():
   assert abs(macs / 4.087e9 - 1) < 0.01  # torchvision ResNet-50: 4.09 GMACs in its convolutions
 
 
+@pytest.mark.slow
+def test_bench_fold_runs_and_writes_the_ratio(tmp_path):
+  out = tmp_path / "f.json"
+  cmd = [sys.executable, os.path.join(ROOT, "tools", "bench_fold.py"), "--model", "cifar_resnet8",
+         "--sizes", "32", "--batch", "2", "--steps", "1", "--json", str(out)]
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  (rec,) = json.loads(out.read_text())
+  assert rec["size"] == 32 and rec["folded_images_per_s"] > 0 and rec["unfolded_images_per_s"] > 0
+  assert abs(rec["ratio"] - rec["folded_images_per_s"] / rec["unfolded_images_per_s"]) < 1e-9
+  assert "ratio" in proc.stdout
+
+
 @pytest.mark.parametrize("with_torch", [False, True])
 def test_bench_runs_and_writes_ratios(tmp_path, with_torch):
   if with_torch:

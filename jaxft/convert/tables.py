@@ -176,8 +176,13 @@ def mapping_table(spec: ModelSpec) -> list[Entry]:
   """Returns the mapping table of ``spec`` (one :class:`Entry` per torch tensor, in torch order).
 
   Raises:
-    ConversionError: when ``spec.family`` has no mapping function in :data:`MAPPINGS`.
+    ConversionError: when ``spec.family`` has no mapping function in :data:`MAPPINGS`, or ``spec``
+      has LoRA updates or folded BatchNorms (torch checkpoints have neither).
   """
+  if spec.lora or spec.folded_bn:
+    what = "LoRA updates (merge them first: surgery.merge_lora)" if spec.lora else (
+        "folded BatchNorms (convert the unfolded model, then surgery.fold_batchnorm)")
+    raise ConversionError(f"no torch weight mapping for a spec with {what}")
   try:
     fn = MAPPINGS[spec.family]
   except KeyError:

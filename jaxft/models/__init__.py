@@ -15,7 +15,7 @@ from jaxft.models.model import Model, abstract_variables, count_params, create
 from jaxft.models.layers import Layers
 from jaxft.models.network import Network, head_module_name
 from jaxft.models.resnet import cifar_resnet_spec, resnet_spec
-from jaxft.models.spec import BlockSpec, HeadSpec, ModelSpec, StageSpec, StemSpec
+from jaxft.models.spec import BlockSpec, HeadSpec, LoraSpec, ModelSpec, StageSpec, StemSpec
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -98,8 +98,8 @@ def create_model(arch: str, rng: jax.Array, num_classes: int | None = None) -> M
 
 
 __all__ = [
-    "BlockSpec", "HeadSpec", "Layers", "ModelSpec", "Network", "StageSpec", "StemSpec", "IMAGENET_MEAN",
-    "IMAGENET_STD", "LITE_VARIANTS", "Model", "abstract_variables", "cifar_resnet_spec", "count_params",
+    "BlockSpec", "HeadSpec", "Layers", "LoraSpec", "ModelSpec", "Network", "StageSpec", "StemSpec",
+    "IMAGENET_MEAN", "IMAGENET_STD", "LITE_VARIANTS", "Model", "abstract_variables", "cifar_resnet_spec", "count_params",
     "create", "create_model", "efficientnet_lite_spec", "get_spec", "head_module_name", "list_archs", "lite_spec",
     "pretrained_cfg", "resnet_spec",
 ]

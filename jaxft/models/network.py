@@ -15,6 +15,13 @@ torch (torchvision ResNet)      jaxft
 
 Adapters grafted by surgery live at ``<stage>/<block>/adapter/{down,up}``, extra heads at
 ``head_<name>``, EfficientNet's ``_conv_head``/``_bn1`` at ``neck_conv``/``neck_bn``.
+
+A conv named in ``ModelSpec.lora`` (``layer1/block0/conv1``) has a sibling module ``<conv>_lora``
+(``layer1/block0/conv1_lora``) holding ``down/kernel`` (kh×kw×cin×r, the conv's stride and padding) and
+``up/kernel`` (1×1×r×cout, zero-initialised); the conv's output gains ``(alpha / r) · up(down(x))``, which
+is exactly ``conv(x, W + (alpha / r) · reshape(A @ B))`` with ``A`` the down kernel viewed as
+``(kh·kw·cin) × r`` and ``B`` the up kernel as ``r × cout``. With ``ModelSpec.folded_bn`` every conv
+that a BatchNorm followed has a ``bias`` and the BN modules do not exist.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxft.models import layers as layers_lib
-from jaxft.models.spec import BlockSpec, ModelSpec, StemSpec
+from jaxft.models.spec import BlockSpec, LoraSpec, ModelSpec, StemSpec
 
 Dtype = Any
 
@@ -90,6 +97,8 @@ class Parts:
     frozen_bn: ``Network.frozen_bn``.
     root: the scope path of the :class:`Network` (``()`` unless it is a submodule), so that BN paths
       read as parameter paths do.
+    lora: ``ModelSpec.lora``.
+    folded_bn: ``ModelSpec.folded_bn``.
   """
 
   bn: Callable[..., nn.Module]
@@ -98,12 +107,40 @@ class Parts:
   padding: str = "torch"
   frozen_bn: tuple[str, ...] = ()
   root: tuple[str, ...] = ()
+  lora: tuple[LoraSpec, ...] = ()
+  folded_bn: bool = False
+
+  def _path(self, owner: nn.Module, name: str) -> str:
+    return "/".join((*owner.scope.path[len(self.root):], name))
+
+  def conv(self, owner: nn.Module, features: int, kernel: int, stride: int = 1, groups: int = 1, *,
+           name: str) -> Callable[[jax.Array], jax.Array]:
+    """Returns ``x -> conv(x)`` for the conv ``name`` created in ``owner`` (a BN-followed conv of the
+    network): with a bias when the BNs are folded, plus its LoRA update when ``lora`` names it.
+
+    Raises:
+      ValueError: LoRA on a grouped conv.
+    """
+    conv = self.layers.conv(features, kernel, stride, groups, use_bias=self.folded_bn,
+                            dtype=self.dtype, name=name)
+    path = self._path(owner, name)
+    spec = next((x for x in self.lora if x.module == path), None)
+    if spec is None:
+      return conv
+    if groups != 1:
+      raise ValueError(f"LoRA on {path}: grouped convs (groups={groups}) are not supported; select "
+                       "ungrouped convs")
+    lora = Lora(spec.rank, features, kernel, stride, spec.scale, self.layers, self.dtype,
+                name=f"{name}_lora")
+    return lambda x: conv(x) + lora(x)
 
   def norm(self, owner: nn.Module, name: str, train: bool) -> Callable[[jax.Array], jax.Array]:
     """Returns ``x -> BN(x)`` for the BatchNorm ``name`` created in ``owner`` (call it from ``owner``'s
     compact method): batch statistics, updating the running ones, only when ``train`` and the BN is
-    not in ``frozen_bn``."""
-    path = "/".join((*owner.scope.path[len(self.root):], name))
+    not in ``frozen_bn``; the identity when the BNs are folded into the convs."""
+    if self.folded_bn:
+      return lambda x: x
+    path = self._path(owner, name)
     use_running_average = not train or bn_is_frozen(path, self.frozen_bn)
     module = self.bn(name=name)
     return lambda x: module(x, use_running_average)
@@ -118,7 +155,7 @@ class Stem(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     s, p = self.spec, self.parts
-    conv = p.layers.conv(s.width, s.kernel, s.stride, dtype=p.dtype, name="conv")
+    conv = p.conv(self, s.width, s.kernel, s.stride, name="conv")
     x = padded_conv(conv, x, s.kernel, s.stride, p.padding)
     x = layers_lib.activation(s.act)(p.norm(self, "bn", train)(x))
     if s.pool:
@@ -143,6 +180,29 @@ class Adapter(nn.Module):
     return x + h
 
 
+class Lora(nn.Module):
+  """The LoRA update of a conv: ``scale · up(down(x))``, ``up`` zero-initialised (no change at creation).
+
+  ``down`` has the conv's kernel size and stride (and is padded as the conv is, by the caller), ``up``
+  is 1×1, so the sum with the conv equals one conv with kernel ``W + scale · reshape(A @ B)``.
+  """
+
+  rank: int
+  features: int
+  kernel: int
+  stride: int
+  scale: float
+  layers: layers_lib.Layers
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = self.layers.conv(self.rank, self.kernel, self.stride, dtype=self.dtype, name="down")(x)
+    h = self.layers.conv(self.features, 1, dtype=self.dtype, name="up",
+                         kernel_init=nn.initializers.zeros)(h)
+    return h * jnp.asarray(self.scale, h.dtype)
+
+
 class Block(nn.Module):
   """A residual block of any kind in :class:`BlockSpec` (``basic``, ``bottleneck``, ``mbconv``)."""
 
@@ -156,7 +216,7 @@ class Block(nn.Module):
     act = layers_lib.activation(b.act)
     cin = x.shape[-1]
     bn = lambda name: p.norm(self, name, train)
-    conv = functools.partial(p.layers.conv, dtype=p.dtype)
+    conv = functools.partial(p.conv, self)
     # The strided k×k conv of every kind pads per ModelSpec.padding.
     spatial = lambda c, h: padded_conv(c, h, b.kernel, b.stride, p.padding)
     if b.kind == "basic":
@@ -234,7 +294,7 @@ class Network(nn.Module):
     bn = functools.partial(self.layers.norm, momentum=self.spec.bn_momentum, epsilon=self.spec.bn_eps,
                            dtype=self.dtype)
     return Parts(bn, self.layers, self.dtype, self.spec.padding, tuple(self.frozen_bn),
-                 tuple(self.scope.path))
+                 tuple(self.scope.path), tuple(self.spec.lora), self.spec.folded_bn)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False, return_all: bool = False,
@@ -262,7 +322,7 @@ class Network(nn.Module):
     for st in s.stages:
       x = stages[st.name] = Stage(st.blocks, s.shortcut, parts, name=st.name)(x, train)
     if s.neck_width:
-      x = self.layers.conv(s.neck_width, 1, dtype=self.dtype, name="neck_conv")(x)
+      x = parts.conv(self, s.neck_width, 1, name="neck_conv")(x)
       x = layers_lib.activation(s.neck_act)(parts.norm(self, "neck_bn", train)(x))
     features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     outputs = {}

@@ -70,6 +70,32 @@ class HeadSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoraSpec:
+  """A low-rank update of one conv's kernel (LoRA), grafted by ``jaxft.surgery.add_lora``.
+
+  The conv computes ``conv(x, W + (alpha / rank) * reshape(A @ B))`` where ``A`` is
+  ``(kh·kw·cin) × rank`` and ``B`` is ``rank × cout``: the network runs it as two sibling convs at
+  ``<module>_lora/down`` (kh×kw, cin→rank, the conv's stride and padding) and ``<module>_lora/up``
+  (1×1, rank→cout), added to the conv's output (see ``jaxft.models.network``).
+
+  Attributes:
+    module: the conv's module path (``layer1/block0/conv1``, ``stem/conv``, ``neck_conv``,
+      ``layer2/block0/downsample_conv``).
+    rank: the rank ``r`` (>= 1).
+    alpha: the update is scaled by ``alpha / rank``.
+  """
+
+  module: str
+  rank: int
+  alpha: float
+
+  @property
+  def scale(self) -> float:
+    """``alpha / rank``, the factor of the low-rank update."""
+    return self.alpha / self.rank
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelSpec:
   """A whole network: stem → stages → optional 1×1 ``neck`` conv → global average pool → heads.
 
@@ -89,6 +115,9 @@ class ModelSpec:
     padding: how strided k×k convs pad: ``torch`` (``k // 2`` on each side) or ``same`` (TensorFlow's
       ``SAME``: the extra pixel goes to the bottom/right), which weights trained in TensorFlow (e.g.
       EfficientNet-Lite) expect. Stride-1 convs pad the same either way.
+    lora: the convs that carry a LoRA update (:class:`LoraSpec`), in network order.
+    folded_bn: every BatchNorm is folded into the conv before it (``jaxft.surgery.fold_batchnorm``):
+      those convs have a ``bias`` and the BN modules (and their ``batch_stats``) do not exist.
   """
 
   family: str
@@ -101,6 +130,8 @@ class ModelSpec:
   bn_eps: float = 1e-5
   bn_momentum: float = 0.9
   padding: str = "torch"
+  lora: tuple[LoraSpec, ...] = ()
+  folded_bn: bool = False
 
   @property
   def num_classes(self) -> int:
@@ -137,4 +168,5 @@ class ModelSpec:
         StageSpec(name=s["name"], blocks=tuple(BlockSpec(**b) for b in s["blocks"]))
         for s in d.pop("stages"))
     heads = tuple(HeadSpec(**h) for h in d.pop("heads"))
-    return cls(stem=stem, stages=stages, heads=heads, **d)
+    lora = tuple(LoraSpec(**x) for x in d.pop("lora", ()))  # absent in specs saved before LoRA
+    return cls(stem=stem, stages=stages, heads=heads, lora=lora, **d)

@@ -23,6 +23,8 @@ Modules (each public name below is importable from ``jaxft.surgery`` itself):
 * :mod:`~jaxft.surgery.ops` — the ops (graft, replace, remove, prune; dropout and BN momentum).
 * :mod:`~jaxft.surgery.widening` — Net2WiderNet widening, function-preserving: :func:`widen` (blocks'
   inner channels), :func:`widen_stage` (residual streams: stage widths).
+* :mod:`~jaxft.surgery.lora` — :func:`add_lora`, :func:`merge_lora` (low-rank conv updates).
+* :mod:`~jaxft.surgery.fold` — :func:`fold_batchnorm` (BatchNorm folded into the convs, for deployment).
 * :mod:`~jaxft.surgery.history` — :data:`REGISTRY` (ops by recorded name), :func:`replay`,
   :func:`apply_ops`.
 * :mod:`~jaxft.surgery.inspect` — :func:`count_params`, :func:`count_flops`, :func:`report`,
@@ -50,6 +52,7 @@ _EXPORTS: dict[str, str] = {
     "remove_blocks": "ops", "remove_stage": "ops", "replace_activation": "ops", "replace_block": "ops",
     "replace_head": "ops", "replace_stage": "ops", "set_bn_momentum": "ops", "set_dropout": "ops",
     "widen": "widening", "widen_stage": "widening",
+    "add_lora": "lora", "merge_lora": "lora", "fold_batchnorm": "fold",
     "DiffResult": "inspect", "Report": "inspect", "count_flops": "inspect", "count_params": "inspect",
     "diff": "inspect", "report": "inspect",
     "REGISTRY": "history", "apply_ops": "history", "replay": "history",

@@ -1,7 +1,7 @@
 """Replaying the evolution log: the registry of ops by name, :func:`replay` and :func:`apply_ops`.
 
 A record is ``{"op": name, "args": {...}}`` as the ops write it (:mod:`jaxft.surgery.ops`,
-:mod:`jaxft.surgery.widening`); a config
+:mod:`jaxft.surgery.widening`, :mod:`~jaxft.surgery.lora`, :mod:`~jaxft.surgery.fold`); a config
 writes an op as ``{"op": name, **args}``. Both name ops through :data:`REGISTRY`.
 """
 
@@ -11,11 +11,13 @@ import inspect
 from typing import Any, Callable, Iterable, Mapping
 
 from jaxft.models.model import Model
+from jaxft.surgery import fold as fold_lib
+from jaxft.surgery import lora as lora_lib
 from jaxft.surgery import ops as ops_lib
 from jaxft.surgery import widening as widening_lib
 
 # The modules whose ``__all__`` are ops (a new op module is added here and to jaxft.surgery's exports).
-OP_MODULES = (ops_lib, widening_lib)
+OP_MODULES = (ops_lib, widening_lib, lora_lib, fold_lib)
 
 # op name (as recorded in Model.history) → function: every op of the OP_MODULES.
 REGISTRY: dict[str, Callable[..., Model]] = {name: getattr(module, name) for module in OP_MODULES

@@ -33,6 +33,7 @@ from jaxft.models.layers import activation as _check_activation
 from jaxft.models.model import Model
 from jaxft.models.network import head_module_name
 from jaxft.models.spec import BlockSpec, HeadSpec, ModelSpec
+from jaxft.surgery.fold import require_bn
 from jaxft.surgery.kinds import InnerGroup, block_kind
 from jaxft.surgery.rebuild import op_record, rebuild
 from jaxft.surgery.select import (block_index, block_inputs, check_expect, head_index, select_blocks,
@@ -222,10 +223,12 @@ def append_blocks(model: Model, stage: str, n: int = 1, *, seed: int = 0) -> Mod
 
   Raises:
     PathError: unknown stage.
-    ValueError: ``n < 1``, an empty stage, or a block kind surgery does not know.
+    ValueError: ``n < 1``, an empty stage, a block kind surgery does not know, or a model whose BNs
+      are folded (``fold_batchnorm``: there is no BN to zero).
   """
   if n < 1:
     raise ValueError(f"n must be >= 1, got {n}")
+  require_bn(model, "append_blocks")
   i = stage_index(model.spec, stage)
   st = model.spec.stages[i]
   if not st.blocks:
@@ -466,15 +469,21 @@ def prune_channels(model: Model, blocks: str = ".*", *, fraction: float | None =
     PathError: the selector matches no block or not ``expect`` blocks.
     ValueError: both or neither of fraction/keep (without ``indices``), bad criterion, grouped convs
       (``groups > 1``), an ``mbconv`` without expansion or pruned to its input width, ``indices`` that
-      do not fit the selected blocks.
+      do not fit the selected blocks, a model whose BNs are folded, a selected block with LoRA
+      updates (``merge_lora`` first).
   """
   if criterion not in ("l1", "bn_scale"):
     raise ValueError(f"unknown criterion {criterion!r}; valid: l1, bn_scale")
   check_expect(expect)
+  require_bn(model, "prune_channels")
   spec = model.spec
   sel = select_blocks(spec, blocks, expect)
   names = [f"{spec.stages[i].name}/{spec.stages[i].blocks[j].name}" for i, j in sel]
   given = _check_indices(indices, names)
+  lora = [x.module for x in spec.lora if any(x.module.startswith(n + "/") for n in names)]
+  if lora:
+    raise ValueError(f"prune_channels: the selected blocks have LoRA updates on {lora}; "
+                     "merge_lora first")
   cins = block_inputs(spec)
   old = paths.flatten(model.variables)
   values: dict[str, Any] = {}

@@ -61,6 +61,11 @@ def rebuild(model: Model, spec: ModelSpec, record: Record, *, seed: int = 0,
   error otherwise. ``model`` is never mutated.
   """
   new = paths.flatten(abstract_variables(spec))
+  # The network skips a LoRA spec whose conv is gone; that would silently drop the update.
+  lost = [x.module for x in spec.lora if f"params/{x.module}_lora/down/kernel" not in new]
+  if lost:
+    raise ValueError(f"{record['op']} removes or renames convs that carry LoRA updates ({lost}); "
+                     "merge_lora before this op")
   old = paths.flatten(model.variables)
   values = dict(values or {})
   unknown = sorted(set(values) - set(new))

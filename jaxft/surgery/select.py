@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 from jaxft import paths
 from jaxft.models.spec import BlockSpec, ModelSpec
 from jaxft.paths import PathError
+from jaxft.surgery.kinds import block_kind
 
 
 def block_names(spec: ModelSpec) -> list[str]:
@@ -64,6 +65,43 @@ def block_inputs(spec: ModelSpec) -> dict[str, int]:
       out[f"{st.name}/{b.name}"] = cin
       cin = b.out
   return out
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvSite:
+  """One conv of the network that a BatchNorm follows (or followed, before folding).
+
+  Attributes:
+    conv: module path (``stem/conv``, ``layer1/block0/conv1``, ``layer2/block0/downsample_conv``,
+      ``neck_conv``).
+    bn: the BN module path right after it (``stem/bn``, ``layer1/block0/bn1``, ``neck_bn`` …).
+    grouped: the conv is grouped or depthwise.
+  """
+
+  conv: str
+  bn: str
+  grouped: bool = False
+
+
+def conv_sites(spec: ModelSpec, params: Mapping[str, Any]) -> list[ConvSite]:
+  """Returns every BN-followed conv of ``Network(spec)`` in network order (stem, blocks, neck).
+
+  ``params`` (the model's, or abstract ones; never mutated) decides which optional convs exist (an
+  ``mbconv`` without expansion has no ``expand_conv``, a same-shape block no ``downsample_conv``).
+
+  Raises:
+    ValueError: a block kind surgery does not know.
+  """
+  flat = paths.flatten(params)
+  sites = [ConvSite("stem/conv", "stem/bn")]
+  for st in spec.stages:
+    for b in st.blocks:
+      kind, pre = block_kind(b.kind), f"{st.name}/{b.name}"
+      grouped = kind.grouped_convs(b)
+      sites += [ConvSite(f"{pre}/{c}", f"{pre}/{n}", c in grouped) for c, n in kind.conv_bn]
+      sites.append(ConvSite(f"{pre}/downsample_conv", f"{pre}/downsample_bn"))
+  sites.append(ConvSite("neck_conv", "neck_bn"))
+  return [s for s in sites if f"{s.conv}/kernel" in flat]
 
 
 def with_blocks(spec: ModelSpec, new: Mapping[tuple[int, int], BlockSpec]) -> ModelSpec:
