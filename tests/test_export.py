@@ -300,47 +300,21 @@ class _FoldedSpec(ModelSpec):
   folded_bn: bool = True
 
 
-@dataclasses.dataclass(frozen=True)
-class _LoraSpec(ModelSpec):
-  lora: tuple = ("head",)
-
-
-def _fold(model: Model) -> Model:
-  """``model`` with every BN folded into the conv before it, by hand (numpy): conv biases, no BN."""
-  flat = paths.flatten(model.variables)
-  bns = {p.split("/", 1)[1].rsplit("/", 1)[0] for p in flat if p.startswith("batch_stats/")}
-  out = {p: v for p, v in flat.items()
-         if p.startswith("params/") and p.split("/", 1)[1].rsplit("/", 1)[0] not in bns}
-  pairs = {"stem/conv": "stem/bn"}
-  for st in model.spec.stages:
-    for b in st.blocks:
-      for k in (1, 2):
-        pairs[f"{st.name}/{b.name}/conv{k}"] = f"{st.name}/{b.name}/bn{k}"
-  for conv, bn in pairs.items():
-    mul = np.asarray(flat[f"params/{bn}/scale"]) / np.sqrt(np.asarray(flat[f"batch_stats/{bn}/var"])
-                                                           + model.spec.bn_eps)
-    out[f"params/{conv}/kernel"] = np.asarray(flat[f"params/{conv}/kernel"]) * mul
-    out[f"params/{conv}/bias"] = np.asarray(flat[f"params/{bn}/bias"]) - np.asarray(
-        flat[f"batch_stats/{bn}/mean"]) * mul
-  spec = _FoldedSpec(**{f.name: getattr(model.spec, f.name) for f in dataclasses.fields(ModelSpec)})
-  return model.replace(spec=spec, variables=paths.unflatten(out))
-
-
 def test_folded_bn_exports_convs_with_bias_and_no_bn(resnet20: Model) -> None:
-  folded = _fold(resnet20)
+  folded = surgery.fold_batchnorm(resnet20)
   sd = export.torch_state_dict(folded)
   assert "layer1.0.conv1.bias" in sd and not any(".bn" in k or k.startswith("bn") for k in sd)
   x = images(32)
   assert rel_err(torch_logits(export.to_torch(folded), x), jaxft_logits(resnet20, x)) < TOL
 
 
-def test_lora_is_merged_before_export(resnet20: Model, monkeypatch: pytest.MonkeyPatch) -> None:
-  spec = _LoraSpec(**{f.name: getattr(resnet20.spec, f.name) for f in dataclasses.fields(ModelSpec)})
-  lora = resnet20.replace(spec=spec)
-  if not hasattr(surgery, "merge_lora"):  # before merge_lora lands
-    with pytest.raises(export.ExportError, match="has LoRA adapters .* no merge_lora"):
-      export.to_torch(lora)
-  merged = []
-  monkeypatch.setattr(surgery, "merge_lora", lambda m: merged.append(m) or resnet20, raising=False)
+def test_lora_is_merged_before_export(resnet20: Model) -> None:
+  lora = surgery.add_lora(resnet20, "layer3/.*conv2", rank=2)
+  # Non-zero up factors, so that an export that dropped the LoRA update would differ.
+  flat = paths.flatten(lora.variables)
+  flat = {k: (v + 0.05 if "_lora/up" in k else v) for k, v in flat.items()}
+  lora = lora.replace(variables=paths.unflatten(flat))
+  x = images(32)
+  assert rel_err(jaxft_logits(lora, x), jaxft_logits(resnet20, x)) > 1e-3
   assert export.torch_state_dict(lora).keys() == export.torch_state_dict(resnet20).keys()
-  assert merged == [lora]
+  assert rel_err(torch_logits(export.to_torch(lora), x), jaxft_logits(lora, x)) < TOL

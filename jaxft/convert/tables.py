@@ -177,12 +177,11 @@ def mapping_table(spec: ModelSpec) -> list[Entry]:
 
   Raises:
     ConversionError: when ``spec.family`` has no mapping function in :data:`MAPPINGS`, or ``spec``
-      has LoRA updates or folded BatchNorms (torch checkpoints have neither).
+      has LoRA updates (torch checkpoints have none).
   """
-  if spec.lora or spec.folded_bn:
-    what = "LoRA updates (merge them first: surgery.merge_lora)" if spec.lora else (
-        "folded BatchNorms (convert the unfolded model, then surgery.fold_batchnorm)")
-    raise ConversionError(f"no torch weight mapping for a spec with {what}")
+  if spec.lora:  # folded BatchNorms map (convs with a bias, no BN: what export writes); LoRA does not
+    raise ConversionError("no torch weight mapping for a spec with LoRA updates (merge them first: "
+                          "surgery.merge_lora)")
   try:
     fn = MAPPINGS[spec.family]
   except KeyError:
