@@ -244,3 +244,24 @@ def test_training_a_lora_model_moves_only_the_factors_and_the_head(tmp_path):
   assert moved and all("_lora/" in p or p.startswith("params/head/") for p in moved), sorted(moved)
   assert any("_lora/up/" in p for p in moved)  # the zero factor starts learning
   assert not any(p.startswith("batch_stats/") for p in moved)  # frozen BNs keep their statistics
+
+
+def test_replay_of_widen_lora_merge_prune_is_bit_identical(resnet20: Model):
+  evolved = surgery.widen(resnet20, "layer2/.*", factor=2, noise=0.01, seed=3)
+  evolved = surgery.add_lora(evolved, "layer3/.*/conv1", rank=2, seed=1)
+  # Trained-looking factors, so that merge has something to fold in.
+  flat = {k: (v + 0.01 if "_lora/up" in k else v) for k, v in paths.flatten(evolved.variables).items()}
+  evolved = surgery.merge_lora(evolved.replace(variables=paths.unflatten(flat)))
+  evolved = surgery.prune_channels(evolved, "layer1/.*", fraction=0.25)
+  records = json.loads(json.dumps(list(evolved.history[len(resnet20.history):])))
+  assert [r["op"] for r in records] == ["widen", "add_lora", "merge_lora", "prune_channels"]
+  # Replayed on the base, the merge folds in the replayed (zero) factors: structure and every other
+  # leaf must match exactly; with the same factors injected, the whole model does.
+  replayed = surgery.replay(resnet20, records[:2])
+  flat = {k: (v + 0.01 if "_lora/up" in k else v) for k, v in paths.flatten(replayed.variables).items()}
+  replayed = surgery.replay(replayed.replace(variables=paths.unflatten(flat)), records[2:])
+  assert replayed.spec == evolved.spec
+  a, b = paths.flatten(replayed.variables), paths.flatten(evolved.variables)
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg=k)
