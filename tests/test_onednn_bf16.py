@@ -186,3 +186,30 @@ def test_twenty_step_bf16_loss_curve_follows_float32():
   assert "jaxft_onednn_conv_bwd_weights" in text and "jaxft_onednn_bn_bwd" in text
   assert l32[-1] < 0.7 * l32[0]  # it learns, so the comparison means something
   np.testing.assert_allclose(l16, l32, rtol=0.15)
+
+
+@pytest.mark.slow
+def test_the_pypi_wheels_build_and_run_where_installed(tmp_path):
+  # pip install jaxft[onednn]: compiled against the wheels (as where no system oneDNN exists) and run
+  # in a fresh process without LD_LIBRARY_PATH or OCL_ICD_FILENAMES (the library's RPATH and the
+  # explicit load step find the wheels' runtime).
+  import os
+  import subprocess
+  import sys
+  if onednn.pip_prefix() is None:
+    pytest.skip("the onednn / onednn-devel wheels are not installed (pip install jaxft[onednn])")
+  code = (
+      "import jax.numpy as jnp\n"
+      "from jaxft.cpu import onednn\n"
+      "onednn._system_has_onednn = lambda: False\n"
+      "assert onednn.load(), onednn.status()\n"
+      "x = jnp.ones((2, 6, 6, 8), jnp.bfloat16)\n"
+      "k = jnp.ones((3, 3, 8, 4), jnp.float32)\n"
+      "print(onednn.status(), float(onednn.conv(x, k, (1, 1), ((1, 1), (1, 1)))[0, 2, 2, 0]))\n")
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("LD_LIBRARY_PATH", "OCL_ICD_FILENAMES", "DNNLROOT")}
+  env["JAXFT_NATIVE_CACHE_DIR"] = str(tmp_path)
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       timeout=600, check=False)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "oneDNN 3." in out.stdout and out.stdout.split()[-1] == "72.0"  # 3·3·8 ones

@@ -4,9 +4,10 @@ XLA:CPU computes convolutions with Eigen's spatial convolution (patches packed f
 PyTorch's CPU convolutions, which are oneDNN's direct (JIT-generated, blocked) kernels
 (docs/benchmarks.md, "Fifth session"). This module calls the same library: ``onednn_conv.cc`` (beside
 this file) wraps oneDNN's convolution forward, backward-data and backward-weights primitives as three
-XLA FFI handlers, compiled against the system's oneDNN (Debian/Ubuntu: ``apt-get install
-libdnnl-dev``; elsewhere ``DNNLROOT`` names an install prefix) and jaxlib's FFI headers, and cached in
-``$JAXFT_NATIVE_CACHE_DIR`` (default ``~/.cache/jaxft/native``).
+XLA FFI handlers, compiled against oneDNN — ``$DNNLROOT`` if set, else the system's (Debian/Ubuntu: ``apt-get
+install libdnnl-dev``), else the PyPI wheels (``pip install jaxft[onednn]``; :func:`onednn_root`) —
+and jaxlib's FFI headers, and cached in ``$JAXFT_NATIVE_CACHE_DIR`` (default
+``~/.cache/jaxft/native``).
 
 Building and loading are explicit steps — :func:`build` (``python -m jaxft.cpu build``) and
 :func:`load` (called by :func:`jaxft.cpu.enable`) — never a side effect of tracing: everything the
@@ -34,6 +35,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 from typing import Sequence
@@ -45,7 +47,7 @@ import numpy as np
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "onednn_conv.cc")
 _TARGETS = {"fwd": "jaxft_onednn_conv_fwd", "bwd_data": "jaxft_onednn_conv_bwd_data",
             "bwd_weights": "jaxft_onednn_conv_bwd_weights", "bn_fwd": "jaxft_onednn_bn_fwd",
-            "bn_bwd": "jaxft_onednn_bn_bwd"}
+            "bn_bwd": "jaxft_onednn_bn_bwd", "gemm_tn": "jaxft_onednn_gemm_tn"}
 
 _lock = threading.Lock()
 # Once loading was attempted: "lib" (ctypes.CDLL) and "path", or "error" (str).
@@ -74,9 +76,40 @@ def cache_dir() -> str:
       "native")
 
 
+def pip_prefix() -> str | None:
+  """The prefix of a oneDNN installed from PyPI into this environment (``pip install
+  jaxft[onednn]``: the ``onednn`` and ``onednn-devel`` wheels put ``lib/libdnnl.so`` and
+  ``include/oneapi/dnnl`` under ``sys.prefix``), or None."""
+  prefix = sys.prefix
+  if (os.path.isfile(os.path.join(prefix, "include", "oneapi", "dnnl", "dnnl.hpp"))
+      and any(os.path.exists(os.path.join(prefix, "lib", n)) for n in ("libdnnl.so", "libdnnl.so.3"))):
+    return prefix
+  return None
+
+
+def _system_has_onednn() -> bool:
+  return any(os.path.isfile(os.path.join(d, "oneapi", "dnnl", "dnnl.hpp"))
+             for d in ["/usr/local/include", "/usr/include"]
+             + [d for d in os.environ.get("CPATH", "").split(os.pathsep) if d])
+
+
+def onednn_root() -> str | None:
+  """The install prefix jaxft compiles against: ``$DNNLROOT`` when set; else none (the system's
+  headers and library, e.g. Debian's ``libdnnl-dev``) when they are installed; else the PyPI
+  wheels' prefix (:func:`pip_prefix`) when those are. The system library comes before the wheels
+  because the wheels are a SYCL build that needs Intel's OpenCL CPU runtime (~1 GB of further
+  wheels) and measured no faster here (docs/benchmarks.md, "bfloat16")."""
+  if os.environ.get("DNNLROOT"):
+    return os.environ["DNNLROOT"]
+  if _system_has_onednn():
+    return None
+  return pip_prefix()
+
+
 def _onednn_version_header() -> bytes:
   """The installed ``dnnl_version.h`` (empty if not found), so that a oneDNN upgrade rebuilds."""
-  roots = [os.path.join(os.environ["DNNLROOT"], "include")] if os.environ.get("DNNLROOT") else []
+  root = onednn_root()
+  roots = [os.path.join(root, "include")] if root else []
   roots += [d for d in os.environ.get("CPATH", "").split(os.pathsep) if d]
   roots += ["/usr/local/include", "/usr/include"]
   for root in roots:
@@ -94,11 +127,14 @@ def _compiler() -> str:
 
 def _compile_command(src: str, out: str) -> list[str]:
   cmd = [_compiler(), "-O2", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}"]
-  root = os.environ.get("DNNLROOT")
+  root = onednn_root()
   if root:
     lib = next((d for d in (os.path.join(root, "lib64"), os.path.join(root, "lib"))
                 if os.path.isdir(d)), os.path.join(root, "lib"))
-    cmd += [f"-I{os.path.join(root, 'include')}", f"-L{lib}", f"-Wl,-rpath,{lib}"]
+    # DT_RPATH (not RUNPATH) so that libdnnl's own dependencies (the wheels' SYCL and TBB runtimes,
+    # in the same folder) are found through this library without LD_LIBRARY_PATH.
+    cmd += [f"-I{os.path.join(root, 'include')}", f"-L{lib}", "-Wl,--disable-new-dtags",
+            f"-Wl,-rpath,{lib}"]
   return cmd + [src, "-o", out, "-ldnnl"]
 
 
@@ -108,7 +144,7 @@ def library_path() -> str:
     h = hashlib.sha256(f.read())
   h.update(jax.ffi.include_dir().encode())
   h.update(jax.__version__.encode())
-  h.update(os.environ.get("DNNLROOT", "").encode())
+  h.update((onednn_root() or "").encode())
   h.update(_compiler().encode())
   h.update(_onednn_version_header())
   return os.path.join(cache_dir(), f"libjaxft_onednn-{h.hexdigest()[:16]}.so")
@@ -149,12 +185,26 @@ def build(force: bool = False) -> str:
   return path
 
 
+def _point_sycl_at_the_wheels_cpu_runtime() -> None:
+  """The PyPI oneDNN is a SYCL build: its CPU engine is Intel's OpenCL CPU runtime, which the
+  OpenCL loader finds through ``OCL_ICD_FILENAMES`` (its ``/etc/OpenCL/vendors`` entry is inside
+  the environment, where the loader does not look). Set only when compiling against the wheels and
+  unset by the user — part of the explicit :func:`load` step, never of an import."""
+  root = onednn_root()
+  if root is None or root != pip_prefix() or os.environ.get("OCL_ICD_FILENAMES"):
+    return
+  icd = os.path.join(root, "lib", "libintelocl.so")
+  if os.path.exists(icd):
+    os.environ["OCL_ICD_FILENAMES"] = icd
+
+
 def _load() -> ctypes.CDLL | None:
   with _lock:
     if "lib" in _state or "error" in _state:
       return _state.get("lib")  # type: ignore[return-value]
     try:
       path = build()
+      _point_sycl_at_the_wheels_cpu_runtime()
       try:
         lib = ctypes.CDLL(path)
       except OSError:  # e.g. built against a oneDNN that has since been replaced: build it again
@@ -261,17 +311,20 @@ def _out_shape(x_shape, kernel_shape, strides, padding) -> tuple[int, int, int, 
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 
-def _call(name: str, shape, dtype, *args, strides, padding, groups) -> jax.Array:
+def _call(name: str, shape, dtype, *args, strides, padding, groups, attrs=True) -> jax.Array:
   if not loaded():  # the targets must be registered before XLA compiles
     raise OneDNNUnavailableError(f"oneDNN convolutions are {status()}")
   for a in args:
     if a.dtype not in _DTYPES:
       raise ValueError(f"oneDNN convolutions take float32 or bfloat16 arrays, got {a.dtype}; cast, "
                        "or use jaxft.cpu.layers.Conv, which falls back for other dtypes")
-  return jax.ffi.ffi_call(_TARGETS[name], jax.ShapeDtypeStruct(tuple(shape), dtype),
-                          vmap_method="sequential")(
-      *args, strides=np.asarray(strides, np.int64),
-      padding=np.asarray([p for pp in padding for p in pp], np.int64), groups=np.int64(groups))
+  call = jax.ffi.ffi_call(_TARGETS[name], jax.ShapeDtypeStruct(tuple(shape), dtype),
+                          vmap_method="sequential")
+  if not attrs:
+    return call(*args)
+  return call(*args, strides=np.asarray(strides, np.int64),
+              padding=np.asarray([p for pp in padding for p in pp], np.int64),
+              groups=np.int64(groups))
 
 
 def forward(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
@@ -320,11 +373,33 @@ def _conv_fwd(x, kernel, strides, padding, groups):
   return forward(x, kernel, strides, padding, groups), (x, kernel)
 
 
+def gemm_tn(a: jax.Array, b: jax.Array, dtype=jnp.float32) -> jax.Array:
+  """``a.T @ b`` for ``a [M, K]`` and ``b [M, N]`` of one type (float32 or bfloat16) by oneDNN's
+  matmul, accumulated in float32 and returned as ``dtype``. Returns a new array; inputs are not
+  mutated."""
+  return _call("gemm_tn", (a.shape[1], b.shape[1]), jnp.dtype(dtype), a, b, strides=(),
+               padding=(), groups=0, attrs=False)
+
+
+def _pointwise_kernel_grad(x, dy, kernel_shape, strides, dtype):
+  """The kernel gradient of an unpadded 1×1 convolution as one GEMM over the (strided) pixels."""
+  if tuple(strides) != (1, 1):
+    x = x[:, ::strides[0], ::strides[1], :][:, :dy.shape[1], :dy.shape[2], :]
+  cin, cout = kernel_shape[2], kernel_shape[3]
+  return gemm_tn(x.reshape(-1, cin), dy.reshape(-1, cout), dtype).reshape(kernel_shape)
+
+
 def _conv_bwd(strides, padding, groups, res, dy):
   x, kernel = res
   dy = dy.astype(x.dtype)
-  return (input_grad(dy, kernel, x.shape, strides, padding, groups),
-          kernel_grad(x, dy, kernel.shape, strides, padding, groups, kernel.dtype))
+  if (x.dtype == jnp.bfloat16 and kernel.shape[:2] == (1, 1) and groups == 1
+      and all(p == (0, 0) for p in padding)):
+    # bfloat16 1×1: oneDNN's matmul is ~3x faster than its convolution backward-weights kernel
+    # (docs/benchmarks.md, "bfloat16"); the same sums, accumulated in float32.
+    dk = _pointwise_kernel_grad(x, dy, kernel.shape, strides, kernel.dtype)
+  else:
+    dk = kernel_grad(x, dy, kernel.shape, strides, padding, groups, kernel.dtype)
+  return input_grad(dy, kernel, x.shape, strides, padding, groups), dk
 
 
 conv.defvjp(_conv_fwd, _conv_bwd)

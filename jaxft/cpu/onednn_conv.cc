@@ -475,6 +475,90 @@ ffi::Error NormBackward(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Buffer<ffi::F3
   return ffi::Error::Success();
 }
 
+
+// ---------------------------------------------------------------------------------------------------
+// c = aᵀ b for a [M, K] and b [M, N] (row-major): the kernel gradient of a 1×1 convolution, with M the
+// batch × pixels. oneDNN's convolution backward-weights kernels for 1×1 are several times slower
+// than its matmul here (docs/benchmarks.md, "bfloat16"); the transposed a is a stride, not a copy.
+
+struct GemmGeometry {
+  int64_t m, k, n;
+  Dt in, out;
+  memory::desc a_t_md() const { return memory::desc({k, m}, in, memory::dims{1, k}); }
+  memory::desc b_md() const { return memory::desc({m, n}, in, memory::dims{n, 1}); }
+  memory::desc c_md() const { return memory::desc({k, n}, out, memory::dims{n, 1}); }
+  std::string Key() const {
+    std::string key = "gemm_tn";
+    for (int64_t v : {m, k, n, static_cast<int64_t>(in), static_cast<int64_t>(out)}) {
+      key += ',' + std::to_string(v);
+    }
+    return key;
+  }
+};
+
+#if DNNL_VERSION_MAJOR >= 3
+dnnl::matmul::primitive_desc GemmPd(const GemmGeometry& g) {
+  return dnnl::matmul::primitive_desc(Engine(), g.a_t_md(), g.b_md(), g.c_md(), Attr());
+}
+#else
+dnnl::matmul::primitive_desc GemmPd(const GemmGeometry& g) {
+  dnnl::matmul::desc d(g.a_t_md(), g.b_md(), g.c_md());
+  return dnnl::matmul::primitive_desc(d, Attr(), Engine());
+}
+#endif
+
+struct GemmPrimitive {
+  dnnl::primitive primitive;
+  memory::desc scratchpad_md;
+};
+
+std::shared_ptr<const GemmPrimitive> CachedGemm(const GemmGeometry& g) {
+  static std::mutex* mu = new std::mutex;
+  static auto* cache = new std::unordered_map<std::string, std::shared_ptr<const GemmPrimitive>>;
+  const std::string key = g.Key();
+  {
+    std::lock_guard<std::mutex> lock(*mu);
+    auto it = cache->find(key);
+    if (it != cache->end()) return it->second;
+  }
+  auto p = std::make_shared<GemmPrimitive>();
+  auto pd = GemmPd(g);
+  p->primitive = dnnl::matmul(pd);
+  p->scratchpad_md = pd.scratchpad_desc();
+  std::lock_guard<std::mutex> lock(*mu);
+  return cache->emplace(key, p).first->second;
+}
+
+ffi::Error GemmTN(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> c) {
+  auto ad = a.dimensions(), bd = b.dimensions(), cd = c->dimensions();
+  if (ad.size() != 2 || bd.size() != 2 || cd.size() != 2 || ad[0] != bd[0] || cd[0] != ad[1] ||
+      cd[1] != bd[1] || ad[0] < 1 || ad[1] < 1 || bd[1] < 1) {
+    return ffi::Error::InvalidArgument("gemm_tn: a [M, K], b [M, N] and c [K, N] do not match");
+  }
+  Dt ta, tb, tc;
+  if (!ToDnnl(a.element_type(), &ta) || !ToDnnl(b.element_type(), &tb) ||
+      !ToDnnl(c->element_type(), &tc) || ta != tb) {
+    return ffi::Error::InvalidArgument("gemm_tn: a and b must share a type (float32 or bfloat16)");
+  }
+  const GemmGeometry g{ad[0], ad[1], bd[1], ta, tc};
+  try {
+    auto p = CachedGemm(g);
+    std::lock_guard<std::mutex> run_lock(RunMutex());
+    dnnl::stream stream(Engine());
+    memory am(g.a_t_md(), Engine(), a.untyped_data()), bm(g.b_md(), Engine(), b.untyped_data());
+    memory cm(g.c_md(), Engine(), c->untyped_data());
+    memory scratch(p->scratchpad_md, Engine());
+    p->primitive.execute(stream, {{DNNL_ARG_SRC, am}, {DNNL_ARG_WEIGHTS, bm}, {DNNL_ARG_DST, cm},
+                                  {DNNL_ARG_SCRATCHPAD, scratch}});
+    stream.wait();
+  } catch (const std::exception& e) {
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string("jaxft oneDNN matmul: ") + e.what());
+  } catch (...) {
+    return ffi::Error(ffi::ErrorCode::kInternal, "jaxft oneDNN matmul: unknown exception");
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 #define JAXFT_CONV_BINDING                                                             \
@@ -519,6 +603,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxft_onednn_bn_bwd, NormBackward,
                                   .Ret<jaxft_f32_vec>()
                                   .Attr<float>("epsilon")
                                   .Attr<int64_t>("relu"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxft_onednn_gemm_tn, GemmTN,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
 
 // The bytes of the ReLU mask jaxft_onednn_bn_fwd writes for an [n, h, w, c] input (dtype 0: float32,
 // 1: bfloat16), or -1 when oneDNN cannot build the primitive.
