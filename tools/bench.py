@@ -572,6 +572,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   return args
 
 
+def _finish(args: argparse.Namespace, argv: list[str], started: str, load: tuple[float, ...],
+            records: list[dict[str, Any]]) -> None:
+  """Writes ``--json`` (records and the run's conditions) and prints the closing load average."""
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"started": started, "argv": argv, "host": platform.node(),
+                 "cpus": os.cpu_count(), "load_average_start": load,
+                 "load_average_end": os.getloadavg(), "records": records}, f, indent=2)
+  print(f"\nload average at the end: {os.getloadavg()[0]:.1f} (on {os.cpu_count()} CPUs)")
+
+
 def main(argv: list[str]) -> int:
   args = parse_args(argv)
   if args.worker:
@@ -600,12 +611,7 @@ def main(argv: list[str]) -> int:
           records += bench_vs_best(w, args)
         except RuntimeError as e:
           print(f"  {name} {size}px: FAILED: {e}", file=sys.stderr, flush=True)
-    if args.json:
-      with open(args.json, "w") as f:
-        json.dump({"started": started, "argv": argv, "host": platform.node(),
-                   "cpus": os.cpu_count(), "load_average_start": load,
-                   "load_average_end": os.getloadavg(), "records": records}, f, indent=2)
-    print(f"\nload average at the end: {os.getloadavg()[0]:.1f} (on {os.cpu_count()} CPUs)")
+    _finish(args, argv, started, load, records)
     print_vs_best(records)
     return 0
   for dtype in dtypes:
@@ -633,12 +639,7 @@ def main(argv: list[str]) -> int:
           f"{r['jaxft_images_per_s']:.4g} | {torch_ips} | {ratio} | "
           f"{r['jaxft_compile_s']:.1f} / {r.get('torch_compile_s', float('nan')):.1f} | "
           f"{mem('jaxft')} / {mem('torch')} |")
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump({"started": started, "argv": argv, "host": platform.node(),
-                 "cpus": os.cpu_count(), "load_average_start": load,
-                 "load_average_end": os.getloadavg(), "records": records}, f, indent=2)
-  print(f"\nload average at the end: {os.getloadavg()[0]:.1f} (on {os.cpu_count()} CPUs)")
+  _finish(args, argv, started, load, records)
   print("\njaxft/torch images/s ratios:")
   for r in records:
     if "ratio" in r:

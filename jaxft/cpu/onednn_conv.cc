@@ -155,18 +155,24 @@ std::shared_ptr<const Primitive> Build(const Geometry& g, Pass pass) {
   return p;
 }
 
-std::shared_ptr<const Primitive> Cached(const Geometry& g, Pass pass) {
+// The primitive cached under `key`, built by `build()` on first use. Each primitive type P has its
+// own cache (keys are unique per type anyway).
+template <typename P, typename Builder>
+std::shared_ptr<const P> FromCache(const std::string& key, Builder build) {
   static std::mutex* mu = new std::mutex;
-  static auto* cache = new std::unordered_map<std::string, std::shared_ptr<const Primitive>>;
-  const std::string key = g.Key(pass);
+  static auto* cache = new std::unordered_map<std::string, std::shared_ptr<const P>>;
   {
     std::lock_guard<std::mutex> lock(*mu);
     auto it = cache->find(key);
     if (it != cache->end()) return it->second;
   }
-  auto p = Build(g, pass);  // outside the lock: building can take milliseconds
+  std::shared_ptr<const P> p = build();  // outside the lock: building can take milliseconds
   std::lock_guard<std::mutex> lock(*mu);
   return cache->emplace(key, p).first->second;
+}
+
+std::shared_ptr<const Primitive> Cached(const Geometry& g, Pass pass) {
+  return FromCache<Primitive>(g.Key(pass), [&] { return Build(g, pass); });
 }
 
 // One oneDNN primitive at a time: each already spreads over every core (oneDNN's OpenMP team), and
@@ -362,17 +368,7 @@ std::shared_ptr<const NormPrimitive> BuildNorm(const NormGeometry& g, bool backw
 }
 
 std::shared_ptr<const NormPrimitive> CachedNorm(const NormGeometry& g, bool backward) {
-  static std::mutex* mu = new std::mutex;
-  static auto* cache = new std::unordered_map<std::string, std::shared_ptr<const NormPrimitive>>;
-  const std::string key = g.Key(backward);
-  {
-    std::lock_guard<std::mutex> lock(*mu);
-    auto it = cache->find(key);
-    if (it != cache->end()) return it->second;
-  }
-  auto p = BuildNorm(g, backward);
-  std::lock_guard<std::mutex> lock(*mu);
-  return cache->emplace(key, p).first->second;
+  return FromCache<NormPrimitive>(g.Key(backward), [&] { return BuildNorm(g, backward); });
 }
 
 // The size in bytes of the ReLU mask oneDNN keeps for these shapes (0 without ReLU).
@@ -513,20 +509,13 @@ struct GemmPrimitive {
 };
 
 std::shared_ptr<const GemmPrimitive> CachedGemm(const GemmGeometry& g) {
-  static std::mutex* mu = new std::mutex;
-  static auto* cache = new std::unordered_map<std::string, std::shared_ptr<const GemmPrimitive>>;
-  const std::string key = g.Key();
-  {
-    std::lock_guard<std::mutex> lock(*mu);
-    auto it = cache->find(key);
-    if (it != cache->end()) return it->second;
-  }
-  auto p = std::make_shared<GemmPrimitive>();
-  auto pd = GemmPd(g);
-  p->primitive = dnnl::matmul(pd);
-  p->scratchpad_md = pd.scratchpad_desc();
-  std::lock_guard<std::mutex> lock(*mu);
-  return cache->emplace(key, p).first->second;
+  return FromCache<GemmPrimitive>(g.Key(), [&] {
+    auto p = std::make_shared<GemmPrimitive>();
+    auto pd = GemmPd(g);
+    p->primitive = dnnl::matmul(pd);
+    p->scratchpad_md = pd.scratchpad_desc();
+    return std::shared_ptr<const GemmPrimitive>(p);
+  });
 }
 
 ffi::Error GemmTN(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> c) {
