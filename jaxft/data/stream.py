@@ -176,6 +176,7 @@ def scan_files(paths: Sequence[str], num_workers: int = 0) -> list[str | None]:
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2))
   if num_workers > 0 and len(paths) >= SCAN_POOL_MIN_FILES:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    _let_grain_read_its_flag()
   return [r or None for batch in it for r in batch]
 
 

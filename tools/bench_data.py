@@ -1,0 +1,211 @@
+"""The jaxft input pipeline at real scale, against torchvision, in one run.
+
+    python tools/bench_data.py                          # 10k and 100k folders (the 100k one takes a while)
+    python tools/bench_data.py --sizes 2000,20000 --batches 20 --train-steps 3   # a quick run
+    python tools/bench_data.py --make-only              # only build (and cache) the folders
+
+1. **Folders.** Synthetic ImageFolders of ``--sizes`` images (default 10,000 and 100,000), cached under
+   ``--root`` (default ``/tmp/jaxft_bench_data``) as ``ROOT/n<N>/train/<class>/<i>.jpg``: real CIFAR-10
+   JPEGs from ``../shared`` (image ``i % 50000``), each resized to a random width and height in
+   160–500 px (bicubic) and saved as JPEG quality 90. Seeded: the same folder every time; a folder is
+   written to a temporary name and renamed when complete, so an interrupted build is redone.
+2. **Loader throughput** at 224 px on the smallest folder: jaxft's stream (``jaxft.data.stream``:
+   random-resized crop 224 + flip, ``--workers`` grain worker processes) against torchvision's
+   ``ImageFolder`` + ``DataLoader`` (``RandomResizedCrop(224)`` + ``RandomHorizontalFlip`` +
+   ``PILToTensor``, the same batch and the same number of workers), interleaved in rounds so that load
+   from other users of the machine hits both alike; images/s is the median over rounds.
+3. **Peak RSS of a 224 px training run** (``python -m jaxft.train``, ``data.pipeline='stream'``, a small
+   CIFAR ResNet so that the model's memory does not hide the data's) on every folder, each run in its own
+   process (its peak RSS, children included, from ``wait4``).
+4. **Data-wait fraction** of a real 224 px ResNet-50 training run (random init, ``--train-steps`` steps
+   on the smallest folder): the share of the loop's wall time spent waiting for the next batch
+   (``StreamIterator.wait_seconds``), after the first (compiling) step.
+
+The ratios come last. Run it niced on a shared machine: ``nice -n 19 python tools/bench_data.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+# This checkout's jaxft, in this process as in the children (which get it through PYTHONPATH).
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+SHARED = Path(os.environ.get("JAXFT_SHARED", REPO.parent / "shared"))  # as tests/conftest.py
+CIFAR_TAR = SHARED / "data" / "cifar10-jpeg-train.tar.gz"
+MIN_SIDE, MAX_SIDE, QUALITY = 160, 500, 90
+_TAG = "@@bench_data "
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1. Folders
+# ---------------------------------------------------------------------------------------------------
+
+
+def _cifar_images(tar_path: Path) -> list[tuple[str, bytes]]:
+  """``(class, jpeg bytes)`` of the CIFAR JPEGs in the archive: the first of each class (sorted by
+  path), then the second of each, …"""
+  out = []
+  with tarfile.open(tar_path, "r:gz") as tar:
+    for m in tar:
+      if m.isfile() and m.name.endswith(".jpg"):
+        out.append((m.name, m.name.split("/")[-2], tar.extractfile(m).read()))
+  out.sort()
+  # Round-robin over the classes, so that any prefix is balanced.
+  by_class: dict[str, list[bytes]] = {}
+  for _, c, b in out:
+    by_class.setdefault(c, []).append(b)
+  classes = sorted(by_class)
+  per_class = min(len(v) for v in by_class.values())
+  return [(c, by_class[c][j]) for j in range(per_class) for c in classes]
+
+
+def make_folder(root: Path, n: int, tar_path: Path = CIFAR_TAR) -> Path:
+  """``root/n<n>/train/<class>/<i>.jpg``, built once (returns the cached folder when complete).
+
+  Returns:
+    The folder holding ``train/``.
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  done = root / f"n{n}"
+  if (done / "train").is_dir():
+    return done
+  if not tar_path.is_file():
+    raise SystemExit(f"bench_data: {tar_path} not found; it needs the shared CIFAR-10 JPEGs (../shared, or set JAXFT_SHARED / --cifar)")
+  root.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(prefix=f".n{n}.", dir=root))
+  t0 = time.perf_counter()
+  images = _cifar_images(tar_path)
+  rng = np.random.default_rng(n)
+  sides = rng.integers(MIN_SIDE, MAX_SIDE + 1, (n, 2))
+  for i in range(n):
+    cls, jpeg = images[i % len(images)]
+    d = tmp / "train" / cls
+    d.mkdir(parents=True, exist_ok=True)
+    with Image.open(io.BytesIO(jpeg)) as im:
+      big = im.convert("RGB").resize((int(sides[i, 0]), int(sides[i, 1])), Image.BICUBIC)
+    big.save(d / f"{i:06d}.jpg", quality=QUALITY)
+    if (i + 1) % 10000 == 0:
+      print(f"bench_data: {done}: {i + 1}/{n} images, {time.perf_counter() - t0:.0f} s", flush=True)
+  os.replace(tmp, done)
+  return done
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. Loader throughput: jaxft's stream against torchvision's ImageFolder + DataLoader
+# ---------------------------------------------------------------------------------------------------
+
+
+def jaxft_loader(folder: Path, size: int, batch: int, workers: int, cache_dir: Path) -> Any:
+  """jaxft's training stream over ``folder`` (random-resized crop ``size`` + flip), from step 0."""
+  from jaxft.data import stream  # pylint: disable=g-import-not-at-top
+
+  source = stream.open_folder(f"folder:{folder}", "train", num_workers=workers, cache_dir=cache_dir)
+  ds = stream.train_dataset(source, stream.StreamOptions(size=size), batch_size=batch, seed=0,
+                            process_index=0, process_count=1)
+  return stream.StreamIterator(ds, 0, num_workers=workers)
+
+
+def torch_loader(folder: Path, size: int, batch: int, workers: int) -> Any:
+  """torchvision's ImageFolder + DataLoader over ``folder`` with the same transforms, shuffled."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from torchvision import datasets, transforms  # pylint: disable=g-import-not-at-top
+
+  tf = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
+                           transforms.PILToTensor()])
+  ds = datasets.ImageFolder(str(folder / "train"), transform=tf)
+  return iter(torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers,
+                                          drop_last=True, persistent_workers=False,
+                                          generator=torch.Generator().manual_seed(0)))
+
+
+def _time_batches(it: Any, warmup: int, n: int) -> float:
+  """Images/s over ``n`` batches of ``it`` after ``warmup`` (worker start-up) batches."""
+  for _ in range(warmup):
+    next(it)
+  t0, images = time.perf_counter(), 0
+  for _ in range(n):
+    b = next(it)
+    images += len(b[1] if isinstance(b, tuple) and len(b) == 3 else b[0])
+  return images / (time.perf_counter() - t0)
+
+
+def loader_throughput(folder: Path, size: int, batch: int, workers: int, batches: int, rounds: int,
+                      cache_dir: Path) -> dict[str, Any]:
+  """Median images/s of both loaders over ``rounds`` alternating rounds, each a fresh loader (so the
+  idle one prefetches nothing while the other is timed)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(1)  # DataLoader workers use one thread each; the parent only collates
+  jaxft_loader(folder, size, batch, workers, cache_dir).close()  # the file check, once, untimed
+  warmup = max(2, workers)
+  out: dict[str, list[float]] = {"jaxft": [], "torchvision": []}
+  for r in range(rounds):
+    for name in (("jaxft", "torchvision") if r % 2 == 0 else ("torchvision", "jaxft")):
+      if name == "jaxft":
+        with jaxft_loader(folder, size, batch, workers, cache_dir) as it:
+          out[name].append(_time_batches(it, warmup, batches))
+      else:
+        it = torch_loader(folder, size, batch, workers)
+        out[name].append(_time_batches(it, warmup, batches))
+        del it
+      print(f"bench_data: round {r}: {name} {out[name][-1]:.1f} images/s", flush=True)
+  return {k: {"median": statistics.median(v), "rounds": v} for k, v in out.items()}
+
+
+def folder_bytes(folder: Path) -> int:
+  return sum(f.stat().st_size for f in folder.rglob("*.jpg"))
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--root", default="/tmp/jaxft_bench_data", help="where the folders are cached")
+  p.add_argument("--sizes", default="10000,100000", help="image counts of the folders, comma-separated")
+  p.add_argument("--cifar", default=str(CIFAR_TAR), help="the CIFAR-10 JPEG archive the images come from")
+  p.add_argument("--make-only", action="store_true", help="build the folders and stop")
+  p.add_argument("--size", type=int, default=224, help="crop side in pixels")
+  p.add_argument("--batch", type=int, default=64, help="loader batch size")
+  p.add_argument("--workers", type=int, default=2, help="worker processes, both loaders")
+  p.add_argument("--batches", type=int, default=20, help="timed batches per loader per round")
+  p.add_argument("--rounds", type=int, default=3, help="alternating rounds per loader")
+  p.add_argument("--only", default="loader,rss,wait", help="which parts to run")
+  args = p.parse_args()
+  root = Path(args.root)
+  sizes = sorted(int(s) for s in args.sizes.split(","))
+  folders = {n: make_folder(root, n, Path(args.cifar)) for n in sizes}
+  if args.make_only:
+    for n, f in folders.items():
+      print(f"bench_data: {f}: {n} images, {folder_bytes(f) / 2**20:.0f} MiB")
+    return
+  only = set(args.only.split(","))
+  cache_dir = root / "cache"
+  record: dict[str, Any] = {"sizes": sizes, "size": args.size, "batch": args.batch,
+                            "workers": args.workers, "cpus": os.cpu_count()}
+  if "loader" in only:
+    record["loader"] = loader_throughput(folders[sizes[0]], args.size, args.batch, args.workers,
+                                         args.batches, args.rounds, cache_dir)
+  print(_TAG + json.dumps(record), flush=True)
+  if "loader" in only:
+    lo = record["loader"]
+    print(f"loader at {args.size} px, {args.workers} workers, batch {args.batch}: jaxft "
+          f"{lo['jaxft']['median']:.1f} images/s, torchvision {lo['torchvision']['median']:.1f} images/s")
+    print(f"ratio jaxft / torchvision: {lo['jaxft']['median'] / lo['torchvision']['median']:.2f}x")
+
+
+if __name__ == "__main__":
+  main()
