@@ -330,10 +330,10 @@ def _cross_field(config: ml_collections.ConfigDict) -> list[str]:
   if config.loss.delta and config.model.pretrained == "":
     out.append(f"config.loss.delta = {config.loss.delta}: needs pretrained weights to stay close to "
                "(set config.model.pretrained, or loss.delta = 0)")
-  if config.data.pipeline == "stream" and config.data.image_size == 0:
+  if config.data.pipeline != "memory" and config.data.image_size == 0:
     out.append("config.data.image_size = 0: must be > 0 (the side of the crops it makes) when "
-               "config.data.pipeline = 'stream'")
-  if config.data.pipeline == "stream" and config.data.per_class:
+               f"config.data.pipeline = {config.data.pipeline!r}")
+  if config.data.pipeline != "memory" and config.data.per_class:
     out.append(f"config.data.per_class = {config.data.per_class}: only the in-memory pipeline takes it "
                "(set config.data.pipeline = 'memory', or data.per_class = 0)")
   return out

@@ -168,6 +168,59 @@ def loader_throughput(folder: Path, size: int, batch: int, workers: int, batches
   return {k: {"median": statistics.median(v), "rounds": v} for k, v in out.items()}
 
 
+# ---------------------------------------------------------------------------------------------------
+# 3. / 4. Training runs: peak RSS, data-wait fraction
+# ---------------------------------------------------------------------------------------------------
+
+
+def train_run(folder: Path, workdir: Path, cache_dir: Path, *, arch: str, size: int, batch: int,
+              steps: int, workers: int, val_fraction: float, extra: tuple[str, ...] = ()) -> dict[str, Any]:
+  """``python -m jaxft.train`` on ``folder`` with the stream pipeline (random init of ``arch``), in a
+  process of its own; its peak RSS (the whole process tree's summed RSS, sampled every 50 ms, and the
+  largest single process's, from the kernel) and its data-wait fraction after the first step.
+
+  Returns:
+    ``{'peak_rss_mb', 'max_process_rss_mb', 'data_wait', 'seconds', 'steps'}``.
+  """
+  import psutil  # pylint: disable=g-import-not-at-top  (a jaxft[test] dependency, via optuna/torch)
+
+  shutil.rmtree(workdir, ignore_errors=True)
+  cmd = [sys.executable, "-m", "jaxft.train", "--config", str(REPO / "configs" / "tiny.py"),
+         f"--config.model.arch={arch}", "--config.model.num_classes=10",
+         f"--config.data.source=folder:{folder}", "--config.data.pipeline=stream",
+         f"--config.data.image_size={size}", f"--config.data.workers={workers}",
+         f"--config.data.val_fraction={val_fraction}", f"--config.data.cache_dir={cache_dir}",
+         f"--config.train.batch_size={batch}", f"--config.train.num_steps={steps}",
+         "--config.train.eval_every=0", f"--config.train.checkpoint_every={steps}",
+         f"--config.train.eval_batch_size={batch}", "--workdir", str(workdir), *extra]
+  env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  t0 = time.perf_counter()
+  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  peak = 0
+  root = psutil.Process(proc.pid)
+  while proc.poll() is None:
+    try:
+      tree = [root] + root.children(recursive=True)
+      peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+      pass
+    time.sleep(0.05)
+  out, err = proc.communicate()
+  seconds = time.perf_counter() - t0
+  if proc.returncode != 0:
+    raise SystemExit(f"bench_data: the training run failed ({proc.returncode}):\n{err[-3000:]}")
+  max_child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the largest so far
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  train = [r for r in records if r.get("split") == "train" and r["step"] > 1]
+  # Weighted by each step's duration: total wait / total time after the compiling first step.
+  dts = [batch / r["images_per_s"] for r in train]
+  wait = sum(r["data_wait"] * dt for r, dt in zip(train, dts)) / max(sum(dts), 1e-9)
+  del out
+  return {"peak_rss_mb": peak / 2**20, "max_process_rss_mb": max_child, "data_wait": wait,
+          "seconds": seconds, "steps": steps}
+
+
 def folder_bytes(folder: Path) -> int:
   return sum(f.stat().st_size for f in folder.rglob("*.jpg"))
 
@@ -184,6 +237,11 @@ def main() -> None:
   p.add_argument("--batches", type=int, default=20, help="timed batches per loader per round")
   p.add_argument("--rounds", type=int, default=3, help="alternating rounds per loader")
   p.add_argument("--only", default="loader,rss,wait", help="which parts to run")
+  p.add_argument("--rss-arch", default="cifar_resnet8", help="the model of the peak-RSS runs")
+  p.add_argument("--rss-steps", type=int, default=30, help="steps of each peak-RSS run")
+  p.add_argument("--val-fraction", type=float, default=0.1, help="held out in the peak-RSS runs")
+  p.add_argument("--train-steps", type=int, default=6, help="steps of the ResNet-50 data-wait run")
+  p.add_argument("--train-batch", type=int, default=16, help="batch of the ResNet-50 data-wait run")
   args = p.parse_args()
   root = Path(args.root)
   sizes = sorted(int(s) for s in args.sizes.split(","))
@@ -199,11 +257,39 @@ def main() -> None:
   if "loader" in only:
     record["loader"] = loader_throughput(folders[sizes[0]], args.size, args.batch, args.workers,
                                          args.batches, args.rounds, cache_dir)
+  if "rss" in only:
+    record["rss"] = {}
+    for n, f in folders.items():
+      from jaxft.data import stream  # pylint: disable=g-import-not-at-top
+      stream.open_folder(f"folder:{f}", "train", num_workers=args.workers, cache_dir=cache_dir)  # check once
+      record["rss"][n] = train_run(f, root / "runs" / f"rss{n}", cache_dir, arch=args.rss_arch,
+                                   size=args.size, batch=args.batch, steps=args.rss_steps,
+                                   workers=args.workers, val_fraction=args.val_fraction)
+      print(f"bench_data: {n} images: {record['rss'][n]}", flush=True)
+  if "wait" in only:
+    record["wait"] = train_run(folders[sizes[0]], root / "runs" / "resnet50", cache_dir, arch="resnet50",
+                               size=args.size, batch=args.train_batch, steps=args.train_steps,
+                               workers=args.workers, val_fraction=0.0)
+    print(f"bench_data: resnet50: {record['wait']}", flush=True)
   print(_TAG + json.dumps(record), flush=True)
+  if "rss" in only:
+    for n, r in record["rss"].items():
+      print(f"peak RSS of a {args.size} px training run ({args.rss_arch}, {args.rss_steps} steps, "
+            f"{args.workers} workers) on {n} images: {r['peak_rss_mb']:.0f} MiB (process tree), "
+            f"largest process {r['max_process_rss_mb']:.0f} MiB")
+  if "wait" in only:
+    w = record["wait"]
+    print(f"data-wait fraction of a {args.size} px ResNet-50 run ({args.train_steps} steps, batch "
+          f"{args.train_batch}, {args.workers} workers, after step 1): {w['data_wait']:.1%}")
   if "loader" in only:
     lo = record["loader"]
     print(f"loader at {args.size} px, {args.workers} workers, batch {args.batch}: jaxft "
           f"{lo['jaxft']['median']:.1f} images/s, torchvision {lo['torchvision']['median']:.1f} images/s")
+  if "rss" in only and len(sizes) > 1:
+    small, large = record["rss"][sizes[0]], record["rss"][sizes[-1]]
+    print(f"ratio peak RSS {sizes[-1]} / {sizes[0]} images: "
+          f"{large['peak_rss_mb'] / small['peak_rss_mb']:.3f}")
+  if "loader" in only:
     print(f"ratio jaxft / torchvision: {lo['jaxft']['median'] / lo['torchvision']['median']:.2f}x")
 
 
