@@ -268,8 +268,9 @@ def check_classes(class_names: Sequence[str], where: str) -> None:
 
 def open_source(source: str, split: str = "train", *, skip_corrupt: bool = False,
                 num_workers: int = 0, **load_kwargs: Any) -> Source:
-  """A :class:`FileSource` for ``folder:`` sources, else the decoded arrays of
-  :func:`jaxft.data.load_source` (``cifar:``, ``tfds:``, ``sklearn:``) as an :class:`ArraySource`.
+  """A :class:`FileSource` for ``folder:`` sources, a random-access record source
+  (:mod:`jaxft.data.records`) for ``arrayrecord:`` and ``tfds:`` ones, else the decoded arrays of
+  :func:`jaxft.data.load_source` (``cifar:``, ``sklearn:``) as an :class:`ArraySource`.
 
   Raises:
     DataError: as :func:`open_folder` or :func:`jaxft.data.load_source`.
@@ -277,6 +278,12 @@ def open_source(source: str, split: str = "train", *, skip_corrupt: bool = False
   if source.startswith("folder:"):
     return open_folder(source, split, skip_corrupt=skip_corrupt, num_workers=num_workers,
                        limit=load_kwargs.get("limit"), cache_dir=load_kwargs.get("cache_dir"))
+  if source.startswith(("arrayrecord:", "tfds:")):  # random access: examples read when needed
+    from jaxft.data import records  # pylint: disable=g-import-not-at-top
+    opened = (records.open_arrayrecord(source, split) if source.startswith("arrayrecord:")
+              else records.open_tfds(source, split))
+    limit = load_kwargs.get("limit")
+    return opened if not limit or limit >= len(opened) else opened.subset(np.arange(limit))
   return ArraySource.from_dataset(sources.load_source(source, split=split, skip_corrupt=skip_corrupt,
                                                       **load_kwargs))
 
