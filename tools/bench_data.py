@@ -112,11 +112,15 @@ def make_folder(root: Path, n: int, tar_path: Path = CIFAR_TAR) -> Path:
 # ---------------------------------------------------------------------------------------------------
 
 
-def jaxft_loader(folder: Path, size: int, batch: int, workers: int, cache_dir: Path) -> Any:
-  """jaxft's training stream over ``folder`` (random-resized crop ``size`` + flip), from step 0."""
-  from jaxft.data import stream  # pylint: disable=g-import-not-at-top
+def jaxft_loader(folder: Path, size: int, batch: int, workers: int, cache_dir: Path,
+                 held: bool = False) -> Any:
+  """jaxft's training stream over ``folder`` (random-resized crop ``size`` + flip), from step 0; with
+  ``held``, the folder held decoded (``data.pipeline='auto'``'s fast path, the same batches)."""
+  from jaxft.data import decoded, stream  # pylint: disable=g-import-not-at-top
 
   source = stream.open_folder(f"folder:{folder}", "train", num_workers=workers, cache_dir=cache_dir)
+  if held:
+    source = decoded.decode_source(source, size, cache_dir=cache_dir, num_workers=workers)
   ds = stream.train_dataset(source, stream.StreamOptions(size=size), batch_size=batch, seed=0,
                             process_index=0, process_count=1)
   return stream.StreamIterator(ds, 0, num_workers=workers)
@@ -147,18 +151,19 @@ def _time_batches(it: Any, warmup: int, n: int) -> float:
 
 
 def loader_throughput(folder: Path, size: int, batch: int, workers: int, batches: int, rounds: int,
-                      cache_dir: Path) -> dict[str, Any]:
-  """Median images/s of both loaders over ``rounds`` alternating rounds, each a fresh loader (so the
-  idle one prefetches nothing while the other is timed)."""
+                      cache_dir: Path, held: bool) -> dict[str, Any]:
+  """Median images/s of both loaders (and with ``held`` jaxft's decoded fast path) over ``rounds``
+  alternating rounds, each a fresh loader (so an idle one prefetches nothing while another is timed)."""
   import torch  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(1)  # DataLoader workers use one thread each; the parent only collates
-  jaxft_loader(folder, size, batch, workers, cache_dir).close()  # the file check, once, untimed
+  jaxft_loader(folder, size, batch, workers, cache_dir, held).close()  # file check, decode: untimed
   warmup = max(2, workers)
-  out: dict[str, list[float]] = {"jaxft": [], "torchvision": []}
+  names = ["jaxft", "torchvision"] + (["jaxft_held"] if held else [])
+  out: dict[str, list[float]] = {name: [] for name in names}
   for r in range(rounds):
-    for name in (("jaxft", "torchvision") if r % 2 == 0 else ("torchvision", "jaxft")):
-      if name == "jaxft":
-        with jaxft_loader(folder, size, batch, workers, cache_dir) as it:
+    for name in (names if r % 2 == 0 else names[::-1]):
+      if name.startswith("jaxft"):
+        with jaxft_loader(folder, size, batch, workers, cache_dir, name == "jaxft_held") as it:
           out[name].append(_time_batches(it, warmup, batches))
       else:
         it = torch_loader(folder, size, batch, workers)
@@ -237,6 +242,7 @@ def main() -> None:
   p.add_argument("--batches", type=int, default=20, help="timed batches per loader per round")
   p.add_argument("--rounds", type=int, default=3, help="alternating rounds per loader")
   p.add_argument("--only", default="loader,rss,wait", help="which parts to run")
+  p.add_argument("--no-held", action="store_true", help="skip the decoded fast path's throughput")
   p.add_argument("--rss-arch", default="cifar_resnet8", help="the model of the peak-RSS runs")
   p.add_argument("--rss-steps", type=int, default=30, help="steps of each peak-RSS run")
   p.add_argument("--val-fraction", type=float, default=0.1, help="held out in the peak-RSS runs")
@@ -256,7 +262,7 @@ def main() -> None:
                             "workers": args.workers, "cpus": os.cpu_count()}
   if "loader" in only:
     record["loader"] = loader_throughput(folders[sizes[0]], args.size, args.batch, args.workers,
-                                         args.batches, args.rounds, cache_dir)
+                                         args.batches, args.rounds, cache_dir, not args.no_held)
   if "rss" in only:
     record["rss"] = {}
     for n, f in folders.items():
@@ -285,6 +291,9 @@ def main() -> None:
     lo = record["loader"]
     print(f"loader at {args.size} px, {args.workers} workers, batch {args.batch}: jaxft "
           f"{lo['jaxft']['median']:.1f} images/s, torchvision {lo['torchvision']['median']:.1f} images/s")
+    if "jaxft_held" in lo:
+      print(f"jaxft held decoded (data.pipeline=auto's fast path): {lo['jaxft_held']['median']:.1f} "
+            f"images/s ({lo['jaxft_held']['median'] / lo['jaxft']['median']:.2f}x the files)")
   if "rss" in only and len(sizes) > 1:
     small, large = record["rss"][sizes[0]], record["rss"][sizes[-1]]
     print(f"ratio peak RSS {sizes[-1]} / {sizes[0]} images: "
