@@ -122,6 +122,10 @@ def test_tfds_streams_through_data_source_without_tensorflow():
     assert image.shape == (28, 28, 3) and image.dtype == np.uint8 and label == src.labels[4]
     batch = stream.eval_arrays(src, stream.StreamOptions(size=16, train=False))
     assert batch.images.shape == (6, 16, 16, 3)
+    if "tensorflow" not in sys.modules:  # the in-memory pipeline's tfds.load needs TensorFlow
+      with pytest.raises(DataError, match=r"in memory needs tensorflow \(tfds.load\); pip install "
+                         r"jaxft\[tfds-tf\], or stream it"):
+        sources.load_source("tfds:mnist")
   assert "tensorflow" not in sys.modules
   with pytest.raises(DataError, match=r"tfds.data_source cannot open 'tfds:no_such_dataset_xyz'"):
     stream.open_source("tfds:no_such_dataset_xyz", "train")

@@ -172,3 +172,18 @@ def test_auto_needs_an_image_size():
   assert validate.validate(c, check_files=False) == [
       "config.data.image_size = 0: must be > 0 (the side of the crops it makes) when "
       "config.data.pipeline = 'auto'"]
+
+
+def test_what_only_the_in_memory_pipeline_supports_is_refused_on_the_stream():
+  from jaxft import adapt, config as config_lib, validate
+
+  c = config_lib.default_config()
+  c.data.source, c.model.arch, c.model.pretrained = "sklearn:digits", "cifar_resnet8", "x.pth"
+  c.data.pipeline, c.data.image_size, c.loss.delta = "stream", 16, 0.1
+  assert validate.validate(c, check_files=False) == [
+      "config.loss.delta = 0.1: only the in-memory pipeline takes it (set config.data.pipeline = "
+      "'memory', or loss.delta = 0)"]
+  c.loss.delta, c.optim.weight_decay = 0.0, adapt.adaptive(1e-5, 1e-2, 0.1)
+  assert "config.optim.weight_decay is adaptive: only the in-memory pipeline supports adaptive " \
+         "weights (set config.data.pipeline = 'memory', or give it a number)" in validate.validate(
+             c, check_files=False)

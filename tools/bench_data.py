@@ -157,7 +157,10 @@ def loader_throughput(folder: Path, size: int, batch: int, workers: int, batches
   import torch  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(1)  # DataLoader workers use one thread each; the parent only collates
   jaxft_loader(folder, size, batch, workers, cache_dir, held).close()  # file check, decode: untimed
-  warmup = max(2, workers)
+  # Past start-up *and* the prefetch buffers (grain's are larger than the DataLoader's 2 per worker):
+  # a timed window that began on full buffers would count batches built before it.
+  from jaxft.data import stream  # pylint: disable=g-import-not-at-top
+  warmup = stream.buffered_batches(workers, 2, 2) + 4
   names = ["jaxft", "torchvision"] + (["jaxft_held"] if held else [])
   out: dict[str, list[float]] = {name: [] for name in names}
   for r in range(rounds):
@@ -240,7 +243,7 @@ def main() -> None:
   p.add_argument("--batch", type=int, default=64, help="loader batch size")
   p.add_argument("--workers", type=int, default=2, help="worker processes, both loaders")
   p.add_argument("--batches", type=int, default=20, help="timed batches per loader per round")
-  p.add_argument("--rounds", type=int, default=3, help="alternating rounds per loader")
+  p.add_argument("--rounds", type=int, default=5, help="alternating rounds per loader")
   p.add_argument("--only", default="loader,rss,wait", help="which parts to run")
   p.add_argument("--no-held", action="store_true", help="skip the decoded fast path's throughput")
   p.add_argument("--rss-arch", default="cifar_resnet8", help="the model of the peak-RSS runs")

@@ -283,9 +283,15 @@ def _load_tfds(name: str, *, split: str, image_size: int | None, limit: int | No
     import tensorflow_datasets as tfds  # Heavy and optional: imported only when asked for.
   except ImportError:
     raise DataError(f"source 'tfds:{name}' needs tensorflow_datasets, which is not installed; "
-                    "pip install jaxft[tfds]") from None
+                    "pip install jaxft[tfds-tf] (or stream it without TensorFlow: jaxft[tfds] and "
+                    "data.pipeline='stream')") from None
   tfds_split = split if limit is None else f"{split}[:{limit}]"
-  data, info = tfds.load(name, split=tfds_split, batch_size=-1, with_info=True)
+  try:
+    data, info = tfds.load(name, split=tfds_split, batch_size=-1, with_info=True)
+  except ModuleNotFoundError as e:  # tfds.load builds a tf.data pipeline: TensorFlow
+    raise DataError(f"source 'tfds:{name}' in memory needs {e.name or 'tensorflow'} (tfds.load); pip "
+                    "install jaxft[tfds-tf], or stream it without TensorFlow: data.pipeline='stream'"
+                    ) from None
   data = tfds.as_numpy(data)
   if "image" not in data or "label" not in data:
     raise DataError(f"tfds:{name} has features {sorted(data)}; expected 'image' and 'label'")
