@@ -176,6 +176,36 @@ def loader_throughput(folder: Path, size: int, batch: int, workers: int, batches
   return {k: {"median": statistics.median(v), "rounds": v} for k, v in out.items()}
 
 
+def transform_cost(files: list[str], size: int, rounds: int = 5) -> dict[str, float]:
+  """Median ms per image of the stream's train transform (random-resized crop + flip) from each file,
+  and from the same image held decoded (the ``auto`` fast path), in interleaved rounds, one process."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from jaxft.data import decode, host_transforms  # pylint: disable=g-import-not-at-top
+
+  held = [np.asarray(decode.to_rgb(Image.open(f))) for f in files]
+  out: dict[str, list[float]] = {"files": [], "held": []}
+  for _ in range(rounds):
+    for name, inputs in (("files", files), ("held", held)):
+      rng = np.random.default_rng(0)
+      t0 = time.perf_counter()
+      for x in inputs:
+        host_transforms.train_transform(x, rng, size)
+      out[name].append((time.perf_counter() - t0) / len(inputs) * 1e3)
+  return {k: statistics.median(v) for k, v in out.items()}
+
+
+def cifar_files(root: Path, n: int, tar_path: Path) -> list[str]:
+  """The first ``n`` CIFAR JPEGs (32 px, round-robin over classes), written once under ``root``."""
+  d = root / "cifar32"
+  if not d.is_dir():
+    tmp = Path(tempfile.mkdtemp(prefix=".cifar32.", dir=root))
+    for i, (cls, jpeg) in enumerate(_cifar_images(tar_path)[:n]):
+      (tmp / f"{i:05d}-{cls}.jpg").write_bytes(jpeg)
+    os.replace(tmp, d)
+  return sorted(str(f) for f in d.iterdir())[:n]
+
+
 # ---------------------------------------------------------------------------------------------------
 # 3. / 4. Training runs: peak RSS, data-wait fraction
 # ---------------------------------------------------------------------------------------------------
@@ -244,7 +274,7 @@ def main() -> None:
   p.add_argument("--workers", type=int, default=2, help="worker processes, both loaders")
   p.add_argument("--batches", type=int, default=20, help="timed batches per loader per round")
   p.add_argument("--rounds", type=int, default=5, help="alternating rounds per loader")
-  p.add_argument("--only", default="loader,rss,wait", help="which parts to run")
+  p.add_argument("--only", default="fastpath,loader,rss,wait", help="which parts to run")
   p.add_argument("--no-held", action="store_true", help="skip the decoded fast path's throughput")
   p.add_argument("--rss-arch", default="cifar_resnet8", help="the model of the peak-RSS runs")
   p.add_argument("--rss-steps", type=int, default=30, help="steps of each peak-RSS run")
@@ -263,6 +293,11 @@ def main() -> None:
   cache_dir = root / "cache"
   record: dict[str, Any] = {"sizes": sizes, "size": args.size, "batch": args.batch,
                             "workers": args.workers, "cpus": os.cpu_count()}
+  if "fastpath" in only:
+    big = sorted(str(f) for f in (folders[sizes[0]] / "train").rglob("*.jpg"))[:300]
+    record["fastpath"] = {"folder_224": transform_cost(big, args.size),
+                          "cifar32_112": transform_cost(cifar_files(root, 2000, Path(args.cifar)), 112)}
+    print(f"bench_data: fast path: {record['fastpath']}", flush=True)
   if "loader" in only:
     record["loader"] = loader_throughput(folders[sizes[0]], args.size, args.batch, args.workers,
                                          args.batches, args.rounds, cache_dir, not args.no_held)
@@ -281,6 +316,10 @@ def main() -> None:
                                workers=args.workers, val_fraction=0.0)
     print(f"bench_data: resnet50: {record['wait']}", flush=True)
   print(_TAG + json.dumps(record), flush=True)
+  if "fastpath" in only:
+    for k, v in record["fastpath"].items():
+      print(f"train transform ({k}): {v['files']:.3f} ms/image from files, {v['held']:.3f} held decoded "
+            f"({v['files'] / v['held']:.2f}x)")
   if "rss" in only:
     for n, r in record["rss"].items():
       print(f"peak RSS of a {args.size} px training run ({args.rss_arch}, {args.rss_steps} steps, "
