@@ -15,8 +15,10 @@
    ``PILToTensor``, the same batch and the same number of workers), interleaved in rounds so that load
    from other users of the machine hits both alike; images/s is the median over rounds.
 3. **Peak RSS of a 224 px training run** (``python -m jaxft.train``, ``data.pipeline='stream'``, a small
-   CIFAR ResNet so that the model's memory does not hide the data's) on every folder, each run in its own
-   process (its peak RSS, children included, from ``wait4``).
+   CIFAR ResNet at batch ``--rss-batch`` so that the model's memory does not hide the data's, 1% held
+   out and evaluated at the end) on every folder, each run in its own process: the summed RSS of its
+   process tree (the run and its grain workers, sampled every 50 ms) and its largest process's peak
+   (the kernel's, from ``wait4``).
 4. **Data-wait fraction** of a real 224 px ResNet-50 training run (random init, ``--train-steps`` steps
    on the smallest folder): the share of the loop's wall time spent waiting for the next batch
    (``StreamIterator.wait_seconds``), after the first (compiling) step.
@@ -30,7 +32,6 @@ import argparse
 import io
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -233,28 +234,31 @@ def train_run(folder: Path, workdir: Path, cache_dir: Path, *, arch: str, size: 
          f"--config.train.eval_batch_size={batch}", "--workdir", str(workdir), *extra]
   env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
   t0 = time.perf_counter()
-  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
-  peak = 0
-  root = psutil.Process(proc.pid)
-  while proc.poll() is None:
+  workdir.mkdir(parents=True)
+  log = workdir.parent / f"{workdir.name}.log"  # a file, not a pipe: a full pipe would stall the run
+  with open(log, "w") as out:
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+  peak, root = 0, psutil.Process(proc.pid)
+  while True:
+    pid, status, usage = os.wait4(proc.pid, os.WNOHANG)  # this run's own rusage, when it ends
+    if pid:
+      break
     try:
       tree = [root] + root.children(recursive=True)
       peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
     except (psutil.NoSuchProcess, psutil.AccessDenied):
       pass
     time.sleep(0.05)
-  out, err = proc.communicate()
   seconds = time.perf_counter() - t0
-  if proc.returncode != 0:
-    raise SystemExit(f"bench_data: the training run failed ({proc.returncode}):\n{err[-3000:]}")
-  max_child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the largest so far
+  if os.waitstatus_to_exitcode(status) != 0:
+    raise SystemExit(f"bench_data: the training run failed ({os.waitstatus_to_exitcode(status)}):\n"
+                     f"{log.read_text()[-3000:]}")
+  max_child = usage.ru_maxrss / 1024  # the largest process of this run's tree (kernel's count)
   records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   train = [r for r in records if r.get("split") == "train" and r["step"] > 1]
   # Weighted by each step's duration: total wait / total time after the compiling first step.
   dts = [batch / r["images_per_s"] for r in train]
   wait = sum(r["data_wait"] * dt for r, dt in zip(train, dts)) / max(sum(dts), 1e-9)
-  del out
   return {"peak_rss_mb": peak / 2**20, "max_process_rss_mb": max_child, "data_wait": wait,
           "seconds": seconds, "steps": steps}
 
@@ -277,8 +281,9 @@ def main() -> None:
   p.add_argument("--only", default="fastpath,loader,rss,wait", help="which parts to run")
   p.add_argument("--no-held", action="store_true", help="skip the decoded fast path's throughput")
   p.add_argument("--rss-arch", default="cifar_resnet8", help="the model of the peak-RSS runs")
-  p.add_argument("--rss-steps", type=int, default=30, help="steps of each peak-RSS run")
-  p.add_argument("--val-fraction", type=float, default=0.1, help="held out in the peak-RSS runs")
+  p.add_argument("--rss-steps", type=int, default=20, help="steps of each peak-RSS run")
+  p.add_argument("--rss-batch", type=int, default=16, help="batch of each peak-RSS run")
+  p.add_argument("--val-fraction", type=float, default=0.01, help="held out in the peak-RSS runs")
   p.add_argument("--train-steps", type=int, default=6, help="steps of the ResNet-50 data-wait run")
   p.add_argument("--train-batch", type=int, default=16, help="batch of the ResNet-50 data-wait run")
   args = p.parse_args()
@@ -307,7 +312,7 @@ def main() -> None:
       from jaxft.data import stream  # pylint: disable=g-import-not-at-top
       stream.open_folder(f"folder:{f}", "train", num_workers=args.workers, cache_dir=cache_dir)  # check once
       record["rss"][n] = train_run(f, root / "runs" / f"rss{n}", cache_dir, arch=args.rss_arch,
-                                   size=args.size, batch=args.batch, steps=args.rss_steps,
+                                   size=args.size, batch=args.rss_batch, steps=args.rss_steps,
                                    workers=args.workers, val_fraction=args.val_fraction)
       print(f"bench_data: {n} images: {record['rss'][n]}", flush=True)
   if "wait" in only:
@@ -322,8 +327,8 @@ def main() -> None:
             f"({v['files'] / v['held']:.2f}x)")
   if "rss" in only:
     for n, r in record["rss"].items():
-      print(f"peak RSS of a {args.size} px training run ({args.rss_arch}, {args.rss_steps} steps, "
-            f"{args.workers} workers) on {n} images: {r['peak_rss_mb']:.0f} MiB (process tree), "
+      print(f"peak RSS of a {args.size} px training run ({args.rss_arch}, {args.rss_steps} steps, batch "
+            f"{args.rss_batch}, {args.workers} workers, val {args.val_fraction:g}) on {n} images: {r['peak_rss_mb']:.0f} MiB (process tree), "
             f"largest process {r['max_process_rss_mb']:.0f} MiB")
   if "wait" in only:
     w = record["wait"]

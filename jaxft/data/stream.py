@@ -1,7 +1,9 @@
 """The streaming input pipeline, on grain: images decoded and cropped per step, never all held at once.
 
 A *stream source* is a list of files (``folder:PATH``, checked once for unreadable images by
-:func:`scan_files`) or decoded arrays (any other source, or a small dataset kept in memory). The
+:func:`scan_files`), such a list held decoded (:mod:`jaxft.data.decoded`, ``data.pipeline='auto'``),
+random-access records (``arrayrecord:`` / ``tfds:``, :mod:`jaxft.data.records`) or decoded arrays
+(``cifar:``, ``sklearn:``): anything with ``item(i)``, ``labels``, ``class_names``. The
 pipeline is a grain ``MapDataset`` whose element ``k`` is this host's share of the batch of step ``k``:
 
 1. the examples of step ``k`` are :func:`jaxft.data.pipeline.batch_indices` (the per-epoch shuffle from
