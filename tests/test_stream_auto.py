@@ -187,3 +187,21 @@ def test_what_only_the_in_memory_pipeline_supports_is_refused_on_the_stream():
   assert "config.optim.weight_decay is adaptive: only the in-memory pipeline supports adaptive " \
          "weights (set config.data.pipeline = 'memory', or give it a number)" in validate.validate(
              c, check_files=False)
+
+
+@pytest.mark.slow  # two tiny training runs (~20 s each on 2 cores)
+def test_training_on_auto_equals_training_on_the_stream(tmp_path):
+  from jaxft import train
+  from tests.test_train import final_params
+
+  folder = _photos(tmp_path / "d", per_class=6)
+  kw = {"data.image_size": 12, "train.num_steps": 3, "train.eval_every": 0}
+  runs = {}
+  for pipe in ("auto", "stream"):
+    result = train.train_and_evaluate(_config(folder, tmp_path, **{"data.pipeline": pipe, **kw}),
+                                      tmp_path / pipe)
+    runs[pipe] = (result, final_params(tmp_path / pipe))
+  assert list((tmp_path / "cache").glob("decoded-*.u8"))  # auto held the folder decoded
+  assert runs["auto"][0]["loss"] == runs["stream"][0]["loss"]
+  for k, v in runs["stream"][1].items():
+    np.testing.assert_array_equal(runs["auto"][1][k], v, err_msg=k)
