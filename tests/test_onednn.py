@@ -108,7 +108,8 @@ def test_auto_uses_onednn_on_large_maps_and_gemms_on_tiny_ones():
 @pytest.mark.parametrize("groups,impl,dtype,expect", [
     (1, "auto", jnp.float32, "onednn"),
     (8, "auto", jnp.float32, "onednn"),      # depthwise
-    (8, "auto", jnp.bfloat16, "shifted"),    # depthwise oneDNN cannot take: shifted products
+    # bfloat16 depthwise: oneDNN where the CPU has bfloat16 instructions, else shifted products
+    (8, "auto", jnp.bfloat16, "onednn" if onednn.bf16_supported() else "shifted"),
     (2, "auto", jnp.float32, "lax"),         # other grouped convs: oneDNN only when asked
     (2, "onednn", jnp.float32, "onednn"),
 ])
@@ -129,14 +130,14 @@ def test_grouped_and_depthwise_routing(groups, impl, dtype, expect):
 
 @pytest.mark.usefixtures("needs_onednn")
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_conv_module_onednn_equals_lax_and_falls_back_for_bfloat16(dtype):
+def test_conv_module_onednn_equals_lax_and_takes_bfloat16_where_the_cpu_has_it(dtype):
   kw = dict(features=6, kernel_size=(3, 3), strides=2, padding=((1, 1), (1, 1)), dtype=dtype)
   fast, plain = Conv(impl="onednn", **kw), Conv(impl="lax", **kw)
   x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 9, 9, 3)), jnp.float32)
   v = plain.init(jax.random.key(0), x)
   assert jax.tree.map(jnp.shape, fast.init(jax.random.key(0), x)) == jax.tree.map(jnp.shape, v)
   lowered = jax.jit(fast.apply).lower(v, x).as_text()
-  assert ("jaxft_onednn_conv_fwd" in lowered) == (dtype == jnp.float32)
+  assert ("jaxft_onednn_conv_fwd" in lowered) == (dtype == jnp.float32 or onednn.bf16_supported())
   tol = 1e-5 if dtype == jnp.float32 else 5e-2
   np.testing.assert_allclose(np.asarray(fast.apply(v, x), np.float32),
                              np.asarray(plain.apply(v, x), np.float32), rtol=tol, atol=tol)
@@ -186,8 +187,8 @@ def test_mismatched_shapes_are_an_error_not_a_wild_write():
   with pytest.raises(Exception, match="do not describe one convolution"):
     jax.block_until_ready(onednn.forward(jnp.ones((1, 4, 4, 4)), jnp.ones((3, 3, 4, 6)), (1, 1),
                                          ((1, 1), (1, 1)), groups=2))
-  with pytest.raises(ValueError, match="take float32 arrays, got bfloat16"):
-    onednn.forward(jnp.ones((1, 4, 4, 5), jnp.bfloat16), k, (1, 1), ((1, 1), (1, 1)))
+  with pytest.raises(ValueError, match="take float32 or bfloat16 arrays, got float16"):
+    onednn.forward(jnp.ones((1, 4, 4, 5), jnp.float16), k, (1, 1), ((1, 1), (1, 1)))
 
 
 def test_supported_rejects_what_onednn_cannot_compute():
@@ -195,7 +196,9 @@ def test_supported_rejects_what_onednn_cannot_compute():
             padding=((1, 1), (1, 1)))
   cpu_alone = jax.default_backend() == "cpu" and jax.device_count() == 1
   assert onednn.supported(**ok) == (cpu_alone and onednn.loaded())
-  assert not onednn.supported(**{**ok, "dtype": jnp.bfloat16})
+  assert onednn.supported(**{**ok, "dtype": jnp.bfloat16}) == (
+      cpu_alone and onednn.loaded() and onednn.bf16_supported())
+  assert not onednn.supported(**{**ok, "dtype": jnp.float16})
   assert onednn.supported(**{**ok, "kernel_shape": (3, 3, 2, 6)}, groups=2) == (
       cpu_alone and onednn.loaded())
   assert not onednn.supported(**ok, groups=2)  # kernel has 4 input channels, not 4 / 2

@@ -3,6 +3,7 @@
     python tools/bench.py                                  # the full table (slow on CPU: ~1 h)
     python tools/bench.py --models resnet50 --sizes 32 --steps 6
     python tools/bench.py --dtype bfloat16 --json out.json --torch-compile
+    python tools/bench.py --models resnet50 --vs-best     # each framework's best mode, ratio last
 
 For every model × image size × dtype it measures a training step (on-device augmentation, forward,
 backward, SGD with momentum 0.9 and weight decay 5e-4 on conv/dense kernels, BatchNorm statistics
@@ -382,14 +383,27 @@ class Worker:
     self.proc.wait(timeout=60)
 
 
-def bench_workload(w: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
-  """Both frameworks on one model × size × dtype; returns one record per mode."""
+# A variant: (label, framework, overrides of the workload). Records key everything by label.
+Variant = tuple[str, str, dict[str, Any]]
+
+
+def bench_workload(w: dict[str, Any], args: argparse.Namespace,
+                   variants: list[Variant] | None = None) -> list[dict[str, Any]]:
+  """Workers for one model × size × dtype, interleaved; returns one record per mode.
+
+  ``variants`` default to jaxft and torch on ``w`` as it is (record keys ``jaxft_*``, ``torch_*``
+  and ``ratio``); otherwise each ``(label, framework, overrides)`` is a worker on ``w | overrides``
+  and its numbers are keyed by ``label``.
+  """
+  if variants is None:
+    variants = [("jaxft", "jaxft", {})] + ([] if args.no_torch else [("torch", "torch", {})])
   env = dict(os.environ)
   # On GPU both workers share the device: jax must not grab 75% of its memory up front.
   env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   env["PYTHONPATH"] = os.pathsep.join(
       [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env.get("PYTHONPATH", "")])
-  frameworks = ["jaxft"] + ([] if args.no_torch else ["torch"])
+  frameworks = [label for label, _, _ in variants]
+  framework_of = {label: f for label, f, _ in variants}
   # The torch worker imports jaxft only for model specs and runs as stock PyTorch does.
   torch_env = dict(env)
   # The jaxft worker's opt-outs, read by jaxft.cpu.enable().
@@ -409,10 +423,11 @@ def bench_workload(w: dict[str, Any], args: argparse.Namespace) -> list[dict[str
     torch_env = allocator.tcmalloc_env(torch_env, tcmalloc)
   flags = {"jaxft": ["--no-tcmalloc"] if args.no_tcmalloc else [],
            "torch": ["--torch-malloc-tuning"] if args.torch_malloc_tuning else []}
-  workers = {f: Worker(f, torch_env if f == "torch" else env, flags[f]) for f in frameworks}
+  workers = {label: Worker(f, torch_env if f == "torch" else env, flags[f])
+             for label, f, _ in variants}
   records = []
   try:
-    setups = {f: wk.ask(op="setup", **w) for f, wk in workers.items()}
+    setups = {label: workers[label].ask(op="setup", **{**w, **over}) for label, _, over in variants}
     devices = {f: s["device"] for f, s in setups.items()}
     for mode in args.modes:
       rec: dict[str, Any] = dict(w, mode=mode, batch=w["batch"] if mode == "train" else w["eval_batch"])
@@ -434,8 +449,9 @@ def bench_workload(w: dict[str, Any], args: argparse.Namespace) -> list[dict[str
         rec[f"{f}_step_spread"] = (max(times[f]) - min(times[f])) / med
         rec[f"{f}_device"] = devices[f]
         rec[f"{f}_allocator"] = setups[f]["allocator"]
-      rec["jaxft_onednn"] = setups["jaxft"].get("onednn") if "jaxft" in setups else None
-      if "torch" in frameworks:
+      rec["jaxft_onednn"] = next((setups[f].get("onednn") for f in frameworks
+                                  if framework_of[f] == "jaxft"), None)
+      if "torch" in frameworks and "jaxft" in frameworks:
         rec["ratio"] = rec["jaxft_images_per_s"] / rec["torch_images_per_s"]
       records.append(rec)
       print(f"  {w['model']:>20} {w['size']:>3}px {w['dtype']:>8} {mode:>5} b{rec['batch']:<4} "
@@ -450,6 +466,57 @@ def bench_workload(w: dict[str, Any], args: argparse.Namespace) -> list[dict[str
     for wk in workers.values():
       wk.close()
   return records
+
+
+
+# --vs-best: every mode of each framework, in groups of two interleaved workers (at most two models
+# in memory at once): jaxft and torch eager in float32, the same in bfloat16 (torch: autocast), then
+# torch.compile in both.
+VS_BEST_GROUPS: list[list[Variant]] = [
+    [("jaxft_fp32", "jaxft", {"dtype": "float32"}),
+     ("torch_fp32", "torch", {"dtype": "float32", "torch_compile": False})],
+    [("jaxft_bf16", "jaxft", {"dtype": "bfloat16"}),
+     ("torch_bf16", "torch", {"dtype": "bfloat16", "torch_compile": False})],
+    [("torch_fp32_compile", "torch", {"dtype": "float32", "torch_compile": True}),
+     ("torch_bf16_compile", "torch", {"dtype": "bfloat16", "torch_compile": True})],
+]
+
+
+def bench_vs_best(w: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
+  """Every precision and mode of both frameworks on one model × size; one record per mode with
+  each variant's images/s, the best of each framework and ``ratio_best`` = jaxft-best / torch-best."""
+  merged: dict[str, dict[str, Any]] = {}
+  for group in VS_BEST_GROUPS:
+    for rec in bench_workload(dict(w, dtype="best"), args, group):
+      merged.setdefault(rec["mode"], {}).update(rec)
+  records = []
+  for mode, rec in merged.items():
+    rec.pop("ratio", None)
+    for fw in ("jaxft", "torch"):
+      labels = [label for g in VS_BEST_GROUPS for label, f, _ in g
+                if f == fw and f"{label}_images_per_s" in rec]
+      best = max(labels, key=lambda label: rec[f"{label}_images_per_s"])
+      rec[f"{fw}_best"] = best
+      rec[f"{fw}_best_images_per_s"] = rec[f"{best}_images_per_s"]
+    rec["ratio_best"] = rec["jaxft_best_images_per_s"] / rec["torch_best_images_per_s"]
+    records.append(rec)
+  return records
+
+
+def print_vs_best(records: list[dict[str, Any]]) -> None:
+  labels = [label for g in VS_BEST_GROUPS for label, _, _ in g]
+  print("\n| model | size | mode | batch | " + " | ".join(labels) + " | jaxft-best / torch-best |")
+  print("|---|---|---|---|" + "---|" * len(labels) + "---|")
+  for r in records:
+    cells = [f"{r[f'{label}_images_per_s']:.4g}" if f"{label}_images_per_s" in r else "—"
+             for label in labels]
+    print(f"| {r['model']} | {r['size']} | {r['mode']} | {r['batch']} | " + " | ".join(cells)
+          + f" | **{r['ratio_best']:.2f}** ({r['jaxft_best']} / {r['torch_best']}) |")
+  print("\njaxft-best / torch-best images/s:")
+  for r in records:
+    print(f"  {r['model']:>20} {r['size']:>3}px {r['mode']:>5}: {r['ratio_best']:.2f}"
+          f"  ({r['jaxft_best']} {r['jaxft_best_images_per_s']:.4g} / {r['torch_best']} "
+          f"{r['torch_best_images_per_s']:.4g} img/s)")
 
 
 def available_models(names: list[str]) -> list[str]:
@@ -491,6 +558,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   p.add_argument("--torch-tcmalloc", action="store_true",
                  help="run the torch worker under tcmalloc too (where installed)")
   p.add_argument("--torch-compile", action="store_true", help="torch.compile the torch model")
+  p.add_argument("--vs-best", action="store_true",
+                 help="each framework's best mode: jaxft fp32/bf16 vs torch fp32/bf16-autocast, "
+                 "eager and torch.compile (ignores --dtype, --torch-compile, --no-torch); prints "
+                 "jaxft-best / torch-best last")
   p.add_argument("--no-torch", action="store_true", help="jaxft only")
   p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's)")
   p.add_argument("--json", default="", help="also write the records to this file")
@@ -518,6 +589,25 @@ def main(argv: list[str]) -> int:
         f"{os.cpu_count()} CPUs  python {platform.python_version()}  load average {load[0]:.1f}",
         flush=True)
   records = []
+  if args.vs_best:
+    for size in sizes:
+      for name in names:
+        batch = args.batch or DEFAULT_BATCH.get(size, 32)
+        w = {"model": name, "size": size, "batch": batch, "eval_batch": args.eval_batch or batch,
+             "num_classes": args.num_classes, "conv_impl": args.conv_impl,
+             "no_cpu_flags": args.no_cpu_flags}
+        try:
+          records += bench_vs_best(w, args)
+        except RuntimeError as e:
+          print(f"  {name} {size}px: FAILED: {e}", file=sys.stderr, flush=True)
+    if args.json:
+      with open(args.json, "w") as f:
+        json.dump({"started": started, "argv": argv, "host": platform.node(),
+                   "cpus": os.cpu_count(), "load_average_start": load,
+                   "load_average_end": os.getloadavg(), "records": records}, f, indent=2)
+    print(f"\nload average at the end: {os.getloadavg()[0]:.1f} (on {os.cpu_count()} CPUs)")
+    print_vs_best(records)
+    return 0
   for dtype in dtypes:
     for size in sizes:
       for name in names:

@@ -114,12 +114,15 @@ def norm_functions() -> NormFunctions:
 
 def status() -> str:
   """Returns one line: whether :func:`enable` ran, the allocator in use, the oneDNN convolutions in
-  use (or why none are) and the XLA flags. Builds and loads nothing."""
+  use (or why none are), what computes bfloat16 convolutions and the XLA flags. Builds and loads
+  nothing."""
   from jaxft.cpu import onednn  # pylint: disable=g-import-not-at-top
   state = "enabled" if _enabled else "not enabled"
   xla = os.environ.get("XLA_FLAGS", "") or "unset"
+  bf16 = ("oneDNN (AMX/AVX512-BF16)" if onednn.bf16_supported() and onednn.loaded()
+          else "XLA (no bfloat16 instructions)" if not onednn.bf16_supported() else "XLA")
   return (f"jaxft.cpu {state}; allocator {allocator.loaded_allocator()}; oneDNN convolutions "
-          f"{onednn.status()}; XLA_FLAGS {xla}")
+          f"{onednn.status()}; bfloat16 convolutions {bf16}; XLA_FLAGS {xla}")
 
 
 # These need jax and flax, which `import jaxft.cpu` must not load (enable() may relaunch first).

@@ -389,12 +389,16 @@ def conv_matmul(x: jax.Array, kernel: jax.Array, strides: tuple[int, int] = (1, 
 
 def convolve(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
              padding: Sequence[tuple[int, int]], groups: int = 1, impl: str = "auto") -> jax.Array:
-  """NHWC × HWIO convolution (no dilation) computed by ``impl``, resolved by :func:`resolve_impl` for
-  this input (nothing is built). Same values as ``lax.conv_general_dilated`` with
-  ``feature_group_count=groups`` (to float32 rounding); neither input is mutated.
+  """NHWC × HWIO convolution (no dilation) computed by ``impl`` in ``x``'s type, resolved by
+  :func:`resolve_impl` for this input (nothing is built). Same values as
+  ``lax.conv_general_dilated(x, kernel.astype(x.dtype), ...)`` with ``feature_group_count=groups``
+  (to rounding); neither input is mutated.
 
-  ``onednn`` for a convolution oneDNN cannot compute (not float32, several devices) runs ``hybrid``
-  (or ``matmul`` on small maps and for depthwise convolutions) instead.
+  ``kernel`` may be a float32 master kernel of a bfloat16 ``x``: oneDNN then converts it inside its
+  weights reorder and returns a float32 kernel gradient (accumulated in float32); every other path
+  casts it first. ``onednn`` for a convolution oneDNN cannot compute (not float32 or bfloat16 with
+  the CPU's bfloat16 instructions, several devices) runs ``hybrid`` (or ``matmul`` on small maps and
+  for depthwise convolutions) instead.
 
   Raises:
     jaxft.cpu.onednn.OneDNNUnavailableError: for ``onednn`` when the oneDNN wrapper is not loaded.
@@ -404,14 +408,19 @@ def convolve(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
   pixels = x.shape[1] * x.shape[2]
   depthwise = groups > 1 and groups == x.shape[-1] == kernel.shape[-1]
   impl = resolve_impl(impl, pixels, depthwise, grouped=groups > 1 and not depthwise)
+  if impl != "onednn":
+    kernel = kernel.astype(x.dtype)
   if impl == "lax":
     return _lax_conv(x, kernel, strides, padding, groups)
   if impl == "onednn":
     if onednn.supported(x.shape, kernel.shape, x.dtype, strides, padding, groups):
-      return onednn.conv(x, kernel.astype(x.dtype), strides, padding, groups)
+      if kernel.dtype != jnp.float32:
+        kernel = kernel.astype(x.dtype)
+      return onednn.conv(x, kernel, strides, padding, groups)
     if not onednn.loaded():
       raise onednn.OneDNNUnavailableError(f"conv impl 'onednn' but oneDNN is {onednn.status()}")
     impl = "hybrid" if pixels > SMALL_MAP_PIXELS and not depthwise else "matmul"
+    kernel = kernel.astype(x.dtype)
   return conv_matmul(x, kernel, strides, padding, groups, lax_forward=impl == "hybrid")
 
 

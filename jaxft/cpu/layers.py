@@ -16,9 +16,11 @@ import functools
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
+from jax import lax
 
 from jaxft.cpu import conv as conv_lib
-from jaxft.cpu import norm, pool
+from jaxft.cpu import norm, onednn, pool
 from jaxft.cpu.impl import resolve_impl
 from jaxft.models import layers as plain
 
@@ -56,10 +58,14 @@ class Conv(nn.Conv):
     kernel = self.param("kernel", self.kernel_init, kernel_shape, self.param_dtype)
     bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
             if self.use_bias else None)
+    master = kernel
     inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
     strides = (self.strides,) * 2 if isinstance(self.strides, int) else tuple(self.strides or (1, 1))
     padding = tuple((p, p) if isinstance(p, int) else tuple(p) for p in self.padding)
-    y = conv_lib.convolve(inputs, kernel, strides, padding, g, impl)
+    # The float32 master kernel goes in as it is: oneDNN converts it in its weights reorder and
+    # returns a float32 gradient (convolve casts it for every other formulation).
+    y = conv_lib.convolve(inputs, master if master.dtype == jnp.float32 else kernel, strides, padding,
+                          g, impl)
     if bias is not None:
       y = y + bias
     return y
@@ -68,9 +74,13 @@ class Conv(nn.Conv):
 class BatchNorm(plain.BatchNorm):
   """:class:`jaxft.models.layers.BatchNorm` (torch semantics) whose channel sums are GEMVs on CPU.
 
-  ``impl`` (``auto``, ``lax``, ``matmul``; resolved as the convolutions'): ``lax`` is the plain layer;
-  otherwise :func:`jaxft.cpu.norm.batch_norm_train` / :func:`jaxft.cpu.norm.channel_affine`. Same
-  parameters, statistics, values and gradients.
+  ``impl`` (``auto``, ``lax``, ``matmul``, ``onednn``; resolved as a convolution on the same map):
+  ``lax`` is the plain layer; ``onednn`` with a bfloat16 input (where
+  :func:`jaxft.cpu.onednn.norm_supported`) normalises a training batch with oneDNN's batch
+  normalization, in bfloat16 with float32 statistics; otherwise
+  :func:`jaxft.cpu.norm.batch_norm_train` / :func:`jaxft.cpu.norm.channel_affine`. Same parameters,
+  statistics, values and gradients (to rounding), except that no gradient flows through the batch
+  statistics on the oneDNN path (they only update the running averages).
   """
 
   impl: str = "auto"
@@ -82,8 +92,18 @@ class BatchNorm(plain.BatchNorm):
 
   def normalize(self, x: jax.Array, scale: jax.Array, bias: jax.Array
                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    if resolve_impl(self.impl) == "lax":
+    pixels = x.shape[1] * x.shape[2] if x.ndim == 4 else None
+    impl = resolve_impl(self.impl, pixels)
+    if impl == "lax":
       return super().normalize(x, scale, bias)
+    if (impl == "onednn" and x.dtype == jnp.bfloat16
+        and onednn.norm_supported(x.shape, x.dtype)):
+      # bfloat16: one oneDNN pass each way in bfloat16 (XLA's would write a float32 copy of x for
+      # the GEMV sums; 3.4x less BatchNorm time, docs/benchmarks.md "bfloat16"). float32 measured
+      # the same speed either way, so it keeps the GEMV path. The statistics only feed the running
+      # averages, so their gradient is stopped (oneDNN's VJP has no such term).
+      y, mean, var = onednn.batch_norm_train(x, scale, bias, self.epsilon)
+      return y, lax.stop_gradient(mean), lax.stop_gradient(var)
     return norm.batch_norm_train(x, scale, bias, self.epsilon, True)
 
 

@@ -4,9 +4,10 @@ XLA:CPU computes convolutions with Eigen's spatial convolution (patches packed f
 PyTorch's CPU convolutions, which are oneDNN's direct (JIT-generated, blocked) kernels
 (docs/benchmarks.md, "Fifth session"). This module calls the same library: ``onednn_conv.cc`` (beside
 this file) wraps oneDNN's convolution forward, backward-data and backward-weights primitives as three
-XLA FFI handlers, compiled against the system's oneDNN (Debian/Ubuntu: ``apt-get install
-libdnnl-dev``; elsewhere ``DNNLROOT`` names an install prefix) and jaxlib's FFI headers, and cached in
-``$JAXFT_NATIVE_CACHE_DIR`` (default ``~/.cache/jaxft/native``).
+XLA FFI handlers, compiled against oneDNN — ``$DNNLROOT`` if set, else the system's (Debian/Ubuntu: ``apt-get
+install libdnnl-dev``), else the PyPI wheels (``pip install jaxft[onednn]``; :func:`onednn_root`) —
+and jaxlib's FFI headers, and cached in ``$JAXFT_NATIVE_CACHE_DIR`` (default
+``~/.cache/jaxft/native``).
 
 Building and loading are explicit steps — :func:`build` (``python -m jaxft.cpu build``) and
 :func:`load` (called by :func:`jaxft.cpu.enable`) — never a side effect of tracing: everything the
@@ -16,7 +17,10 @@ False and jaxft's CPU convolutions use XLA's own (``jaxft.cpu.conv``). ``JAXFT_O
 off; ``JAXFT_ONEDNN=1`` makes its absence an error (CI uses this so that the tests cannot silently
 skip it).
 
-Supported: float32, NHWC × HWIO, any feature groups (depthwise included), no dilation, non-negative
+Supported: float32, and bfloat16 activations where the CPU has bfloat16 instructions (AMX-BF16 or
+AVX512-BF16, :func:`bf16_supported`) with a float32 or bfloat16 kernel (a float32 master kernel is
+converted inside oneDNN's weights reorder and its gradient comes back in float32, accumulated in
+float32); NHWC × HWIO, any feature groups (depthwise included), no dilation, non-negative
 explicit padding, one device in all (the custom calls have no sharding rule, so with several devices
 XLA would gather the batch onto each; :func:`supported` says no). The backward passes are custom calls
 too, so a function that uses these convolutions can be differentiated once, not twice (plain layers,
@@ -31,6 +35,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 from typing import Sequence
@@ -41,7 +46,8 @@ import numpy as np
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "onednn_conv.cc")
 _TARGETS = {"fwd": "jaxft_onednn_conv_fwd", "bwd_data": "jaxft_onednn_conv_bwd_data",
-            "bwd_weights": "jaxft_onednn_conv_bwd_weights"}
+            "bwd_weights": "jaxft_onednn_conv_bwd_weights", "bn_fwd": "jaxft_onednn_bn_fwd",
+            "bn_bwd": "jaxft_onednn_bn_bwd", "gemm_tn": "jaxft_onednn_gemm_tn"}
 
 _lock = threading.Lock()
 # Once loading was attempted: "lib" (ctypes.CDLL) and "path", or "error" (str).
@@ -70,9 +76,40 @@ def cache_dir() -> str:
       "native")
 
 
+def pip_prefix() -> str | None:
+  """The prefix of a oneDNN installed from PyPI into this environment (``pip install
+  jaxft[onednn]``: the ``onednn`` and ``onednn-devel`` wheels put ``lib/libdnnl.so`` and
+  ``include/oneapi/dnnl`` under ``sys.prefix``), or None."""
+  prefix = sys.prefix
+  if (os.path.isfile(os.path.join(prefix, "include", "oneapi", "dnnl", "dnnl.hpp"))
+      and any(os.path.exists(os.path.join(prefix, "lib", n)) for n in ("libdnnl.so", "libdnnl.so.3"))):
+    return prefix
+  return None
+
+
+def _system_has_onednn() -> bool:
+  return any(os.path.isfile(os.path.join(d, "oneapi", "dnnl", "dnnl.hpp"))
+             for d in ["/usr/local/include", "/usr/include"]
+             + [d for d in os.environ.get("CPATH", "").split(os.pathsep) if d])
+
+
+def onednn_root() -> str | None:
+  """The install prefix jaxft compiles against: ``$DNNLROOT`` when set; else none (the system's
+  headers and library, e.g. Debian's ``libdnnl-dev``) when they are installed; else the PyPI
+  wheels' prefix (:func:`pip_prefix`) when those are. The system library comes before the wheels
+  because the wheels are a SYCL build that needs Intel's OpenCL CPU runtime (~1 GB of further
+  wheels) and measured no faster here (docs/benchmarks.md, "bfloat16")."""
+  if os.environ.get("DNNLROOT"):
+    return os.environ["DNNLROOT"]
+  if _system_has_onednn():
+    return None
+  return pip_prefix()
+
+
 def _onednn_version_header() -> bytes:
   """The installed ``dnnl_version.h`` (empty if not found), so that a oneDNN upgrade rebuilds."""
-  roots = [os.path.join(os.environ["DNNLROOT"], "include")] if os.environ.get("DNNLROOT") else []
+  root = onednn_root()
+  roots = [os.path.join(root, "include")] if root else []
   roots += [d for d in os.environ.get("CPATH", "").split(os.pathsep) if d]
   roots += ["/usr/local/include", "/usr/include"]
   for root in roots:
@@ -90,11 +127,14 @@ def _compiler() -> str:
 
 def _compile_command(src: str, out: str) -> list[str]:
   cmd = [_compiler(), "-O2", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}"]
-  root = os.environ.get("DNNLROOT")
+  root = onednn_root()
   if root:
     lib = next((d for d in (os.path.join(root, "lib64"), os.path.join(root, "lib"))
                 if os.path.isdir(d)), os.path.join(root, "lib"))
-    cmd += [f"-I{os.path.join(root, 'include')}", f"-L{lib}", f"-Wl,-rpath,{lib}"]
+    # DT_RPATH (not RUNPATH) so that libdnnl's own dependencies (the wheels' SYCL and TBB runtimes,
+    # in the same folder) are found through this library without LD_LIBRARY_PATH.
+    cmd += [f"-I{os.path.join(root, 'include')}", f"-L{lib}", "-Wl,--disable-new-dtags",
+            f"-Wl,-rpath,{lib}"]
   return cmd + [src, "-o", out, "-ldnnl"]
 
 
@@ -104,7 +144,7 @@ def library_path() -> str:
     h = hashlib.sha256(f.read())
   h.update(jax.ffi.include_dir().encode())
   h.update(jax.__version__.encode())
-  h.update(os.environ.get("DNNLROOT", "").encode())
+  h.update((onednn_root() or "").encode())
   h.update(_compiler().encode())
   h.update(_onednn_version_header())
   return os.path.join(cache_dir(), f"libjaxft_onednn-{h.hexdigest()[:16]}.so")
@@ -145,12 +185,26 @@ def build(force: bool = False) -> str:
   return path
 
 
+def _point_sycl_at_the_wheels_cpu_runtime() -> None:
+  """The PyPI oneDNN is a SYCL build: its CPU engine is Intel's OpenCL CPU runtime, which the
+  OpenCL loader finds through ``OCL_ICD_FILENAMES`` (its ``/etc/OpenCL/vendors`` entry is inside
+  the environment, where the loader does not look). Set only when compiling against the wheels and
+  unset by the user — part of the explicit :func:`load` step, never of an import."""
+  root = onednn_root()
+  if root is None or root != pip_prefix() or os.environ.get("OCL_ICD_FILENAMES"):
+    return
+  icd = os.path.join(root, "lib", "libintelocl.so")
+  if os.path.exists(icd):
+    os.environ["OCL_ICD_FILENAMES"] = icd
+
+
 def _load() -> ctypes.CDLL | None:
   with _lock:
     if "lib" in _state or "error" in _state:
       return _state.get("lib")  # type: ignore[return-value]
     try:
       path = build()
+      _point_sycl_at_the_wheels_cpu_runtime()
       try:
         lib = ctypes.CDLL(path)
       except OSError:  # e.g. built against a oneDNN that has since been replaced: build it again
@@ -207,11 +261,35 @@ def status() -> str:
   return f"oneDNN {v // 10000}.{v // 100 % 100}.{v % 100} ({_state['path']})"
 
 
+@functools.lru_cache(maxsize=None)
+def bf16_supported() -> bool:
+  """Whether this CPU has bfloat16 dot-product instructions (AMX-BF16 or AVX512-BF16), read from
+  ``/proc/cpuinfo`` once; without them oneDNN's bfloat16 convolutions are emulated, slower than
+  float32, so :func:`supported` declines bfloat16 (the layer then computes in XLA).
+  ``JAXFT_ONEDNN_BF16=0`` / ``1`` overrides the answer (e.g. to test the fallback)."""
+  forced = os.environ.get("JAXFT_ONEDNN_BF16", "").strip().lower()
+  if forced in ("0", "1"):
+    return forced == "1"
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+      for line in f:
+        if line.startswith("flags"):
+          flags = set(line.split(":", 1)[1].split())
+          return bool(flags & {"amx_bf16", "avx512_bf16"})
+  except OSError:
+    pass
+  return False
+
+
 def supported(x_shape: Sequence[int], kernel_shape: Sequence[int], dtype, strides: Sequence[int],
               padding: Sequence[Sequence[int]], groups: int = 1) -> bool:
-  """Whether :func:`conv` can compute this convolution here: a float32 convolution it supports, on
-  a single CPU device, with the library loaded (:func:`loaded`; nothing is built)."""
-  if (len(x_shape) != 4 or len(kernel_shape) != 4 or jnp.dtype(dtype) != jnp.float32
+  """Whether :func:`conv` can compute this convolution here: a float32 convolution, or a bfloat16
+  one on a CPU with bfloat16 instructions (:func:`bf16_supported`), that it supports, on a single CPU
+  device, with the library loaded (:func:`loaded`; nothing is built)."""
+  dtype = jnp.dtype(dtype)
+  if dtype == jnp.bfloat16 and not bf16_supported():
+    return False
+  if (len(x_shape) != 4 or len(kernel_shape) != 4 or dtype not in _DTYPES
       or groups < 1 or kernel_shape[2] * groups != x_shape[3] or kernel_shape[3] % groups
       or len(strides) != 2 or min(strides) < 1
       or len(padding) != 2 or any(len(pp) != 2 or min(pp) < 0 for pp in padding)
@@ -230,51 +308,64 @@ def _out_shape(x_shape, kernel_shape, strides, padding) -> tuple[int, int, int, 
   return (n, (h + pt + pb - kh) // strides[0] + 1, (w + pl + pr - kw) // strides[1] + 1, o)
 
 
-def _call(name: str, shape, *args, strides, padding, groups) -> jax.Array:
+_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+
+
+def _call(name: str, shape, dtype, *args, strides, padding, groups, attrs=True) -> jax.Array:
   if not loaded():  # the targets must be registered before XLA compiles
     raise OneDNNUnavailableError(f"oneDNN convolutions are {status()}")
   for a in args:
-    if a.dtype != jnp.float32:
-      raise ValueError(f"oneDNN convolutions take float32 arrays, got {a.dtype}; cast, or use "
-                       "jaxft.cpu.layers.Conv, which falls back for other dtypes")
-  return jax.ffi.ffi_call(_TARGETS[name], jax.ShapeDtypeStruct(tuple(shape), jnp.float32),
-                          vmap_method="sequential")(
-      *args, strides=np.asarray(strides, np.int64),
-      padding=np.asarray([p for pp in padding for p in pp], np.int64), groups=np.int64(groups))
+    if a.dtype not in _DTYPES:
+      raise ValueError(f"oneDNN convolutions take float32 or bfloat16 arrays, got {a.dtype}; cast, "
+                       "or use jaxft.cpu.layers.Conv, which falls back for other dtypes")
+  call = jax.ffi.ffi_call(_TARGETS[name], jax.ShapeDtypeStruct(tuple(shape), dtype),
+                          vmap_method="sequential")
+  if not attrs:
+    return call(*args)
+  return call(*args, strides=np.asarray(strides, np.int64),
+              padding=np.asarray([p for pp in padding for p in pp], np.int64),
+              groups=np.int64(groups))
 
 
 def forward(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
             padding: Sequence[Sequence[int]], groups: int = 1) -> jax.Array:
   """``lax.conv_general_dilated(x, kernel, strides, padding, ('NHWC', 'HWIO', 'NHWC'),
-  feature_group_count=groups)`` by oneDNN.
+  feature_group_count=groups)`` by oneDNN, computed in ``x``'s type (a float32 ``kernel`` with
+  bfloat16 ``x`` is rounded to bfloat16 inside oneDNN).
 
-  Returns a new float32 array; ``x`` and ``kernel`` are not mutated. Not differentiable itself (see
-  :func:`conv`).
+  Returns a new array of ``x``'s type; ``x`` and ``kernel`` are not mutated. Not differentiable
+  itself (see :func:`conv`).
   """
-  return _call("fwd", _out_shape(x.shape, kernel.shape, strides, padding), x, kernel,
+  return _call("fwd", _out_shape(x.shape, kernel.shape, strides, padding), x.dtype, x, kernel,
                strides=strides, padding=padding, groups=groups)
 
 
 def input_grad(dy: jax.Array, kernel: jax.Array, x_shape: Sequence[int], strides: Sequence[int],
                padding: Sequence[Sequence[int]], groups: int = 1) -> jax.Array:
   """The gradient of :func:`forward` with respect to ``x`` (of shape ``x_shape``) for output
-  cotangent ``dy``. Returns a new array; inputs are not mutated."""
-  return _call("bwd_data", x_shape, dy, kernel, strides=strides, padding=padding, groups=groups)
+  cotangent ``dy``. Returns a new array of ``dy``'s type; inputs are not mutated."""
+  return _call("bwd_data", x_shape, dy.dtype, dy, kernel, strides=strides, padding=padding,
+               groups=groups)
 
 
 def kernel_grad(x: jax.Array, dy: jax.Array, kernel_shape: Sequence[int], strides: Sequence[int],
-                padding: Sequence[Sequence[int]], groups: int = 1) -> jax.Array:
+                padding: Sequence[Sequence[int]], groups: int = 1,
+                dtype=jnp.float32) -> jax.Array:
   """The gradient of :func:`forward` with respect to the kernel (of shape ``kernel_shape``) for
-  output cotangent ``dy``. Returns a new array; inputs are not mutated."""
-  return _call("bwd_weights", kernel_shape, x, dy, strides=strides, padding=padding, groups=groups)
+  output cotangent ``dy``, accumulated in float32 and returned as ``dtype`` (float32 or bfloat16).
+  Returns a new array; inputs are not mutated."""
+  return _call("bwd_weights", kernel_shape, jnp.dtype(dtype), x, dy, strides=strides,
+               padding=padding, groups=groups)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
          padding: tuple[tuple[int, int], ...], groups: int = 1) -> jax.Array:
-  """Differentiable float32 NHWC × HWIO convolution with ``groups`` feature groups, every pass by
-  oneDNN (check :func:`supported` first). Same values as ``lax.conv`` to float32 rounding; neither
-  input is mutated."""
+  """Differentiable NHWC × HWIO convolution with ``groups`` feature groups, every pass by oneDNN
+  (check :func:`supported` first), computed in ``x``'s type (float32, or bfloat16 with float32
+  accumulation). ``kernel`` may be float32 with bfloat16 ``x`` (a float32 master kernel: its gradient
+  is float32). Same values as ``lax.conv`` of ``x`` and ``kernel.astype(x.dtype)`` to rounding;
+  neither input is mutated."""
   return forward(x, kernel, strides, padding, groups)
 
 
@@ -282,10 +373,116 @@ def _conv_fwd(x, kernel, strides, padding, groups):
   return forward(x, kernel, strides, padding, groups), (x, kernel)
 
 
+def gemm_tn(a: jax.Array, b: jax.Array, dtype=jnp.float32) -> jax.Array:
+  """``a.T @ b`` for ``a [M, K]`` and ``b [M, N]`` of one type (float32 or bfloat16) by oneDNN's
+  matmul, accumulated in float32 and returned as ``dtype``. Returns a new array; inputs are not
+  mutated."""
+  return _call("gemm_tn", (a.shape[1], b.shape[1]), jnp.dtype(dtype), a, b, strides=(),
+               padding=(), groups=0, attrs=False)
+
+
+def _pointwise_kernel_grad(x, dy, kernel_shape, strides, dtype):
+  """The kernel gradient of an unpadded 1×1 convolution as one GEMM over the (strided) pixels."""
+  if tuple(strides) != (1, 1):
+    x = x[:, ::strides[0], ::strides[1], :][:, :dy.shape[1], :dy.shape[2], :]
+  cin, cout = kernel_shape[2], kernel_shape[3]
+  return gemm_tn(x.reshape(-1, cin), dy.reshape(-1, cout), dtype).reshape(kernel_shape)
+
+
 def _conv_bwd(strides, padding, groups, res, dy):
   x, kernel = res
-  return (input_grad(dy, kernel, x.shape, strides, padding, groups),
-          kernel_grad(x, dy, kernel.shape, strides, padding, groups))
+  dy = dy.astype(x.dtype)
+  if (x.dtype == jnp.bfloat16 and kernel.shape[:2] == (1, 1) and groups == 1
+      and all(p == (0, 0) for p in padding)):
+    # bfloat16 1×1: oneDNN's matmul is ~3x faster than its convolution backward-weights kernel
+    # (docs/benchmarks.md, "bfloat16"); the same sums, accumulated in float32.
+    dk = _pointwise_kernel_grad(x, dy, kernel.shape, strides, kernel.dtype)
+  else:
+    dk = kernel_grad(x, dy, kernel.shape, strides, padding, groups, kernel.dtype)
+  return input_grad(dy, kernel, x.shape, strides, padding, groups), dk
 
 
 conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Batch normalization (training mode), optionally fused with the ReLU after it
+# ---------------------------------------------------------------------------------------------------
+
+
+def norm_supported(x_shape: Sequence[int], dtype) -> bool:
+  """Whether :func:`batch_norm_train` can normalise an array of this shape and type here: NHWC,
+  float32 or bfloat16 (the latter with :func:`bf16_supported`), one CPU device, library loaded."""
+  dtype = jnp.dtype(dtype)
+  if len(x_shape) != 4 or min(x_shape) < 1 or dtype not in _DTYPES:
+    return False
+  if dtype == jnp.bfloat16 and not bf16_supported():
+    return False
+  if jax.default_backend() != "cpu" or jax.device_count() != 1:
+    return False
+  return loaded()
+
+
+@functools.lru_cache(maxsize=None)
+def _mask_bytes(shape: tuple[int, ...], bf16: bool, epsilon: float) -> int:
+  lib = _state["lib"]
+  fn = lib.jaxft_onednn_bn_mask_bytes
+  fn.restype = ctypes.c_int64
+  fn.argtypes = [ctypes.c_int64] * 5 + [ctypes.c_float]
+  n = int(fn(*shape, int(bf16), epsilon))
+  if n < 0:
+    raise OneDNNUnavailableError(f"oneDNN has no batch normalization for {shape}")
+  return max(n, 1)
+
+
+def _bn_mask_len(x, epsilon, relu) -> int:
+  return _mask_bytes(tuple(x.shape), x.dtype == jnp.bfloat16, float(epsilon)) if relu else 1
+
+
+def _bn_forward(x, scale, shift, epsilon, relu):
+  if not loaded():
+    raise OneDNNUnavailableError(f"oneDNN batch normalization is {status()}")
+  c = x.shape[-1]
+  vec = jax.ShapeDtypeStruct((c,), jnp.float32)
+  out = (jax.ShapeDtypeStruct(x.shape, x.dtype), vec, vec,
+         jax.ShapeDtypeStruct((_bn_mask_len(x, epsilon, relu),), jnp.uint8))
+  return jax.ffi.ffi_call(_TARGETS["bn_fwd"], out, vmap_method="sequential")(
+      x, scale.astype(jnp.float32), shift.astype(jnp.float32), epsilon=np.float32(epsilon),
+      relu=np.int64(relu))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def batch_norm_train(x: jax.Array, scale: jax.Array, shift: jax.Array, epsilon: float,
+                     relu: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Training-mode BatchNorm over the last axis of NHWC ``x`` by oneDNN (check
+  :func:`norm_supported` first): ``(y, batch mean, biased batch variance)`` with
+  ``y = (x - mean) / sqrt(var + epsilon) * scale + shift`` in ``x``'s type (statistics and the
+  arithmetic in float32), followed by ``max(y, 0)`` when ``relu``.
+
+  Differentiable in ``x``, ``scale`` and ``shift`` through ``y`` only: the returned statistics are
+  treated as constants (jaxft only feeds them to running averages; the BatchNorm layer stops their
+  gradient). Returns new arrays; no input is mutated.
+  """
+  y, mean, var, _ = _bn_forward(x, scale, shift, epsilon, relu)
+  return y, mean, var
+
+
+def _bn_fwd(x, scale, shift, epsilon, relu):
+  y, mean, var, mask = _bn_forward(x, scale, shift, epsilon, relu)
+  return (y, mean, var), (x, scale, shift, mean, var, mask)
+
+
+def _bn_bwd(epsilon, relu, res, cts):
+  x, scale, shift, mean, var, mask = res
+  dy = cts[0].astype(x.dtype)  # the statistics' cotangents are dropped (see the docstring)
+  c = x.shape[-1]
+  vec = jax.ShapeDtypeStruct((c,), jnp.float32)
+  dx, dscale, dshift = jax.ffi.ffi_call(
+      _TARGETS["bn_bwd"], (jax.ShapeDtypeStruct(x.shape, x.dtype), vec, vec),
+      vmap_method="sequential")(x, dy, scale.astype(jnp.float32), shift.astype(jnp.float32), mean, var,
+                                mask,
+                                epsilon=np.float32(epsilon), relu=np.int64(relu))
+  return dx, dscale.astype(scale.dtype), dshift.astype(shift.dtype)
+
+
+batch_norm_train.defvjp(_bn_fwd, _bn_bwd)

@@ -1,13 +1,23 @@
 // oneDNN convolutions for XLA:CPU, as XLA FFI custom calls (see jaxft/cpu/onednn.py).
 //
-// Three handlers, all float32, NHWC activations and HWIO kernels (jaxft's layouts; with G groups the
-// kernel is [KH, KW, C/G, O] and output channel o belongs to group o / (O/G)), no dilation, explicit
+// Three handlers, NHWC activations and HWIO kernels (jaxft's layouts; with G groups the kernel is
+// [KH, KW, C/G, O] and output channel o belongs to group o / (O/G)), no dilation, explicit
 // non-negative padding:
 //   jaxft_onednn_conv_fwd          y  = conv(x, k)
 //   jaxft_onednn_conv_bwd_data     dx = d conv / dx applied to dy
 //   jaxft_onednn_conv_bwd_weights  dk = d conv / dk applied to dy
+// Data types: activations (x, y and their gradients) are all float32 or all bfloat16; the kernel (and
+// its gradient, which has the kernel's type) is float32 or bfloat16 independently. bfloat16 activations
+// compute in bfloat16 with float32 accumulation (oneDNN's AMX / AVX512-BF16 kernels), so a float32
+// master kernel is converted by the reorder into the primitive's layout that happens anyway, and its
+// gradient is accumulated and returned in float32: no separate cast pass, no bfloat16 gradient rounding.
 // oneDNN picks its own weights layout (usually blocked); the HWIO kernel is reordered into it (and the
 // kernel gradient out of it) on every call, which costs little next to the convolution itself.
+// Two more handlers run training-mode batch normalization over the last axis of NHWC activations
+// (float32 or bfloat16; float32 scale, shift and statistics), optionally followed by a ReLU:
+//   jaxft_onednn_bn_fwd  (x, scale, shift) -> (y, mean, biased var, relu mask)
+//   jaxft_onednn_bn_bwd  (x, dy, scale, shift, mean, var, relu mask) -> (dx, dscale, dshift)
+// Gradients do not flow through the returned statistics (jaxft only uses them for running averages).
 // Primitives are built once per geometry and cached. XLA runs independent thunks concurrently on its
 // threads; calls here run one at a time (see Run), and every primitive is built with a user-managed
 // scratchpad that each call allocates for itself, so that no state is shared between executions even
@@ -39,9 +49,11 @@ dnnl::engine& Engine() {
   return *engine;
 }
 
-// One convolution's shapes: x [n, h, w, c], k [kh, kw, c / g, o], y [n, oh, ow, o]; g groups.
+// One convolution's shapes: x [n, h, w, c], k [kh, kw, c / g, o], y [n, oh, ow, o]; g groups; the
+// activations' data type (x, y and their gradients) and the user kernel's.
 struct Geometry {
   int64_t n, h, w, c, kh, kw, o, oh, ow, sh, sw, pt, pb, pl, pr, g;
+  Dt act, ker;
 
   memory::dims src() const { return {n, c, h, w}; }
   memory::dims wei() const {
@@ -52,15 +64,20 @@ struct Geometry {
   memory::dims strides() const { return {sh, sw}; }
   memory::dims pad_l() const { return {pt, pl}; }
   memory::dims pad_r() const { return {pb, pr}; }
-  memory::desc src_md() const { return memory::desc(src(), Dt::f32, Tag::nhwc); }
-  memory::desc dst_md() const { return memory::desc(dst(), Dt::f32, Tag::nhwc); }
+  memory::desc src_md() const { return memory::desc(src(), act, Tag::nhwc); }
+  memory::desc dst_md() const { return memory::desc(dst(), act, Tag::nhwc); }
   memory::desc user_wei_md() const {
-    return memory::desc(wei(), Dt::f32, g == 1 ? Tag::hwio : Tag::hwigo);
+    return memory::desc(wei(), ker, g == 1 ? Tag::hwio : Tag::hwigo);
   }
-  memory::desc any_wei_md() const { return memory::desc(wei(), Dt::f32, Tag::any); }
+  // The primitive's weights: in the activations' type (bf16 kernels for bf16 compute)...
+  memory::desc any_wei_md() const { return memory::desc(wei(), act, Tag::any); }
+  // ...and its kernel gradient in the user kernel's type (float32 accumulation kept for f32 masters).
+  memory::desc any_diff_wei_md() const { return memory::desc(wei(), ker, Tag::any); }
 
   std::string Key(Pass pass) const {
-    std::string key = std::to_string(static_cast<int>(pass));
+    std::string key = std::to_string(static_cast<int>(pass)) + ',' +
+                      std::to_string(static_cast<int>(act)) + ',' +
+                      std::to_string(static_cast<int>(ker));
     for (int64_t v : {n, h, w, c, kh, kw, o, oh, ow, sh, sw, pt, pb, pl, pr, g}) {
       key += ',' + std::to_string(v);
     }
@@ -93,7 +110,7 @@ dnnl::convolution_backward_data::primitive_desc BackwardDataPd(const Geometry& g
 }
 dnnl::convolution_backward_weights::primitive_desc BackwardWeightsPd(const Geometry& g) {
   return dnnl::convolution_backward_weights::primitive_desc(
-      Engine(), dnnl::algorithm::convolution_direct, g.src_md(), g.any_wei_md(), g.dst_md(),
+      Engine(), dnnl::algorithm::convolution_direct, g.src_md(), g.any_diff_wei_md(), g.dst_md(),
       g.strides(), g.pad_l(), g.pad_r(), ForwardPd(g), Attr());
 }
 #else
@@ -111,8 +128,8 @@ dnnl::convolution_backward_data::primitive_desc BackwardDataPd(const Geometry& g
 }
 dnnl::convolution_backward_weights::primitive_desc BackwardWeightsPd(const Geometry& g) {
   dnnl::convolution_backward_weights::desc d(dnnl::algorithm::convolution_direct, g.src_md(),
-                                             g.any_wei_md(), g.dst_md(), g.strides(), g.pad_l(),
-                                             g.pad_r());
+                                             g.any_diff_wei_md(), g.dst_md(), g.strides(),
+                                             g.pad_l(), g.pad_r());
   return dnnl::convolution_backward_weights::primitive_desc(d, Attr(), Engine(), ForwardPd(g));
 }
 #endif
@@ -152,15 +169,19 @@ std::shared_ptr<const Primitive> Cached(const Geometry& g, Pass pass) {
   return cache->emplace(key, p).first->second;
 }
 
+// One oneDNN primitive at a time: each already spreads over every core (oneDNN's OpenMP team), and
+// XLA would otherwise start two independent ones at once (a layer's input and kernel gradients)
+// and oversubscribe the cores (measured gain: docs/benchmarks.md, fifth session).
+std::mutex& RunMutex() {
+  static std::mutex* mu = new std::mutex;
+  return *mu;
+}
+
 // x, k, y as in Dispatch.
-ffi::Error Run(Pass pass, const Geometry& g, float* x, float* k, float* y) {
+ffi::Error Run(Pass pass, const Geometry& g, void* x, void* k, void* y) {
   try {
     auto p = Cached(g, pass);
-    // One convolution at a time: each already spreads over every core (oneDNN's OpenMP team), and
-    // XLA would otherwise start two independent ones at once (a layer's input and kernel gradients)
-    // and oversubscribe the cores (measured gain: docs/benchmarks.md, fifth session).
-    static std::mutex* run_mu = new std::mutex;
-    std::lock_guard<std::mutex> run_lock(*run_mu);
+    std::lock_guard<std::mutex> run_lock(RunMutex());
     dnnl::stream stream(Engine());
     memory xm(g.src_md(), Engine(), x), ym(g.dst_md(), Engine(), y);
     memory km(g.user_wei_md(), Engine(), k);
@@ -216,44 +237,335 @@ ffi::Error Check(ffi::Span<const int64_t> x, ffi::Span<const int64_t> k, ffi::Sp
   return ffi::Error::Success();
 }
 
-using F32Buffer = ffi::Buffer<ffi::F32, 4>;
+// The oneDNN data type of an XLA buffer, or nothing for a type these handlers do not take.
+bool ToDnnl(ffi::DataType t, Dt* out) {
+  if (t == ffi::DataType::F32) {
+    *out = Dt::f32;
+  } else if (t == ffi::DataType::BF16) {
+    *out = Dt::bf16;
+  } else {
+    return false;
+  }
+  return true;
+}
+
+using Buffer = ffi::AnyBuffer;
 
 // x, k, y are the forward pass's operands, whichever of them this pass reads or writes.
-ffi::Error Dispatch(Pass pass, const F32Buffer& x, const F32Buffer& k, const F32Buffer& y,
+ffi::Error Dispatch(Pass pass, const Buffer& x, const Buffer& k, const Buffer& y,
                     ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding,
                     int64_t groups) {
   auto xd = x.dimensions(), kd = k.dimensions(), yd = y.dimensions();
+  if (xd.size() != 4 || kd.size() != 4 || yd.size() != 4) {
+    return ffi::Error::InvalidArgument("input, kernel and output must be 4-D");
+  }
+  Dt act, ker, out;
+  if (!ToDnnl(x.element_type(), &act) || !ToDnnl(y.element_type(), &out) ||
+      !ToDnnl(k.element_type(), &ker)) {
+    return ffi::Error::InvalidArgument("arrays must be float32 or bfloat16");
+  }
+  if (act != out) {
+    return ffi::Error::InvalidArgument("input and output (and their gradients) must share a type");
+  }
   if (auto e = Check(xd, kd, yd, strides, padding, groups); e.failure()) return e;
   const Geometry g{xd[0], xd[1], xd[2], xd[3], kd[0], kd[1], kd[3], yd[1], yd[2], strides[0],
-                   strides[1], padding[0], padding[1], padding[2], padding[3], groups};
-  return Run(pass, g, x.typed_data(), k.typed_data(), y.typed_data());
+                   strides[1], padding[0], padding[1], padding[2], padding[3], groups, act, ker};
+  return Run(pass, g, x.untyped_data(), k.untyped_data(), y.untyped_data());
 }
 
-ffi::Error Forward(F32Buffer x, F32Buffer k, ffi::Result<F32Buffer> y,
-                   ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding,
-                   int64_t groups) {
+ffi::Error Forward(Buffer x, Buffer k, ffi::Result<Buffer> y, ffi::Span<const int64_t> strides,
+                   ffi::Span<const int64_t> padding, int64_t groups) {
   return Dispatch(kForward, x, k, *y, strides, padding, groups);
 }
 
-ffi::Error BackwardData(F32Buffer dy, F32Buffer k, ffi::Result<F32Buffer> dx,
+ffi::Error BackwardData(Buffer dy, Buffer k, ffi::Result<Buffer> dx,
                         ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding,
                         int64_t groups) {
   return Dispatch(kBackwardData, *dx, k, dy, strides, padding, groups);
 }
 
-ffi::Error BackwardWeights(F32Buffer x, F32Buffer dy, ffi::Result<F32Buffer> dk,
+ffi::Error BackwardWeights(Buffer x, Buffer dy, ffi::Result<Buffer> dk,
                            ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding,
                            int64_t groups) {
   return Dispatch(kBackwardWeights, x, *dk, dy, strides, padding, groups);
+}
+
+
+// ---------------------------------------------------------------------------------------------------
+// Batch normalization (training mode).
+
+struct NormGeometry {
+  int64_t n, h, w, c;
+  Dt act;
+  float epsilon;
+  bool relu;
+
+  memory::desc data_md() const { return memory::desc({n, c, h, w}, act, Tag::nhwc); }
+  memory::desc stat_md() const { return memory::desc({c}, Dt::f32, Tag::a); }
+  dnnl::normalization_flags flags() const {
+    auto f = dnnl::normalization_flags::use_scale | dnnl::normalization_flags::use_shift;
+    return relu ? (f | dnnl::normalization_flags::fuse_norm_relu) : f;
+  }
+  std::string Key(bool backward) const {
+    std::string key = backward ? "bnb" : "bnf";
+    for (int64_t v : {n, h, w, c, static_cast<int64_t>(act), static_cast<int64_t>(relu)}) {
+      key += ',' + std::to_string(v);
+    }
+    return key + ',' + std::to_string(epsilon);
+  }
+};
+
+#if DNNL_VERSION_MAJOR >= 3
+dnnl::batch_normalization_forward::primitive_desc NormForwardPd(const NormGeometry& g) {
+  return dnnl::batch_normalization_forward::primitive_desc(
+      Engine(), dnnl::prop_kind::forward_training, g.data_md(), g.data_md(), g.epsilon, g.flags(),
+      Attr());
+}
+dnnl::batch_normalization_backward::primitive_desc NormBackwardPd(const NormGeometry& g) {
+  return dnnl::batch_normalization_backward::primitive_desc(
+      Engine(), dnnl::prop_kind::backward, g.data_md(), g.data_md(), g.data_md(), g.epsilon,
+      g.flags(), NormForwardPd(g), Attr());
+}
+#else
+dnnl::batch_normalization_forward::primitive_desc NormForwardPd(const NormGeometry& g) {
+  dnnl::batch_normalization_forward::desc d(dnnl::prop_kind::forward_training, g.data_md(),
+                                            g.epsilon, g.flags());
+  return dnnl::batch_normalization_forward::primitive_desc(d, Attr(), Engine());
+}
+dnnl::batch_normalization_backward::primitive_desc NormBackwardPd(const NormGeometry& g) {
+  dnnl::batch_normalization_backward::desc d(dnnl::prop_kind::backward, g.data_md(), g.data_md(),
+                                             g.epsilon, g.flags());
+  return dnnl::batch_normalization_backward::primitive_desc(d, Attr(), Engine(), NormForwardPd(g));
+}
+#endif
+
+struct NormPrimitive {
+  dnnl::primitive primitive;
+  memory::desc workspace_md;   // the ReLU mask (empty without ReLU)
+  memory::desc scratchpad_md;
+};
+
+std::shared_ptr<const NormPrimitive> BuildNorm(const NormGeometry& g, bool backward) {
+  auto p = std::make_shared<NormPrimitive>();
+  if (!backward) {
+    auto pd = NormForwardPd(g);
+    p->primitive = dnnl::batch_normalization_forward(pd);
+    p->workspace_md = pd.workspace_desc();
+    p->scratchpad_md = pd.scratchpad_desc();
+  } else {
+    auto pd = NormBackwardPd(g);
+    p->primitive = dnnl::batch_normalization_backward(pd);
+    p->workspace_md = pd.workspace_desc();
+    p->scratchpad_md = pd.scratchpad_desc();
+  }
+  return p;
+}
+
+std::shared_ptr<const NormPrimitive> CachedNorm(const NormGeometry& g, bool backward) {
+  static std::mutex* mu = new std::mutex;
+  static auto* cache = new std::unordered_map<std::string, std::shared_ptr<const NormPrimitive>>;
+  const std::string key = g.Key(backward);
+  {
+    std::lock_guard<std::mutex> lock(*mu);
+    auto it = cache->find(key);
+    if (it != cache->end()) return it->second;
+  }
+  auto p = BuildNorm(g, backward);
+  std::lock_guard<std::mutex> lock(*mu);
+  return cache->emplace(key, p).first->second;
+}
+
+// The size in bytes of the ReLU mask oneDNN keeps for these shapes (0 without ReLU).
+int64_t NormWorkspaceBytes(const NormGeometry& g) {
+  if (!g.relu) return 0;
+  return static_cast<int64_t>(CachedNorm(g, false)->workspace_md.get_size());
+}
+
+ffi::Error CheckNorm(const ffi::AnyBuffer& x, const ffi::AnyBuffer& y, int64_t c_bufs_c,
+                     NormGeometry* g, float epsilon, int64_t relu) {
+  auto xd = x.dimensions(), yd = y.dimensions();
+  if (xd.size() != 4 || yd.size() != 4) return ffi::Error::InvalidArgument("x must be NHWC");
+  for (int i = 0; i < 4; ++i) {
+    if (xd[i] < 1 || xd[i] != yd[i]) return ffi::Error::InvalidArgument("x and y shapes differ");
+  }
+  Dt act, out;
+  if (!ToDnnl(x.element_type(), &act) || !ToDnnl(y.element_type(), &out) || act != out) {
+    return ffi::Error::InvalidArgument("x and y must both be float32 or both bfloat16");
+  }
+  if (c_bufs_c != xd[3]) return ffi::Error::InvalidArgument("per-channel arrays must have C entries");
+  *g = NormGeometry{xd[0], xd[1], xd[2], xd[3], act, epsilon, relu != 0};
+  return ffi::Error::Success();
+}
+
+ffi::Error NormForward(ffi::AnyBuffer x, ffi::Buffer<ffi::F32, 1> scale,
+                       ffi::Buffer<ffi::F32, 1> shift, ffi::Result<ffi::AnyBuffer> y,
+                       ffi::Result<ffi::Buffer<ffi::F32, 1>> mean,
+                       ffi::Result<ffi::Buffer<ffi::F32, 1>> var,
+                       ffi::Result<ffi::Buffer<ffi::U8, 1>> mask, float epsilon, int64_t relu) {
+  NormGeometry g;
+  if (auto e = CheckNorm(x, *y, scale.dimensions()[0], &g, epsilon, relu); e.failure()) return e;
+  if (shift.dimensions()[0] != g.c || mean->dimensions()[0] != g.c || var->dimensions()[0] != g.c) {
+    return ffi::Error::InvalidArgument("per-channel arrays must have C entries");
+  }
+  try {
+    auto p = CachedNorm(g, false);
+    if (static_cast<int64_t>(mask->dimensions()[0]) < NormWorkspaceBytes(g)) {
+      return ffi::Error::InvalidArgument("the ReLU mask buffer is too small");
+    }
+    std::lock_guard<std::mutex> run_lock(RunMutex());
+    dnnl::stream stream(Engine());
+    memory xm(g.data_md(), Engine(), x.untyped_data()), ym(g.data_md(), Engine(), y->untyped_data());
+    memory sc(g.stat_md(), Engine(), scale.typed_data()), sh(g.stat_md(), Engine(), shift.typed_data());
+    memory mm(g.stat_md(), Engine(), mean->typed_data()), vm(g.stat_md(), Engine(), var->typed_data());
+    memory scratch(p->scratchpad_md, Engine());
+    std::unordered_map<int, memory> args{{DNNL_ARG_SRC, xm}, {DNNL_ARG_DST, ym},
+                                         {DNNL_ARG_SCALE, sc}, {DNNL_ARG_SHIFT, sh},
+                                         {DNNL_ARG_MEAN, mm}, {DNNL_ARG_VARIANCE, vm},
+                                         {DNNL_ARG_SCRATCHPAD, scratch}};
+    if (g.relu) args.insert({DNNL_ARG_WORKSPACE, memory(p->workspace_md, Engine(), mask->typed_data())});
+    p->primitive.execute(stream, args);
+    stream.wait();
+  } catch (const std::exception& e) {
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string("jaxft oneDNN batch norm: ") + e.what());
+  } catch (...) {
+    return ffi::Error(ffi::ErrorCode::kInternal, "jaxft oneDNN batch norm: unknown exception");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error NormBackward(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Buffer<ffi::F32, 1> scale,
+                        ffi::Buffer<ffi::F32, 1> shift, ffi::Buffer<ffi::F32, 1> mean, ffi::Buffer<ffi::F32, 1> var,
+                        ffi::Buffer<ffi::U8, 1> mask, ffi::Result<ffi::AnyBuffer> dx,
+                        ffi::Result<ffi::Buffer<ffi::F32, 1>> dscale,
+                        ffi::Result<ffi::Buffer<ffi::F32, 1>> dshift, float epsilon,
+                        int64_t relu) {
+  NormGeometry g;
+  if (auto e = CheckNorm(x, *dx, scale.dimensions()[0], &g, epsilon, relu); e.failure()) return e;
+  if (auto e = CheckNorm(dy, *dx, mean.dimensions()[0], &g, epsilon, relu); e.failure()) return e;
+  if (var.dimensions()[0] != g.c || shift.dimensions()[0] != g.c || dscale->dimensions()[0] != g.c ||
+      dshift->dimensions()[0] != g.c) {
+    return ffi::Error::InvalidArgument("per-channel arrays must have C entries");
+  }
+  try {
+    auto p = CachedNorm(g, true);
+    if (static_cast<int64_t>(mask.dimensions()[0]) < NormWorkspaceBytes(g)) {
+      return ffi::Error::InvalidArgument("the ReLU mask buffer is too small");
+    }
+    std::lock_guard<std::mutex> run_lock(RunMutex());
+    dnnl::stream stream(Engine());
+    memory xm(g.data_md(), Engine(), x.untyped_data()), dym(g.data_md(), Engine(), dy.untyped_data());
+    memory dxm(g.data_md(), Engine(), dx->untyped_data());
+    memory sc(g.stat_md(), Engine(), scale.typed_data()), sh(g.stat_md(), Engine(), shift.typed_data());
+    memory mm(g.stat_md(), Engine(), mean.typed_data()), vm(g.stat_md(), Engine(), var.typed_data());
+    memory dsc(g.stat_md(), Engine(), dscale->typed_data());
+    memory dsh(g.stat_md(), Engine(), dshift->typed_data());
+    memory scratch(p->scratchpad_md, Engine());
+    std::unordered_map<int, memory> args{
+        {DNNL_ARG_SRC, xm}, {DNNL_ARG_DIFF_DST, dym}, {DNNL_ARG_DIFF_SRC, dxm},
+        {DNNL_ARG_SCALE, sc}, {DNNL_ARG_SHIFT, sh}, {DNNL_ARG_MEAN, mm}, {DNNL_ARG_VARIANCE, vm},
+        {DNNL_ARG_DIFF_SCALE, dsc}, {DNNL_ARG_DIFF_SHIFT, dsh}, {DNNL_ARG_SCRATCHPAD, scratch}};
+    if (g.relu) args.insert({DNNL_ARG_WORKSPACE, memory(p->workspace_md, Engine(), mask.typed_data())});
+    p->primitive.execute(stream, args);
+    stream.wait();
+  } catch (const std::exception& e) {
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string("jaxft oneDNN batch norm: ") + e.what());
+  } catch (...) {
+    return ffi::Error(ffi::ErrorCode::kInternal, "jaxft oneDNN batch norm: unknown exception");
+  }
+  return ffi::Error::Success();
+}
+
+
+// ---------------------------------------------------------------------------------------------------
+// c = aᵀ b for a [M, K] and b [M, N] (row-major): the kernel gradient of a 1×1 convolution, with M the
+// batch × pixels. oneDNN's convolution backward-weights kernels for 1×1 are several times slower
+// than its matmul here (docs/benchmarks.md, "bfloat16"); the transposed a is a stride, not a copy.
+
+struct GemmGeometry {
+  int64_t m, k, n;
+  Dt in, out;
+  memory::desc a_t_md() const { return memory::desc({k, m}, in, memory::dims{1, k}); }
+  memory::desc b_md() const { return memory::desc({m, n}, in, memory::dims{n, 1}); }
+  memory::desc c_md() const { return memory::desc({k, n}, out, memory::dims{n, 1}); }
+  std::string Key() const {
+    std::string key = "gemm_tn";
+    for (int64_t v : {m, k, n, static_cast<int64_t>(in), static_cast<int64_t>(out)}) {
+      key += ',' + std::to_string(v);
+    }
+    return key;
+  }
+};
+
+#if DNNL_VERSION_MAJOR >= 3
+dnnl::matmul::primitive_desc GemmPd(const GemmGeometry& g) {
+  return dnnl::matmul::primitive_desc(Engine(), g.a_t_md(), g.b_md(), g.c_md(), Attr());
+}
+#else
+dnnl::matmul::primitive_desc GemmPd(const GemmGeometry& g) {
+  dnnl::matmul::desc d(g.a_t_md(), g.b_md(), g.c_md());
+  return dnnl::matmul::primitive_desc(d, Attr(), Engine());
+}
+#endif
+
+struct GemmPrimitive {
+  dnnl::primitive primitive;
+  memory::desc scratchpad_md;
+};
+
+std::shared_ptr<const GemmPrimitive> CachedGemm(const GemmGeometry& g) {
+  static std::mutex* mu = new std::mutex;
+  static auto* cache = new std::unordered_map<std::string, std::shared_ptr<const GemmPrimitive>>;
+  const std::string key = g.Key();
+  {
+    std::lock_guard<std::mutex> lock(*mu);
+    auto it = cache->find(key);
+    if (it != cache->end()) return it->second;
+  }
+  auto p = std::make_shared<GemmPrimitive>();
+  auto pd = GemmPd(g);
+  p->primitive = dnnl::matmul(pd);
+  p->scratchpad_md = pd.scratchpad_desc();
+  std::lock_guard<std::mutex> lock(*mu);
+  return cache->emplace(key, p).first->second;
+}
+
+ffi::Error GemmTN(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> c) {
+  auto ad = a.dimensions(), bd = b.dimensions(), cd = c->dimensions();
+  if (ad.size() != 2 || bd.size() != 2 || cd.size() != 2 || ad[0] != bd[0] || cd[0] != ad[1] ||
+      cd[1] != bd[1] || ad[0] < 1 || ad[1] < 1 || bd[1] < 1) {
+    return ffi::Error::InvalidArgument("gemm_tn: a [M, K], b [M, N] and c [K, N] do not match");
+  }
+  Dt ta, tb, tc;
+  if (!ToDnnl(a.element_type(), &ta) || !ToDnnl(b.element_type(), &tb) ||
+      !ToDnnl(c->element_type(), &tc) || ta != tb) {
+    return ffi::Error::InvalidArgument("gemm_tn: a and b must share a type (float32 or bfloat16)");
+  }
+  const GemmGeometry g{ad[0], ad[1], bd[1], ta, tc};
+  try {
+    auto p = CachedGemm(g);
+    std::lock_guard<std::mutex> run_lock(RunMutex());
+    dnnl::stream stream(Engine());
+    memory am(g.a_t_md(), Engine(), a.untyped_data()), bm(g.b_md(), Engine(), b.untyped_data());
+    memory cm(g.c_md(), Engine(), c->untyped_data());
+    memory scratch(p->scratchpad_md, Engine());
+    p->primitive.execute(stream, {{DNNL_ARG_SRC, am}, {DNNL_ARG_WEIGHTS, bm}, {DNNL_ARG_DST, cm},
+                                  {DNNL_ARG_SCRATCHPAD, scratch}});
+    stream.wait();
+  } catch (const std::exception& e) {
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string("jaxft oneDNN matmul: ") + e.what());
+  } catch (...) {
+    return ffi::Error(ffi::ErrorCode::kInternal, "jaxft oneDNN matmul: unknown exception");
+  }
+  return ffi::Error::Success();
 }
 
 }  // namespace
 
 #define JAXFT_CONV_BINDING                                                             \
   ffi::Ffi::Bind()                                                                     \
-      .Arg<ffi::Buffer<ffi::F32, 4>>()                                                 \
-      .Arg<ffi::Buffer<ffi::F32, 4>>()                                                 \
-      .Ret<ffi::Buffer<ffi::F32, 4>>()                                                 \
+      .Arg<ffi::AnyBuffer>()                                                           \
+      .Arg<ffi::AnyBuffer>()                                                           \
+      .Ret<ffi::AnyBuffer>()                                                           \
       .Attr<ffi::Span<const int64_t>>("strides")                                       \
       .Attr<ffi::Span<const int64_t>>("padding")                                       \
       .Attr<int64_t>("groups")
@@ -261,6 +573,53 @@ ffi::Error BackwardWeights(F32Buffer x, F32Buffer dy, ffi::Result<F32Buffer> dk,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxft_onednn_conv_fwd, Forward, JAXFT_CONV_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxft_onednn_conv_bwd_data, BackwardData, JAXFT_CONV_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxft_onednn_conv_bwd_weights, BackwardWeights, JAXFT_CONV_BINDING);
+
+// Aliases without commas: the binding is a macro argument.
+using jaxft_f32_vec = ffi::Buffer<ffi::F32, 1>;
+using jaxft_u8_vec = ffi::Buffer<ffi::U8, 1>;
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxft_onednn_bn_fwd, NormForward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<jaxft_f32_vec>()
+                                  .Arg<jaxft_f32_vec>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<jaxft_f32_vec>()
+                                  .Ret<jaxft_f32_vec>()
+                                  .Ret<jaxft_u8_vec>()
+                                  .Attr<float>("epsilon")
+                                  .Attr<int64_t>("relu"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxft_onednn_bn_bwd, NormBackward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<jaxft_f32_vec>()
+                                  .Arg<jaxft_f32_vec>()
+                                  .Arg<jaxft_f32_vec>()
+                                  .Arg<jaxft_f32_vec>()
+                                  .Arg<jaxft_u8_vec>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<jaxft_f32_vec>()
+                                  .Ret<jaxft_f32_vec>()
+                                  .Attr<float>("epsilon")
+                                  .Attr<int64_t>("relu"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxft_onednn_gemm_tn, GemmTN,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
+
+// The bytes of the ReLU mask jaxft_onednn_bn_fwd writes for an [n, h, w, c] input (dtype 0: float32,
+// 1: bfloat16), or -1 when oneDNN cannot build the primitive.
+extern "C" int64_t jaxft_onednn_bn_mask_bytes(int64_t n, int64_t h, int64_t w, int64_t c,
+                                              int64_t bf16, float epsilon) {
+  try {
+    return NormWorkspaceBytes(NormGeometry{n, h, w, c, bf16 ? Dt::bf16 : Dt::f32, epsilon, true});
+  } catch (...) {
+    return -1;
+  }
+}
 
 extern "C" int jaxft_onednn_version() {
   const dnnl_version_t* v = dnnl_version();

@@ -1,0 +1,215 @@
+"""bfloat16 on CPU through oneDNN (jaxft.cpu.onednn): convolutions (forward, input and kernel
+gradients, a float32 master kernel whose gradient stays float32), training-mode BatchNorm (+ ReLU),
+the bfloat16 max-pool gradient, routing (used only where the CPU has bfloat16 instructions) and a
+20-step training loss curve against float32.
+
+Tolerances: bfloat16 keeps 8 significant bits (relative rounding 2^-9 ≈ 0.2%), so one rounded
+output is within ~0.4% of the float32 result on the same bfloat16-rounded inputs; the tests allow
+1% of the largest magnitude for a convolution's outputs and gradients (each has one bfloat16
+rounding of a float32 accumulation). Over 20 training steps rounding differences compound: on the
+curve below XLA's own bfloat16 layers stray up to 8% from float32 and oneDNN's up to 12% (measured),
+so the curve test allows 15% per step — a wrong gradient (sign, scale, a dropped term) moves it far
+more.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from jaxft import models, optim, train
+from jaxft.cpu import norm, onednn, pool
+from jaxft.cpu.layers import BatchNorm, cpu_layers
+
+
+@pytest.fixture
+def needs_bf16():
+  if jax.default_backend() != "cpu":
+    pytest.skip("oneDNN is for the CPU backend")
+  if not onednn.load():
+    pytest.skip(f"oneDNN {onednn.status()}")
+  if not onednn.bf16_supported():
+    pytest.skip("this CPU has no bfloat16 instructions (AMX-BF16 / AVX512-BF16)")
+
+
+def _rel(got, want):
+  got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+  return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+
+
+def _bf16_rounded(a):
+  return a.astype(jnp.bfloat16).astype(jnp.float32)
+
+
+@pytest.mark.usefixtures("needs_bf16")
+@pytest.mark.parametrize("shape,khw,strides,padding,groups", [
+    ((2, 9, 9, 16), (3, 3), (1, 1), ((1, 1), (1, 1)), 1),
+    ((2, 8, 8, 20), (1, 1), (2, 2), ((0, 0), (0, 0)), 1),
+    ((2, 11, 9, 3), (7, 7), (2, 2), ((3, 3), (3, 3)), 1),
+    ((2, 9, 9, 16), (3, 3), (2, 2), ((1, 1), (1, 1)), 16),  # depthwise
+])
+def test_bf16_conv_matches_float32_on_the_rounded_inputs(shape, khw, strides, padding, groups):
+  r = np.random.default_rng(0)
+  cin, cout = shape[-1], 24 if groups == 1 else shape[-1]
+  x = jnp.asarray(r.normal(size=shape), jnp.float32)
+  k = jnp.asarray(r.normal(size=(*khw, cin // groups, cout)) * 0.2, jnp.float32)
+  ct = jnp.asarray(r.normal(size=onednn._out_shape(shape, k.shape, strides, padding)), jnp.float32)
+
+  def fast(x, k):  # bfloat16 activations, float32 master kernel
+    return onednn.conv(x.astype(jnp.bfloat16), k, strides, padding, groups)
+
+  def ref(x, k):  # float32 arithmetic on the same bfloat16-rounded values
+    return lax.conv_general_dilated(_bf16_rounded(x), _bf16_rounded(k), strides, padding,
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                    feature_group_count=groups)
+
+  y = jax.jit(fast)(x, k)
+  assert y.dtype == jnp.bfloat16
+  assert _rel(y, ref(x, k)) < 1e-2
+  g = jax.jit(jax.grad(lambda x, k: jnp.sum(fast(x, k).astype(jnp.float32) * ct), (0, 1)))(x, k)
+  # ct is rounded to bfloat16 on its way into oneDNN: the reference gets the same.
+  want = jax.grad(lambda x, k: jnp.sum(ref(x, k) * _bf16_rounded(ct)), (0, 1))(x, k)
+  assert g[1].dtype == jnp.float32  # the master kernel's gradient, accumulated in float32
+  assert _rel(g[0], want[0]) < 1e-2
+  assert _rel(g[1], want[1]) < 1e-2
+  # A bfloat16 kernel gets a bfloat16 gradient.
+  gk = jax.grad(lambda k: jnp.sum(fast(x, k).astype(jnp.float32)))(k.astype(jnp.bfloat16))
+  assert gk.dtype == jnp.bfloat16
+
+
+@pytest.mark.usefixtures("needs_bf16")
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("relu", [False, True])
+def test_onednn_batch_norm_matches_the_closed_form(dtype, relu):
+  r = np.random.default_rng(1)
+  x = jnp.asarray(r.normal(size=(3, 5, 6, 20)) * 2 + 1, dtype)
+  scale = jnp.asarray(r.normal(size=20), jnp.float32)
+  shift = jnp.asarray(r.normal(size=20), jnp.float32)
+  ct = jnp.asarray(r.normal(size=x.shape), jnp.float32)
+
+  def ref(x, scale, shift):
+    y, mean, var = norm.batch_norm_train(x, scale, shift, 1e-5, False)
+    return (jnp.maximum(y, 0) if relu else y).astype(dtype), mean, var
+
+  def fast(x, scale, shift):
+    return onednn.batch_norm_train(x, scale, shift, 1e-5, relu)
+
+  got, want = jax.jit(fast)(x, scale, shift), ref(x, scale, shift)
+  assert got[0].dtype == dtype
+  tol = 1e-5 if dtype == jnp.float32 else 1e-2
+  for a, b in zip(got, want):
+    assert _rel(a, b) < tol
+  loss = lambda f: lambda *a: jnp.sum(f(*a)[0].astype(jnp.float32) * ct)
+  ga = jax.jit(jax.grad(loss(fast), (0, 1, 2)))(x, scale, shift)
+  gb = jax.grad(loss(ref), (0, 1, 2))(x, scale, shift)
+  for a, b in zip(ga, gb):
+    assert _rel(a, b) < tol
+
+
+@pytest.mark.usefixtures("needs_bf16")
+def test_bf16_batch_norm_layer_uses_onednn_and_updates_running_statistics():
+  x = jnp.asarray(np.random.default_rng(2).normal(size=(4, 6, 6, 8)) * 3 + 2, jnp.bfloat16)
+  fast, plain = BatchNorm(dtype=jnp.bfloat16, impl="onednn"), BatchNorm(dtype=jnp.bfloat16, impl="lax")
+  v = plain.init(jax.random.key(0), x, use_running_average=False)
+  text = jax.jit(lambda v, x: fast.apply(v, x, False, mutable=["batch_stats"])).lower(v, x).as_text()
+  assert "jaxft_onednn_bn_fwd" in text
+  (ya, sa), (yb, sb) = (m.apply(v, x, False, mutable=["batch_stats"]) for m in (fast, plain))
+  assert _rel(ya, yb) < 1e-2
+  for a, b in zip(jax.tree.leaves(sa), jax.tree.leaves(sb)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_max_pool_gradient_equals_the_float32_one():
+  # The bfloat16 VJP runs in float32 (XLA:CPU is slow on bfloat16 taps); the maximum is exact, so
+  # the routed gradient is the float32 one rounded once.
+  r = np.random.default_rng(3)
+  x = jnp.asarray(np.maximum(r.normal(size=(2, 9, 9, 4)), 0), jnp.bfloat16)
+  ct = jnp.asarray(r.normal(size=(2, 5, 5, 4)), jnp.bfloat16)
+  g16 = jax.vjp(lambda x: pool.max_pool(x, 3, 2, 1), x)[1](ct)[0]
+  g32 = jax.vjp(lambda x: pool.max_pool(x, 3, 2, 1), x.astype(jnp.float32))[1](
+      ct.astype(jnp.float32))[0]
+  assert g16.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(g16, np.float32),
+                                np.asarray(g32.astype(jnp.bfloat16), np.float32))
+
+
+def test_without_bf16_instructions_bfloat16_stays_in_xla(monkeypatch):
+  monkeypatch.setattr(onednn, "bf16_supported", lambda: False)
+  assert not onednn.supported((2, 8, 8, 4), (3, 3, 4, 6), jnp.bfloat16, (1, 1), ((1, 1), (1, 1)))
+  assert not onednn.norm_supported((2, 8, 8, 4), jnp.bfloat16)
+
+
+def test_bf16_instructions_override(monkeypatch):
+  onednn.bf16_supported.cache_clear()
+  try:
+    monkeypatch.setenv("JAXFT_ONEDNN_BF16", "0")
+    assert not onednn.bf16_supported()
+    onednn.bf16_supported.cache_clear()
+    monkeypatch.setenv("JAXFT_ONEDNN_BF16", "1")
+    assert onednn.bf16_supported()
+  finally:
+    monkeypatch.delenv("JAXFT_ONEDNN_BF16")
+    onednn.bf16_supported.cache_clear()
+
+
+def _loss_curve(dtype, steps=20):
+  model = models.create_model("cifar_resnet20", jax.random.key(0), num_classes=4)
+  cfg = optim.default_config()
+  cfg.update(name="sgd", lr=0.005, momentum=0.9, weight_decay=5e-4)
+  opt = optim.build_optimizer(cfg, model.params, spec=model.spec, total_steps=steps)
+  trainable, frozen = opt.split(model.params)
+  net = models.Network(model.spec, dtype=dtype, frozen_bn=tuple(opt.frozen_bn),
+                       layers=cpu_layers("auto"))
+  sc = train.StepConfig(crop_padding=0, flip=False, out_size=None, mean=(0.5,) * 3, std=(0.25,) * 3,
+                        label_smoothing=0.0)
+  state = train.TrainState.create(trainable, frozen, model.batch_stats, opt.tx.init(trainable))
+  step = jax.jit(train.make_train_step(net, opt.tx, opt.schedule, sc, seed=0))
+  r = np.random.default_rng(0)
+  labels = r.integers(0, 4, 16).astype(np.int32)
+  # Learnable images: each class a different mean brightness per channel, plus noise.
+  images = np.clip(r.normal(size=(16, 12, 12, 3)) * 40 + 60 * labels[:, None, None, None] % 256
+                   + 40, 0, 255).astype(np.uint8)
+  batch = {"image": jnp.asarray(images), "label": jnp.asarray(labels)}
+  text = step.lower(state, batch).as_text()
+  losses = []
+  for _ in range(steps):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["loss"]))
+  return np.array(losses), text
+
+
+@pytest.mark.usefixtures("needs_bf16")
+def test_twenty_step_bf16_loss_curve_follows_float32():
+  l32, _ = _loss_curve(jnp.float32)
+  l16, text = _loss_curve(jnp.bfloat16)
+  assert "jaxft_onednn_conv_bwd_weights" in text and "jaxft_onednn_bn_bwd" in text
+  assert l32[-1] < 0.7 * l32[0]  # it learns, so the comparison means something
+  np.testing.assert_allclose(l16, l32, rtol=0.15)
+
+
+@pytest.mark.slow
+def test_the_pypi_wheels_build_and_run_where_installed(tmp_path):
+  # pip install jaxft[onednn]: compiled against the wheels (as where no system oneDNN exists) and run
+  # in a fresh process without LD_LIBRARY_PATH or OCL_ICD_FILENAMES (the library's RPATH and the
+  # explicit load step find the wheels' runtime).
+  import os
+  import subprocess
+  import sys
+  if onednn.pip_prefix() is None:
+    pytest.skip("the onednn / onednn-devel wheels are not installed (pip install jaxft[onednn])")
+  code = (
+      "import jax.numpy as jnp\n"
+      "from jaxft.cpu import onednn\n"
+      "onednn._system_has_onednn = lambda: False\n"
+      "assert onednn.load(), onednn.status()\n"
+      "x = jnp.ones((2, 6, 6, 8), jnp.bfloat16)\n"
+      "k = jnp.ones((3, 3, 8, 4), jnp.float32)\n"
+      "print(onednn.status(), float(onednn.conv(x, k, (1, 1), ((1, 1), (1, 1)))[0, 2, 2, 0]))\n")
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("LD_LIBRARY_PATH", "OCL_ICD_FILENAMES", "DNNLROOT")}
+  env["JAXFT_NATIVE_CACHE_DIR"] = str(tmp_path)
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       timeout=600, check=False)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "oneDNN 3." in out.stdout and out.stdout.split()[-1] == "72.0"  # 3·3·8 ones

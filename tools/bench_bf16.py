@@ -1,0 +1,73 @@
+"""What each of jaxft's bfloat16-on-CPU changes gains, in one process: interleaved A/B.
+
+    python tools/bench_bf16.py --change all      # oneDNN bfloat16 (convs, BN, 1x1 matmul) vs XLA's
+    python tools/bench_bf16.py --change bn       # oneDNN BatchNorm vs XLA's GEMV BatchNorm
+    python tools/bench_bf16.py --change gemm     # 1x1 kernel gradients as a matmul vs oneDNN's conv
+
+Builds ``tools/bench.py``'s jaxft train step (ResNet-50, bfloat16) twice in one process — as shipped
+(A) and with the change switched off while the second one is traced (B) — then times them in
+alternating pairs of steps and prints both medians and A's gain over B last. Needs a CPU with
+AMX-BF16 or AVX512-BF16 and jaxft's oneDNN wrapper (``python -m jaxft.cpu build``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _switch_off(change: str) -> None:
+  from jaxft.cpu import onednn  # pylint: disable=g-import-not-at-top
+  if change == "all":
+    onednn.bf16_supported = lambda: False
+  elif change == "bn":
+    onednn.norm_supported = lambda *args: False
+  elif change == "gemm":
+    onednn._pointwise_kernel_grad = (  # pylint: disable=protected-access
+        lambda x, dy, ks, st, dt: onednn.kernel_grad(x, dy, ks, st, ((0, 0), (0, 0)), 1, dt))
+
+
+def main(argv: list[str]) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--change", choices=("all", "bn", "gemm"), required=True)
+  p.add_argument("--model", default="resnet50")
+  p.add_argument("--size", type=int, default=224)
+  p.add_argument("--batch", type=int, default=32)
+  p.add_argument("--rounds", type=int, default=4, help="alternating pairs of timed steps")
+  args = p.parse_args(argv)
+  import jaxft.cpu  # pylint: disable=g-import-not-at-top
+  jaxft.cpu.enable()
+  import bench  # pylint: disable=g-import-not-at-top  # tools/bench.py
+  from jaxft.cpu import onednn  # pylint: disable=g-import-not-at-top
+  if not (onednn.loaded() and onednn.bf16_supported()):
+    print(f"needs oneDNN and bfloat16 instructions: oneDNN {onednn.status()}, "
+          f"bfloat16 instructions {onednn.bf16_supported()}", file=sys.stderr)
+    return 2
+  w = dict(model=args.model, num_classes=10, dtype="bfloat16", conv_impl="auto", batch=args.batch,
+           eval_batch=args.batch, size=args.size)
+  with_change = bench.JaxWorker(w)
+  with_change.compile("train")
+  _switch_off(args.change)
+  without = bench.JaxWorker(w)
+  without.compile("train")
+  with_change.run("train", 2)
+  without.run("train", 2)
+  ta: list[float] = []
+  tb: list[float] = []
+  for _ in range(args.rounds):
+    ta += with_change.run("train", 2)
+    tb += without.run("train", 2)
+  a, b = statistics.median(ta), statistics.median(tb)
+  print(f"{args.model} {args.size}px bf16 train b{args.batch}, change {args.change}: "
+        f"with {args.batch / a:.2f} img/s, without {args.batch / b:.2f} img/s; "
+        f"gain {b / a:.3f}x (min-step ratio {min(tb) / min(ta):.3f}x)")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv[1:]))
