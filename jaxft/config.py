@@ -178,8 +178,11 @@ def _data() -> _Section:
   s.cache_dir = field("", v.text)  # '' = $JAXFT_CACHE_DIR or ~/.cache/jaxft
   # memory: decode every image once, at image_size, augment on device (crop_padding, flip); stream: grain
   # (pip install jaxft[stream]) decodes per step: train random-resized crop (scale, ratio) + flip, val
-  # resize shorter side + centre crop (crop_pct), both to image_size, on the host.
-  s.pipeline = field("memory", v.one_of(("memory", "stream")))
+  # resize shorter side + centre crop (crop_pct), both to image_size, on the host; host memory bounded.
+  # auto: the stream's transforms and batches, a folder's images (and the val crops) held decoded when
+  # they fit in memory_mb, else streamed (docs/data.md).
+  s.pipeline = field("memory", v.one_of(("memory", "stream", "auto")))
+  s.memory_mb = field(2048, v.COUNT)  # auto: MiB of decoded pixels a run may hold (train, then val)
   s.scale = field((0.08, 1.0), v.interval(0, 1, lo_open=True))  # stream: crop area fraction range
   s.ratio = field((3 / 4, 4 / 3), v.interval(0, 100, lo_open=True))  # stream: crop width / height range
   s.crop_pct = field(0.875, v.number(0, 1, lo_open=True))  # stream: val crop side / resized shorter side

@@ -330,12 +330,20 @@ def _cross_field(config: ml_collections.ConfigDict) -> list[str]:
   if config.loss.delta and config.model.pretrained == "":
     out.append(f"config.loss.delta = {config.loss.delta}: needs pretrained weights to stay close to "
                "(set config.model.pretrained, or loss.delta = 0)")
-  if config.data.pipeline == "stream" and config.data.image_size == 0:
+  if config.data.pipeline != "memory" and config.data.image_size == 0:
     out.append("config.data.image_size = 0: must be > 0 (the side of the crops it makes) when "
-               "config.data.pipeline = 'stream'")
-  if config.data.pipeline == "stream" and config.data.per_class:
+               f"config.data.pipeline = {config.data.pipeline!r}")
+  if config.data.pipeline != "memory" and config.data.per_class:
     out.append(f"config.data.per_class = {config.data.per_class}: only the in-memory pipeline takes it "
                "(set config.data.pipeline = 'memory', or data.per_class = 0)")
+  if config.data.pipeline != "memory" and config.loss.delta:
+    # DELTA's attention and the adaptive controller's train loss read decoded training images.
+    out.append(f"config.loss.delta = {config.loss.delta}: only the in-memory pipeline takes it (set "
+               "config.data.pipeline = 'memory', or loss.delta = 0)")
+  from jaxft import adapt  # pylint: disable=g-import-not-at-top
+  if config.data.pipeline != "memory" and (keys := list(adapt.specs(config))):
+    out.append(f"config.{keys[0]} is adaptive: only the in-memory pipeline supports adaptive weights "
+               "(set config.data.pipeline = 'memory', or give it a number)")
   return out
 
 

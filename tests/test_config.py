@@ -173,7 +173,8 @@ def test_every_shipped_config_is_valid(name: str, variant: str):
 
 def test_the_default_config_fails_only_for_what_has_no_default():
   assert validate.validate(config_lib.default_config()) == [
-      "config.data.source = '': must be one of folder:PATH, cifar:PATH, tfds:NAME, sklearn:NAME"]
+      "config.data.source = '': must be one of folder:PATH, cifar:PATH, tfds:NAME, sklearn:NAME, "
+      "arrayrecord:PATH"]
 
 
 def _problems(**dotted) -> list[str]:

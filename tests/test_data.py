@@ -287,7 +287,7 @@ def test_tfds_missing_says_how_to_install(monkeypatch):
     return real_import(name, *args, **kwargs)
 
   monkeypatch.setattr(builtins, "__import__", fake_import)
-  with pytest.raises(DataError, match=r"needs tensorflow_datasets.*pip install jaxft\[tfds\]"):
+  with pytest.raises(DataError, match=r"needs tensorflow_datasets.*pip install jaxft\[tfds-tf\]"):
     data.load_source("tfds:cifar10", split="test")
 
 

@@ -199,8 +199,10 @@ def test_eval_dataset_covers_every_example_once_in_order(folder):
   ds = stream.eval_dataset(src, stream.StreamOptions(size=8, train=False), batch_size=5,
                            process_index=0, process_count=1)
   batches = list(ds)
-  assert [len(b["label"]) for b in batches] == [5, 5, 2]
-  np.testing.assert_array_equal(np.concatenate([b["label"] for b in batches]), src.labels)
+  assert [len(b["label"]) for b in batches] == [5, 5, 5]  # the last padded: one shape for every batch
+  labels = np.concatenate([b["label"] for b in batches])
+  np.testing.assert_array_equal(labels[:12], src.labels)
+  assert (labels[12:] == -1).all() and not batches[-1]["image"][2:].any()
   first = ht.eval_transform(src.paths[0], 8)
   np.testing.assert_array_equal(batches[0]["image"][0], first)
 
@@ -414,7 +416,8 @@ def test_run_data_on_the_stream_is_checked_before_training(tmp_path):
   root = _write_folder(tmp_path / "d", per_class=4)
   train, val = setup.load_data(_stream_config(root, tmp_path))
   assert isinstance(train, stream.FileSource) and (len(train), len(val)) == (6, 2)
-  assert val.images.shape == (2, 16, 16, 3) and sorted(val.labels.tolist()) == [0, 1]
+  assert val.held is None and sorted(val.labels.tolist()) == [0, 1]  # 'stream' streams val too
+  assert [b.shape for b in val.local_batches(2)] == [(2, 16, 16, 3)]
   (root / "bee" / "00.png").write_bytes(b"")
   with pytest.raises(TrainError, match=r"^1 unreadable image file\(s\) under .*00.png"):
     setup.load_data(_stream_config(root, tmp_path))

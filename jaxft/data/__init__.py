@@ -10,6 +10,8 @@ image transforms. The names below are re-exported from the submodules, imported 
 * :mod:`~jaxft.data.transforms` — crop, flip, resize, normalise, mixup, cutmix, random erasing.
 * :mod:`~jaxft.data.stream` — the streaming pipeline on grain (imported only when used: grain loads JAX).
 * :mod:`~jaxft.data.host_transforms` — random-resized crop, flip, resize-shorter + centre crop, per image.
+* :mod:`~jaxft.data.decoded` — the ``auto`` pipeline's fast path: a folder held decoded, the same batches.
+* :mod:`~jaxft.data.records` — ``arrayrecord:`` and ``tfds:`` random-access sources for the stream.
 
 See docs/data.md.
 """
@@ -30,8 +32,8 @@ _NAMES = {
                  "Prefetcher", "iterate"),
     "transforms": ("normalize", "augment", "preprocess_eval"),
 }
-_SUBMODULES = ("cache", "dataset", "decode", "host_transforms", "pipeline", "sources", "stream",
-               "transforms")
+_SUBMODULES = ("cache", "dataset", "decode", "decoded", "host_augment", "host_transforms", "pipeline",
+               "records", "sources", "stream", "transforms")
 
 __getattr__, __dir__, __all__ = _lazy.attach(
     __name__, {name: '.' + module for module, names in _NAMES.items() for name in names}, _SUBMODULES)

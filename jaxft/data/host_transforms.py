@@ -15,6 +15,7 @@ This module imports only numpy and pillow. Nothing here mutates its inputs.
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 from typing import Union
@@ -25,7 +26,8 @@ from PIL import Image
 from jaxft.data import decode, host_augment
 
 Box = tuple[float, float, float, float]  # (left, top, right, bottom) in pixels, pillow's convention
-ImageInput = Union[str, Path, np.ndarray]  # a file to decode, or an already decoded uint8 [H, W, 3]
+# A file or encoded bytes to decode, or an already decoded uint8 [H, W, 3].
+ImageInput = Union[str, Path, bytes, np.ndarray]
 
 # torchvision's / timm's defaults for ImageNet-style transfer.
 DEFAULT_SCALE = (0.08, 1.0)
@@ -82,6 +84,8 @@ def center_crop_box(width: int, height: int, size: int, crop_pct: float = DEFAUL
 def _open(image: ImageInput) -> Image.Image:
   if isinstance(image, np.ndarray):
     return Image.fromarray(image)
+  if isinstance(image, bytes):  # an encoded image held in memory (an ArrayRecord record)
+    return Image.open(io.BytesIO(image))
   return Image.open(image)
 
 

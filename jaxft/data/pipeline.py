@@ -228,10 +228,12 @@ class Prefetcher:
 
 
 def iterate(ds: Dataset, batch_size: int, seed: int, start_step: int = 0,
-            num_steps: int | None = None, buffer_size: int = 2) -> Prefetcher:
-  """Yields ``(step, images uint8 [B, H, W, 3], labels int32 [B])`` for steps ``start_step,
+            num_steps: int | None = None, buffer_size: int = 2, process_index: int = 0,
+            process_count: int = 1) -> Prefetcher:
+  """Yields ``(step, images uint8 [B/P, H, W, 3], labels int32 [B/P])`` for steps ``start_step,
   start_step + 1, …`` (``num_steps`` of them, or forever), gathered by :func:`batch_indices` in a
-  background thread.
+  background thread: host ``process_index`` of ``process_count`` (``P``) gets rows
+  ``[p B/P, (p + 1) B/P)`` of the sorted global batch (all of it with the defaults).
 
   Args:
     ds: the training set; not mutated (batches are copies).
@@ -240,6 +242,7 @@ def iterate(ds: Dataset, batch_size: int, seed: int, start_step: int = 0,
     start_step: the global step to start at (the resume point).
     num_steps: how many steps to yield; ``None`` for an endless stream.
     buffer_size: how many batches may be prepared ahead.
+    process_index, process_count: this host and the number of hosts (``batch_size`` divisible by it).
 
   Returns:
     A :class:`Prefetcher` (an iterator; close it, or use it in a ``with`` block, to stop early).
@@ -248,6 +251,10 @@ def iterate(ds: Dataset, batch_size: int, seed: int, start_step: int = 0,
     DataError: bad ``batch_size``, raised here rather than from the background thread.
   """
   steps_per_epoch(len(ds), batch_size)
+  if batch_size % process_count or not 0 <= process_index < process_count:
+    raise DataError(f"batch_size {batch_size} must be divisible by the {process_count} hosts, and "
+                    f"host {process_index} one of them")
+  local = batch_size // process_count
   _check_seed(seed)
   if start_step < 0:
     raise ValueError(f"start_step must be >= 0, got {start_step}")
@@ -256,6 +263,7 @@ def iterate(ds: Dataset, batch_size: int, seed: int, start_step: int = 0,
   def produce(step: int) -> Batch:
     idx = np.sort(batch_indices(len(ds), batch_size, seed, step))
     # Sorting makes the gather cache-friendly; order inside a batch does not matter to training.
+    idx = idx[process_index * local:(process_index + 1) * local]
     return step, ds.images[idx], ds.labels[idx]
 
   return Prefetcher(produce, steps, buffer_size)

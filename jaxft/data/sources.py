@@ -7,6 +7,8 @@ A source string names where images come from:
 * ``cifar:PATH`` — the standard CIFAR-10 python archive (``cifar-10-python.tar.gz``) or its extracted
   ``cifar-10-batches-py`` folder; ``split`` is ``train`` or ``test``.
 * ``tfds:NAME`` — a TensorFlow Datasets dataset (needs ``pip install jaxft[tfds]``).
+* ``arrayrecord:DIR`` — ArrayRecord files of encoded images (:mod:`jaxft.data.records`); streamed only
+  (``data.pipeline = 'stream'`` or ``'auto'``).
 * ``sklearn:digits`` — scikit-learn's bundled handwritten digits (1,797 8×8 grey images, 10 classes; no
   download), upscaled to 32×32 RGB unless ``image_size`` says otherwise. ``split`` is ``train`` (the
   first 1,347), ``test`` (the last 450: other writers than most of ``train``) or ``all``.
@@ -29,7 +31,8 @@ from jaxft import safe_pickle
 from jaxft.data import cache, decode
 from jaxft.data.dataset import DataError, Dataset
 
-SCHEMES = ("folder", "cifar", "tfds", "sklearn")
+SCHEMES = ("folder", "cifar", "tfds", "sklearn", "arrayrecord")
+STREAM_ONLY = ("arrayrecord",)  # read by the streaming pipeline only (jaxft.data.records)
 NAMED_SCHEMES = ("tfds", "sklearn")  # sources that name a dataset rather than a path
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm",
                               ".pgm"})
@@ -77,6 +80,9 @@ def load_source(source: str, *, split: str = "train", image_size: int | None = N
     raise DataError(f"image_size must be a positive int or None, got {image_size!r}")
   if limit is not None and (not isinstance(limit, int) or limit <= 0):
     raise DataError(f"limit must be a positive int or None, got {limit!r}")
+  if scheme in STREAM_ONLY:
+    raise DataError(f"source {source!r} is read by the streaming pipeline only; set "
+                    "data.pipeline='stream' (or 'auto'), or use jaxft.data.stream.open_source")
   if scheme == "tfds":
     return _load_tfds(rest, split=split, image_size=image_size, limit=limit)
   if scheme == "sklearn":  # small and bundled: decoded in milliseconds, so never cached
@@ -277,9 +283,15 @@ def _load_tfds(name: str, *, split: str, image_size: int | None, limit: int | No
     import tensorflow_datasets as tfds  # Heavy and optional: imported only when asked for.
   except ImportError:
     raise DataError(f"source 'tfds:{name}' needs tensorflow_datasets, which is not installed; "
-                    "pip install jaxft[tfds]") from None
+                    "pip install jaxft[tfds-tf] (or stream it without TensorFlow: jaxft[tfds] and "
+                    "data.pipeline='stream')") from None
   tfds_split = split if limit is None else f"{split}[:{limit}]"
-  data, info = tfds.load(name, split=tfds_split, batch_size=-1, with_info=True)
+  try:
+    data, info = tfds.load(name, split=tfds_split, batch_size=-1, with_info=True)
+  except ModuleNotFoundError as e:  # tfds.load builds a tf.data pipeline: TensorFlow
+    raise DataError(f"source 'tfds:{name}' in memory needs {e.name or 'tensorflow'} (tfds.load); pip "
+                    "install jaxft[tfds-tf], or stream it without TensorFlow: data.pipeline='stream'"
+                    ) from None
   data = tfds.as_numpy(data)
   if "image" not in data or "label" not in data:
     raise DataError(f"tfds:{name} has features {sorted(data)}; expected 'image' and 'label'")

@@ -1,7 +1,9 @@
 """The streaming input pipeline, on grain: images decoded and cropped per step, never all held at once.
 
 A *stream source* is a list of files (``folder:PATH``, checked once for unreadable images by
-:func:`scan_files`) or decoded arrays (any other source, or a small dataset kept in memory). The
+:func:`scan_files`), such a list held decoded (:mod:`jaxft.data.decoded`, ``data.pipeline='auto'``),
+random-access records (``arrayrecord:`` / ``tfds:``, :mod:`jaxft.data.records`) or decoded arrays
+(``cifar:``, ``sklearn:``): anything with ``item(i)``, ``labels``, ``class_names``. The
 pipeline is a grain ``MapDataset`` whose element ``k`` is this host's share of the batch of step ``k``:
 
 1. the examples of step ``k`` are :func:`jaxft.data.pipeline.batch_indices` (the per-epoch shuffle from
@@ -77,6 +79,7 @@ class FileSource:
   labels: np.ndarray
   class_names: tuple[str, ...]
   skipped: tuple[tuple[str, str], ...] = ()
+  sizes: np.ndarray | None = None  # int32 [N, 2]: each image's (width, height), from the check
 
   def __len__(self) -> int:
     return len(self.paths)
@@ -93,7 +96,8 @@ class FileSource:
   def subset(self, indices: Sequence[int] | np.ndarray) -> FileSource:
     """A new source of the examples at ``indices``, in that order (``self`` is not mutated)."""
     idx = np.asarray(indices, np.int64)
-    return FileSource(tuple(self.paths[i] for i in idx), self.labels[idx], self.class_names, self.skipped)
+    return FileSource(tuple(self.paths[i] for i in idx), self.labels[idx], self.class_names, self.skipped,
+                      None if self.sizes is None else self.sizes[idx])
 
   def fingerprint(self) -> dict[str, Any]:
     """What a workdir records of this data: count, classes, and the sha256 of every path, size, mtime
@@ -148,25 +152,31 @@ class ArraySource:
             "image_shape": list(self.images.shape[1:]), "sha256": h.hexdigest()}
 
 
-Source = FileSource | ArraySource
+Source = Any  # FileSource | ArraySource | jaxft.data.decoded.DecodedSource | jaxft.data.records.RecordSource
 
 
-def _check_file(path: str) -> str:
-  """``''`` when ``path`` decodes to RGB, else why not (one line). (Not None: grain drops Nones.)"""
+def _check_file(path: str) -> list[int] | str:
+  """``[width, height]`` when ``path`` decodes to RGB, else why not (one line). (Not None: grain drops
+  Nones.)"""
   try:
     with Image.open(path) as im:
+      size = [int(im.size[0]), int(im.size[1])]
       im.draft("RGB", (1, 1))  # a JPEG is still read to its end at 1/8 scale, so truncation shows
       decode.to_rgb(im).load()
-    return ""
+    return size
   except _READ_ERRORS as e:
     return f"{type(e).__name__}: {e}"
 
 
-def scan_files(paths: Sequence[str], num_workers: int = 0) -> list[str | None]:
+Verdict = str | tuple[int, int]  # why a file is unreadable, or its (width, height)
+
+
+def scan_files(paths: Sequence[str], num_workers: int = 0) -> list[Verdict]:
   """Decodes every file once (JPEGs at 1/8 scale) and keeps only the verdict, so memory stays flat.
 
   Returns:
-    One entry per path, in order: None when it decodes to RGB, else the reason it does not.
+    One entry per path, in order: its ``(width, height)`` when it decodes to RGB, else the reason
+    (a string) it does not.
   """
   grain = _grain()
 
@@ -176,21 +186,22 @@ def scan_files(paths: Sequence[str], num_workers: int = 0) -> list[str | None]:
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2))
   if num_workers > 0 and len(paths) >= SCAN_POOL_MIN_FILES:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-  return [r or None for batch in it for r in batch]
+    _let_grain_read_its_flag()
+  return [r if isinstance(r, str) else (int(r[0]), int(r[1])) for batch in it for r in batch]
 
 
 def _cached_scan(paths: list[str], num_workers: int, cache_dir: str | Path | None | bool,
-                 root: Path) -> list[str | None]:
+                 root: Path) -> list[Verdict]:
   """:func:`scan_files`, its verdicts kept in the cache directory (JSON) under a key of every path,
   size and mtime, so that a rerun or resume of a large folder does not decode it all again."""
   listing = [[p, *cache.file_stat(Path(p))] for p in paths]
-  where = cache.cache_file(cache_dir, "scan", root, {"version": 1, "listing": listing})
+  where = cache.cache_file(cache_dir, "scan", root, {"version": 2, "listing": listing})
   where = where.with_suffix(".json") if where is not None else None
   if where is not None and where.is_file():
     try:
       verdicts = json.loads(where.read_text())
       if isinstance(verdicts, list) and len(verdicts) == len(paths):
-        return [v if isinstance(v, str) else None for v in verdicts]
+        return [v if isinstance(v, str) else (int(v[0]), int(v[1])) for v in verdicts]
     except (OSError, ValueError):
       pass  # unreadable: check again and rewrite
   verdicts = scan_files(paths, num_workers)
@@ -233,20 +244,21 @@ def open_folder(source: str, split: str = "train", *, skip_corrupt: bool = False
   root = sources._folder_root(path.resolve(), split)  # pylint: disable=protected-access
   class_names, files = sources._list_folder(root, limit)  # pylint: disable=protected-access
   verdicts = _cached_scan([str(f) for f, _ in files], num_workers, cache_dir, root)
-  bad = [(str(f), why) for (f, _), why in zip(files, verdicts) if why is not None]
+  bad = [(str(f), why) for (f, _), why in zip(files, verdicts) if isinstance(why, str)]
   if bad:
     listed = "; ".join(f"{p} ({why})" for p, why in bad[:MAX_LISTED])
     if not skip_corrupt:
       raise DataError(f"{len(bad)} unreadable image file(s) under {str(root)!r}: {listed}; remove or "
                       "replace them, or set data.skip_corrupt=True to skip them")
     logging.warning("skipped %d unreadable image file(s) under %s, first: %s", len(bad), root, listed)
-  good = [(str(f), label) for (f, label), why in zip(files, verdicts) if why is None]
-  labels = np.asarray([label for _, label in good], np.int32)
+  good = [(str(f), label, why) for (f, label), why in zip(files, verdicts) if not isinstance(why, str)]
+  labels = np.asarray([label for _, label, _ in good], np.int32)
+  sizes = np.asarray([size for _, _, size in good], np.int32).reshape(-1, 2)
   empty = [class_names[c] for c in range(len(class_names)) if not np.any(labels == c)]
   if empty:
     raise DataError(f"class folder(s) {empty} under {str(root)!r} hold no readable image; add images "
                     "or remove the folder")
-  return FileSource(tuple(p for p, _ in good), labels, class_names, tuple(bad))
+  return FileSource(tuple(p for p, _, _ in good), labels, class_names, tuple(bad), sizes)
 
 
 def check_classes(class_names: Sequence[str], where: str) -> None:
@@ -258,8 +270,9 @@ def check_classes(class_names: Sequence[str], where: str) -> None:
 
 def open_source(source: str, split: str = "train", *, skip_corrupt: bool = False,
                 num_workers: int = 0, **load_kwargs: Any) -> Source:
-  """A :class:`FileSource` for ``folder:`` sources, else the decoded arrays of
-  :func:`jaxft.data.load_source` (``cifar:``, ``tfds:``, ``sklearn:``) as an :class:`ArraySource`.
+  """A :class:`FileSource` for ``folder:`` sources, a random-access record source
+  (:mod:`jaxft.data.records`) for ``arrayrecord:`` and ``tfds:`` ones, else the decoded arrays of
+  :func:`jaxft.data.load_source` (``cifar:``, ``sklearn:``) as an :class:`ArraySource`.
 
   Raises:
     DataError: as :func:`open_folder` or :func:`jaxft.data.load_source`.
@@ -267,6 +280,12 @@ def open_source(source: str, split: str = "train", *, skip_corrupt: bool = False
   if source.startswith("folder:"):
     return open_folder(source, split, skip_corrupt=skip_corrupt, num_workers=num_workers,
                        limit=load_kwargs.get("limit"), cache_dir=load_kwargs.get("cache_dir"))
+  if source.startswith(("arrayrecord:", "tfds:")):  # random access: examples read when needed
+    from jaxft.data import records  # pylint: disable=g-import-not-at-top
+    opened = (records.open_arrayrecord(source, split) if source.startswith("arrayrecord:")
+              else records.open_tfds(source, split))
+    limit = load_kwargs.get("limit")
+    return opened if not limit or limit >= len(opened) else opened.subset(np.arange(limit))
   return ArraySource.from_dataset(sources.load_source(source, split=split, skip_corrupt=skip_corrupt,
                                                       **load_kwargs))
 
@@ -336,12 +355,14 @@ class _Example:
   def __call__(self, position: int) -> dict[str, np.ndarray]:
     step, j = divmod(int(position), self.host_batch)
     slot = self.process_index * self.host_batch + j  # the position in the global batch
-    if self.options.train:
+    o = self.options
+    if o.train:
       idx = int(_sorted_step_indices(len(self.source), self.batch_size, self.seed, step)[slot])
     else:
       idx = int(position)
+      if idx >= len(self.source):  # the padding of the last batch (eval_dataset)
+        return {"image": np.zeros((o.size, o.size, 3), np.uint8), "label": np.int32(-1)}
     image, label = self.source.item(idx)
-    o = self.options
     try:
       if o.train:
         rng = np.random.default_rng([self.seed, step, slot])
@@ -350,7 +371,8 @@ class _Example:
       else:
         pixels = host_transforms.eval_transform(image, o.size, o.crop_pct, o.draft)
     except _READ_ERRORS as e:
-      raise DataError(f"cannot decode {image!r} ({type(e).__name__}: {e}): it changed after it was "
+      what = repr(image) if isinstance(image, (str, Path)) else f"example {idx}"
+      raise DataError(f"cannot decode {what} ({type(e).__name__}: {e}): it changed after it was "
                       "checked; restore the file or rerun, which checks the folder again") from None
     return {"image": pixels, "label": np.int32(label)}
 
@@ -394,10 +416,23 @@ def train_dataset(source: Source, options: StreamOptions, *, batch_size: int, se
   return grain.MapDataset.range(endless).map(fn).batch(host_batch, drop_remainder=True)
 
 
+def eval_positions(n: int, batch_size: int, process_index: int, process_count: int) -> np.ndarray:
+  """The example of each row host ``p`` of ``P`` feeds: global batch ``g`` holds examples
+  ``[g B, (g + 1) B)`` and host ``p`` its rows ``[p B/P, (p + 1) B/P)``, the last batch padded with
+  positions ``>= n`` (so that every host runs the same number of batches, as collectives need).
+
+  Returns:
+    ``int64 [ceil(n / B) * B / P]``, a new array.
+  """
+  local = batch_size // process_count
+  starts = np.arange(0, -(-n // batch_size) * batch_size, batch_size) + process_index * local
+  return (starts[:, None] + np.arange(local)[None, :]).reshape(-1)
+
+
 def eval_dataset(source: Source, options: StreamOptions, *, batch_size: int,
                  process_index: int | None = None, process_count: int | None = None) -> Any:
-  """Every example once, in order, as a grain ``MapDataset`` of batches of ``batch_size / P`` (the last
-  one smaller); host ``p`` takes examples ``p, p + P, …``.
+  """Every example once, in order, as a grain ``MapDataset`` of this host's ``batch_size / P`` rows
+  of each global batch (:func:`eval_positions`); rows past the end are zero images labelled ``-1``.
 
   Raises:
     DataError: train options, or a batch size not divisible by the host count.
@@ -410,7 +445,67 @@ def eval_dataset(source: Source, options: StreamOptions, *, batch_size: int,
   if batch_size <= 0 or batch_size % count:
     raise DataError(f"eval batch_size {batch_size} must be positive and divisible by {count} hosts")
   fn = _Example(source, options, 0, batch_size, batch_size // count, p)
-  return grain.MapDataset.range(p, len(source), count).map(fn).batch(batch_size // count)
+  positions = eval_positions(len(source), batch_size, p, count).tolist()
+  return grain.MapDataset.source(positions).map(fn).batch(batch_size // count)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSet:
+  """Held-out examples through the eval transform, one interface for both ways of holding them:
+  decoded once into ``held`` (a :class:`Dataset` of crops, when they fit in memory) or streamed from
+  ``source`` at every pass (``held`` None). Either way :meth:`local_batches` yields the same pixels.
+
+  Attributes:
+    source: the examples. options: the eval transform. held: the crops, or None.
+    num_workers: grain worker processes of a streamed pass (0: threads of this process).
+  """
+
+  source: Source
+  options: StreamOptions
+  held: Dataset | None = None
+  num_workers: int = 0
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  @property
+  def labels(self) -> np.ndarray:
+    return np.asarray(self.source.labels, np.int32)
+
+  @property
+  def class_names(self) -> tuple[str, ...]:
+    return tuple(self.source.class_names)
+
+  @property
+  def skipped(self) -> int:
+    return len(getattr(self.source, "skipped", ()))
+
+  def fingerprint(self) -> dict[str, Any]:
+    """The source's, with the eval crop size as the image shape (the same held or streamed)."""
+    return {**self.source.fingerprint(), "image_shape": [self.options.size, self.options.size, 3]}
+
+  def local_batches(self, batch_size: int, process_index: int = 0,
+                    process_count: int = 1) -> Iterator[np.ndarray]:
+    """This host's rows of each global batch of ``batch_size`` (:func:`eval_positions`), in order, as
+    ``uint8 [B/P, S, S, 3]``; the last batch zero-padded. Nothing is mutated."""
+    if self.held is not None:
+      positions = eval_positions(len(self), batch_size, process_index, process_count)
+      local = batch_size // process_count
+      for rows in positions.reshape(-1, local):
+        out = np.zeros((local, *self.held.images.shape[1:]), np.uint8)
+        valid = rows < len(self)
+        out[valid] = self.held.images[rows[valid]]
+        yield out
+      return
+    ds = eval_dataset(self.source, self.options, batch_size=batch_size, process_index=process_index,
+                      process_count=process_count)
+    grain = _grain()
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2))
+    if self.num_workers > 0:
+      it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.num_workers))
+      _let_grain_read_its_flag()
+    for batch in it:
+      yield np.array(batch["image"])
 
 
 def eval_arrays(source: Source, options: StreamOptions, batch_size: int = 64) -> Dataset:
@@ -422,7 +517,7 @@ def eval_arrays(source: Source, options: StreamOptions, batch_size: int = 64) ->
   """
   ds = eval_dataset(source, options, batch_size=batch_size, process_index=0, process_count=1)
   batches = list(ds.to_iter_dataset(_grain().ReadOptions(num_threads=2, prefetch_buffer_size=2)))
-  images = (np.concatenate([b["image"] for b in batches]) if batches
+  images = (np.concatenate([b["image"] for b in batches])[:len(source)] if batches
             else np.zeros((0, options.size, options.size, 3), np.uint8))
   return Dataset(images, np.asarray(source.labels, np.int32), source.class_names,
                  skipped=len(getattr(source, "skipped", ())))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -13,26 +13,40 @@ from jaxft.train.mesh import DataMesh
 from jaxft.train.state import TrainState
 from jaxft.train.tasks import Task
 
+if TYPE_CHECKING:  # grain is imported only by runs that stream
+  from jaxft.data import stream as stream_lib
 
-def eval_logits(eval_fn: Callable, variables: Any, images: np.ndarray, batch_size: int,
-                mesh: DataMesh) -> dict[str, np.ndarray]:
+
+def _local_chunks(images: np.ndarray, bs: int, mesh: DataMesh) -> Any:
+  """This process's rows of each ``bs`` chunk of ``images``, the last chunk zero-padded."""
+  for i in range(0, len(images), bs):
+    chunk = images[i:i + bs]
+    if len(chunk) < bs:
+      chunk = np.concatenate([chunk, np.zeros((bs - len(chunk),) + chunk.shape[1:], chunk.dtype)])
+    yield mesh.local_rows(chunk)
+
+
+def eval_logits(eval_fn: Callable, variables: Any, images: np.ndarray | stream_lib.EvalSet,
+                batch_size: int, mesh: DataMesh) -> dict[str, np.ndarray]:
   """Every head's logits for every image, by head name; the last batch is padded so one compiled
   shape serves all batches.
 
-  Every process holds the whole validation set and feeds its slice of each batch; the logits are
-  gathered back to every process. Nothing passed in is mutated.
+  ``images`` is an array every process holds whole, or an :class:`~jaxft.data.stream.EvalSet`, of
+  which each process decodes (or takes) only its rows of each batch; the logits are gathered back to
+  every process. Nothing passed in is mutated.
   """
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   bs = max(mesh.num_devices, batch_size - batch_size % mesh.num_devices)
+  n = len(images)
+  if isinstance(images, np.ndarray):
+    chunks = _local_chunks(images, bs, mesh)
+  else:
+    chunks = images.local_batches(bs, mesh.process_index, mesh.process_count)
   out: dict[str, list[np.ndarray]] = {}
-  for i in range(0, len(images), bs):
-    chunk = images[i:i + bs]
-    n = len(chunk)
-    if n < bs:
-      chunk = np.concatenate([chunk, np.zeros((bs - n,) + chunk.shape[1:], chunk.dtype)])
-    heads = multihost_utils.process_allgather(eval_fn(variables, mesh.shard(chunk)), tiled=True)
+  for i, local in zip(range(0, n, bs), chunks):
+    heads = multihost_utils.process_allgather(eval_fn(variables, mesh.shard_local(local)), tiled=True)
     for name, logits in heads.items():
-      out.setdefault(name, []).append(np.asarray(logits)[:n])
+      out.setdefault(name, []).append(np.asarray(logits)[:min(bs, n - i)])
   return {name: np.concatenate(v) for name, v in out.items()}
 
 
@@ -42,21 +56,23 @@ class Evaluator:
 
   Attributes:
     eval_fn: the jitted ``eval_step(variables, images) -> {head: logits}``.
-    val_ds: the validation data.
+    val_ds: the validation data: decoded images, or an :class:`~jaxft.data.stream.EvalSet`
+      (held or streamed through the eval transform).
     tasks: the extra heads, scored against their mapped labels.
     batch_size: images per forward pass.
     mesh: where the batches go.
   """
 
   eval_fn: Callable
-  val_ds: data_lib.Dataset
+  val_ds: data_lib.Dataset | stream_lib.EvalSet
   tasks: tuple[Task, ...]
   batch_size: int
   mesh: DataMesh
 
   def _metrics(self, variables: Any) -> dict[str, Any]:
     ds = self.val_ds
-    heads = eval_logits(self.eval_fn, variables, ds.images, self.batch_size, self.mesh)
+    images = ds.images if isinstance(ds, data_lib.Dataset) else ds
+    heads = eval_logits(self.eval_fn, variables, images, self.batch_size, self.mesh)
     out = report.classification_metrics(heads["head"], ds.labels, ds.class_names)
     per_task = {t.name: report.classification_metrics(heads[t.name], t.labels(ds.labels), t.classes)
                 for t in self.tasks}

@@ -249,7 +249,8 @@ def _train(run: _Run, state: TrainState, batches: Any) -> tuple[TrainState, dict
   val, interrupted = None, False
   with StopFlag() as stop:
     for s, images, labels in _timed(batches, run.monitor):
-      batch = {"image": run.mesh.shard(images), "label": run.mesh.shard(labels)}
+      # This host's rows only (setup.train_batches): the global batch is every host's rows together.
+      batch = {"image": run.mesh.shard_local(images), "label": run.mesh.shard_local(labels)}
       state, metrics = run.train_step(state, batch, run.teacher_variables, run.reference)
       step = s + 1
       run.monitor.dispatched(step, metrics)

@@ -16,7 +16,8 @@ from jaxft.train.errors import TrainError
 class DataMesh:
   """One ``data`` axis over every device of every process.
 
-  Every process draws the same global batch and feeds its own contiguous slice of it.
+  Every process feeds its own contiguous slice of each global batch: the training loaders build only
+  that slice (:func:`jaxft.train.setup.train_batches`); :meth:`shard` slices a batch held whole.
   """
 
   batch: NamedSharding
@@ -37,11 +38,30 @@ class DataMesh:
     return cls(batch=NamedSharding(mesh, P("data")), replicated=NamedSharding(mesh, P()),
                num_devices=len(devices))
 
+  @property
+  def process_index(self) -> int:
+    """This process (``jax.process_index()``)."""
+    return jax.process_index()
+
+  @property
+  def process_count(self) -> int:
+    """The number of processes (``jax.process_count()``)."""
+    return jax.process_count()
+
+  def local_rows(self, global_batch: np.ndarray) -> np.ndarray:
+    """This process's contiguous slice of ``global_batch``'s rows (a view)."""
+    local = len(global_batch) // self.process_count
+    lo = self.process_index * local
+    return global_batch[lo:lo + local]
+
   def shard(self, global_batch: np.ndarray) -> jax.Array:
     """The global array whose rows are ``global_batch``'s, this process holding its own slice."""
-    local = len(global_batch) // jax.process_count()
-    lo = jax.process_index() * local
-    return jax.make_array_from_process_local_data(self.batch, global_batch[lo:lo + local])
+    return self.shard_local(self.local_rows(global_batch))
+
+  def shard_local(self, local_rows: np.ndarray) -> jax.Array:
+    """The global array made of every process's ``local_rows`` (this process's slice of the global
+    batch, in process order), as the loaders build them (:func:`jaxft.train.setup.train_batches`)."""
+    return jax.make_array_from_process_local_data(self.batch, local_rows)
 
   def replicate(self, tree: Any, copy: bool = False) -> Any:
     """``tree`` on every device; ``copy`` first copies every leaf (so that it shares no buffer with

@@ -38,10 +38,10 @@ def load_data(config: Config) -> tuple[data_lib.Dataset, data_lib.Dataset | None
   """Returns ``(train, val)`` (decoded once, cached on disk); val is carved from train unless
   ``data.val_source`` is given, and None when ``data.val_fraction`` is 0. With ``data.per_class``,
   train is that many images per class and val is carved from the images left over. With
-  ``data.pipeline = 'stream'``, train is a stream source instead
-  (:func:`jaxft.train.streaming.load_stream_data`)."""
+  ``data.pipeline = 'stream'`` or ``'auto'``, train is a stream source and val an
+  :class:`~jaxft.data.stream.EvalSet` instead (:func:`jaxft.train.streaming.load_stream_data`)."""
   dc = config.data
-  if dc.pipeline == "stream":  # grain: files decoded per step (imported only by runs that stream)
+  if dc.pipeline != "memory":  # grain: files decoded per step (imported only by runs that stream)
     from jaxft.train import streaming  # pylint: disable=g-import-not-at-top
     return streaming.load_stream_data(config)
   common = dict(image_size=dc.image_size or None, skip_corrupt=dc.skip_corrupt,
@@ -63,13 +63,18 @@ def load_data(config: Config) -> tuple[data_lib.Dataset, data_lib.Dataset | None
   return train_ds, val_ds
 
 
-def train_batches(config: Config, train_ds: Any, start_step: int, num_steps: int) -> Any:
-  """The iterator of ``(step, images, labels)`` from ``start_step``, on the configured pipeline."""
-  if config.data.pipeline == "stream":
+def train_batches(config: Config, train_ds: Any, start_step: int, num_steps: int,
+                  hosts: tuple[int, int] | None = None) -> Any:
+  """The iterator of ``(step, images, labels)`` from ``start_step``, on the configured pipeline, of
+  this host's rows only: host ``p`` of ``P`` (``hosts``; None = ``jax.process_index()``,
+  ``jax.process_count()``) gets the ``p``-th of ``P`` equal slices of the one-host batch, which
+  ``DataMesh.shard_local`` assembles into the global batch."""
+  p, count = hosts if hosts is not None else (jax.process_index(), jax.process_count())
+  if config.data.pipeline != "memory":
     from jaxft.train import streaming  # pylint: disable=g-import-not-at-top
-    return streaming.train_batches(config, train_ds, start_step, num_steps)
+    return streaming.train_batches(config, train_ds, start_step, num_steps, (p, count))
   return data_lib.iterate(train_ds, config.train.batch_size, seed=config.seed, start_step=start_step,
-                          num_steps=num_steps)
+                          num_steps=num_steps, process_index=p, process_count=count)
 
 
 def total_steps(config: Config, num_train: int) -> int:
@@ -185,7 +190,7 @@ def fit_to_data(config: Config, model: Model, train_ds: data_lib.Dataset
     raise TrainError(f"the model's head has {model.spec.num_classes} classes but the data has "
                      f"{len(names)}; set --config.model.num_classes={len(names)}")
   meta = dict(model.meta)
-  data_size = config.data.image_size if config.data.pipeline == "stream" else train_ds.images.shape[1]
+  data_size = config.data.image_size if config.data.pipeline != "memory" else train_ds.images.shape[1]
   meta.update(input_size=config.model.input_size or int(data_size),
               class_names=list(names))
   tasks = build_tasks(config.tasks, names)
@@ -254,7 +259,7 @@ def step_config(config: Config, model: Model) -> StepConfig:
     raise TrainError(f"ema.decay must be in (0, 1) (or 0 = off), got {config.ema.decay}")
   mean, std = normalisation(model)
   dc, mix = config.data, config.mix
-  host = dc.pipeline == "stream"  # the stream crops and flips on the host
+  host = dc.pipeline != "memory"  # the stream crops and flips on the host
   return StepConfig(crop_padding=0 if host else dc.crop_padding, flip=dc.flip and not host,
                     out_size=config.model.input_size or None,
                     mean=mean, std=std, label_smoothing=config.train.label_smoothing,
