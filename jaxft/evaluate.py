@@ -9,8 +9,12 @@ whose name the checkpoint does not know is an error. A checkpoint without class 
 weights) is scored by index — data label ``i`` is output ``i`` — and the output says so
 (``"labels": "by index"``).
 
-Preprocessing comes from the checkpoint's meta (``mean``/``std``; images are resized to ``input_size``
-unless ``--image-size`` says otherwise). The forward pass is jit-compiled once: the last batch is padded
+Preprocessing comes from the checkpoint's meta. A model trained on the streaming pipeline records its
+eval transform (``meta['eval_transform']``: resize the shorter side to ``floor(size / crop_pct)``,
+centre-crop ``size``, bilinear, ``mean``/``std``; :func:`eval_transform`), and each image is made exactly
+as its validation images were (``--image-size`` changes the crop side). Otherwise (older checkpoints,
+the in-memory pipeline, converted weights) whole images are normalised with ``mean``/``std`` and resized
+to ``input_size`` unless ``--image-size`` says otherwise. The forward pass is jit-compiled once: the last batch is padded
 to the batch size. The last line printed is a JSON object with ``top1``, ``top5``, ``loss``, ``n``,
 ``per_class`` (each class of the data that has images), ``checkpoint_step`` and ``weights`` (which step
 and which weights were evaluated), ``ema`` and ``labels``; ``--output preds.npz`` also saves the logits
@@ -280,6 +284,62 @@ def describe_weights(info: dict[str, Any]) -> str:
 # A checkpoint on a data source: what the CLI does.
 
 
+# The one eval transform a checkpoint may record (jaxft.train.setup.eval_transform_record).
+EVAL_RESIZE = "shorter_side_center_crop"
+EVAL_INTERPOLATIONS = ("bilinear",)  # what jaxft.data.host_transforms resamples with
+
+
+def eval_transform(model: Model) -> dict[str, Any] | None:
+  """``model``'s recorded eval transform (``meta['eval_transform']``, checked), or ``None`` when it
+  records none (then whole images are resized, as before the record existed). Nothing is mutated.
+
+  Returns:
+    ``{'resize', 'size', 'crop_pct', 'interpolation', 'mean', 'std'}`` (a new dict).
+
+  Raises:
+    EvalError: a record this jaxft cannot apply (naming the field and what it accepts).
+  """
+  record = model.meta.get("eval_transform")
+  if record is None:
+    return None
+  where = "the checkpoint's meta['eval_transform']"
+  if not isinstance(record, dict):
+    raise EvalError(f"{where} must be a dict, got {str(record)[:100]}; retrain, or delete the record "
+                    "to resize whole images")
+  problems = []
+  if record.get("resize") != EVAL_RESIZE:
+    problems.append(f"resize = {record.get('resize')!r} (this jaxft knows {EVAL_RESIZE!r})")
+  size, crop_pct = record.get("size"), record.get("crop_pct")
+  if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+    problems.append(f"size = {size!r} (a positive int)")
+  if not isinstance(crop_pct, (int, float)) or not 0 < crop_pct <= 1:
+    problems.append(f"crop_pct = {crop_pct!r} (in (0, 1])")
+  if record.get("interpolation") not in EVAL_INTERPOLATIONS:
+    problems.append(f"interpolation = {record.get('interpolation')!r} (one of {list(EVAL_INTERPOLATIONS)})")
+  for key in ("mean", "std"):
+    v = record.get(key)
+    if (not isinstance(v, (list, tuple)) or len(v) != 3
+        or not all(isinstance(x, (int, float)) for x in v) or (key == "std" and min(v) <= 0)):
+      problems.append(f"{key} = {str(v)[:60]} (three numbers{', all > 0' if key == 'std' else ''})")
+  if problems:
+    raise EvalError(f"{where} cannot be applied: {'; '.join(problems)}; evaluate with the jaxft that "
+                    "trained it, or retrain")
+  return {**record, "crop_pct": float(crop_pct), "mean": list(record["mean"]), "std": list(record["std"])}
+
+
+def _load_transformed(source: str, split: str, limit: int | None, transform: dict[str, Any],
+                      image_size: int | None) -> data.Dataset:
+  """Every image of ``source`` through the recorded eval transform (at ``image_size`` when given), as
+  the training run made its validation images (:func:`jaxft.data.stream.eval_arrays`)."""
+  from jaxft.data import stream  # pylint: disable=g-import-not-at-top  (grain: only for such checkpoints)
+  src = stream.open_source(source, split, limit=limit, cache_dir=None)
+  if not len(src):
+    raise EvalError(f"data source {source!r} (split {split!r}) holds no images")
+  options = stream.StreamOptions(size=int(image_size or transform["size"]), train=False,
+                                 crop_pct=transform["crop_pct"])
+  return stream.eval_arrays(src, options)
+
+
 def _load_data(source: str, split: str, limit: int | None, target: int | None) -> data.Dataset:
   try:
     ds = data.load_source(source, split=split, limit=limit)
@@ -314,7 +374,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, source: str, *, limit: in
     source: a data source (``folder:PATH``, …; see :func:`jaxft.data.load_source`). Its classes are
       matched to the checkpoint's by name (see the module docstring).
     limit: evaluate on this many images, spread round-robin over the classes.
-    batch_size, image_size: see :func:`predict_logits`.
+    batch_size, image_size: see :func:`predict_logits`; with a recorded eval transform
+      (:func:`eval_transform`) ``image_size`` is the centre-crop side instead (default: the record's).
     output: an ``.npz`` path for ``logits``, ``labels`` (indices of the logits' columns) and
       ``class_names`` (the names of those columns).
     split: the split of ``source``.
@@ -331,7 +392,13 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, source: str, *, limit: in
   """
   model, info = load_for_eval(checkpoint, ema=ema)
   model_names = model_class_names(model)
-  ds = _load_data(source, split, limit, image_size or model.meta.get("input_size"))
+  transform = eval_transform(model)
+  if transform is None:  # whole images, resized (older checkpoints, the in-memory pipeline)
+    ds = _load_data(source, split, limit, image_size or model.meta.get("input_size"))
+  else:  # the crops the run validated on; the network sees them as they are
+    ds = _load_transformed(source, split, limit, transform, image_size)
+    image_size = ds.images.shape[1]
+    model = model.replace(meta={**model.meta, "mean": transform["mean"], "std": transform["std"]})
   nc = model.spec.num_classes
   table = label_table(ds.class_names, model_names, nc)
   if model_names is None:
@@ -379,7 +446,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument("--limit", type=int, default=None, help="evaluate on N images, spread over classes")
   parser.add_argument("--batch-size", type=int, default=256)
   parser.add_argument("--image-size", type=int, default=None,
-                      help="network input size (default: the checkpoint's input_size)")
+                      help="network input size (default: the checkpoint's input_size; with a recorded "
+                      "eval transform, the centre-crop side)")
   parser.add_argument("--ema", action="store_true", help="evaluate the run's EMA weights")
   parser.add_argument("--output", default=None, help="write logits and labels to this .npz")
   parser.add_argument("--confusion", default=None, help="write the confusion matrix to this .png")

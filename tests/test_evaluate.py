@@ -206,3 +206,75 @@ def test_cli_on_real_weights(resnet56_th: Path, cifar_folder: Path, tmp_path: Pa
         f"top-5 {summary['top5']:.4f}")
   assert summary["n"] == 1000 and len(summary["per_class"]) == 10
   assert summary["top1"] > 0.85
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The eval transform a streamed run records: evaluate makes the images as validation made them.
+
+RECORD = {"resize": "shorter_side_center_crop", "size": 16, "crop_pct": 0.8, "interpolation": "bilinear",
+          "mean": [0.4, 0.5, 0.6], "std": [0.3, 0.2, 0.25]}
+
+
+def write_oblong_folder(root: Path) -> Path:
+  rs = np.random.RandomState(3)
+  for name in ("cat", "dog", "eel"):
+    (root / name).mkdir(parents=True)
+    for i, (h, w) in enumerate(((40, 24), (24, 44))):
+      Image.fromarray(rs.randint(0, 256, (h, w, 3)).astype(np.uint8)).save(root / name / f"{i}.png")
+  return root
+
+
+def test_a_recorded_eval_transform_is_applied_and_older_checkpoints_resize(model, tmp_path: Path) -> None:
+  from jaxft.data import host_transforms, stream  # pylint: disable=g-import-not-at-top
+  folder = write_oblong_folder(tmp_path / "data")
+  with_record = model.replace(meta={**model.meta, "eval_transform": dict(RECORD)})
+  ck = checkpoint.save_model(tmp_path / "ck", with_record)
+  got = evaluate.evaluate_checkpoint(ck, f"folder:{folder}", output=tmp_path / "p.npz")
+  src = stream.open_folder(f"folder:{folder}", cache_dir=False)
+  crops = np.stack([host_transforms.eval_transform(p, 16, 0.8) for p in src.paths])
+  x = (crops / 255.0 - np.asarray(RECORD["mean"])) / np.asarray(RECORD["std"])
+  want = np.asarray(model.apply(x.astype(np.float32)))
+  np.testing.assert_allclose(np.load(tmp_path / "p.npz")["logits"], want, rtol=1e-4, atol=1e-4)
+  assert got["n"] == 6
+  # --image-size changes the crop side.
+  evaluate.evaluate_checkpoint(ck, f"folder:{folder}", image_size=8, output=tmp_path / "p8.npz")
+  crops8 = np.stack([host_transforms.eval_transform(p, 8, 0.8) for p in src.paths])
+  x8 = (crops8 / 255.0 - np.asarray(RECORD["mean"])) / np.asarray(RECORD["std"])
+  np.testing.assert_allclose(np.load(tmp_path / "p8.npz")["logits"],
+                             np.asarray(model.apply(x8.astype(np.float32))), rtol=1e-4, atol=1e-4)
+  # Without the record (a checkpoint written before it existed): whole images, resized, as before.
+  old = checkpoint.save_model(tmp_path / "old", model)
+  evaluate.evaluate_checkpoint(old, f"folder:{folder}", output=tmp_path / "o.npz")
+  ds = data.load_source(f"folder:{folder}", image_size=32, cache_dir=False)
+  np.testing.assert_allclose(np.load(tmp_path / "o.npz")["logits"],
+                             evaluate.predict_logits(model, ds.images), rtol=1e-5, atol=1e-5)
+  assert not np.allclose(np.load(tmp_path / "o.npz")["logits"], want, atol=1e-3)
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"resize": "squash"}, "resize = 'squash'"), ({"size": 0}, "size = 0"), ({"crop_pct": 1.5}, "crop_pct"),
+    ({"interpolation": "bicubic"}, "interpolation = 'bicubic'"), ({"std": [0.2, 0.0, 0.2]}, "std"),
+    ({"mean": [0.5]}, "mean")])
+def test_an_unusable_eval_transform_record_is_one_clear_error(model, tmp_path: Path, change, named) -> None:
+  bad = model.replace(meta={**model.meta, "eval_transform": {**RECORD, **change}})
+  with pytest.raises(evaluate.EvalError, match="meta\\['eval_transform'\\] cannot be applied: .*" + named):
+    evaluate.eval_transform(bad)
+  ck = checkpoint.save_model(tmp_path / "ck", bad)
+  with pytest.raises(evaluate.EvalError, match=named) as e:
+    evaluate.evaluate_checkpoint(ck, f"folder:{write_oblong_folder(tmp_path / 'd')}")
+  assert e.value.exit_code == 2
+
+
+def test_a_streamed_run_records_the_eval_transform_evaluate_reads(model) -> None:
+  from jaxft import config as config_lib  # pylint: disable=g-import-not-at-top
+  from jaxft.train import setup  # pylint: disable=g-import-not-at-top
+  c = config_lib.default_config()
+  c.data.pipeline, c.data.image_size, c.data.crop_pct = "stream", 24, 0.9
+  ds = data.Dataset(images(3), np.array([0, 1, 2], np.int32), ("a", "b", "c"))
+  streamed, _ = setup.fit_to_data(c, model, ds)
+  assert evaluate.eval_transform(streamed) == {
+      "resize": "shorter_side_center_crop", "size": 24, "crop_pct": 0.9, "interpolation": "bilinear",
+      "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}
+  c.data.pipeline = "memory"  # whole images: nothing recorded, and an inherited record is dropped
+  memory, _ = setup.fit_to_data(c, streamed, ds)
+  assert "eval_transform" not in memory.meta and evaluate.eval_transform(memory) is None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -193,10 +193,26 @@ def fit_to_data(config: Config, model: Model, train_ds: data_lib.Dataset
   data_size = config.data.image_size if config.data.pipeline != "memory" else train_ds.images.shape[1]
   meta.update(input_size=config.model.input_size or int(data_size),
               class_names=list(names))
+  if config.data.pipeline == "stream":
+    # How validation images were made, so that `python -m jaxft.evaluate` makes them the same way.
+    mean, std = normalisation(model)
+    meta["eval_transform"] = eval_transform_record(config, mean, std)
+  else:
+    meta.pop("eval_transform", None)  # a record inherited from a stream-trained base would be wrong
   tasks = build_tasks(config.tasks, names)
   if tasks:
     meta["tasks"] = tasks_meta(tasks, names)
   return model.replace(meta=meta), tasks
+
+
+def eval_transform_record(config: Config, mean: Sequence[float], std: Sequence[float]) -> dict[str, Any]:
+  """The streaming pipeline's eval transform as the checkpoint's ``meta['eval_transform']`` records it
+  (read back by :func:`jaxft.evaluate.eval_transform`): resize the shorter side to
+  ``floor(size / crop_pct)`` and centre-crop ``size`` (one bilinear resampling, pillow's), then
+  normalise with ``mean`` / ``std``. Returns a new JSON-ready dict."""
+  return {"resize": "shorter_side_center_crop", "size": int(config.data.image_size),
+          "crop_pct": float(config.data.crop_pct), "interpolation": "bilinear",
+          "mean": [float(m) for m in mean], "std": [float(s) for s in std]}
 
 
 def compute_dtype(config: Config) -> Any:
