@@ -22,7 +22,7 @@ ROOTS = {"*": {"config": ""}, "optim.py": {"cfg": "optim."}}
 METHODS = {"to_json", "to_dict", "items", "keys", "values", "lock", "unlock", "copy_and_resolve_references",
            "update", "is_locked"}
 CONFIGS = {"cifar10": [""], "tiny": [""], "quickstart": [""], "cifar10_resnet56": [""], "multitask": [""],
-           "low_data": [""],
+           "low_data": [""], "transfer_cifar10": [""],
            "cifar10_distill": ["", "base", "control", "teacher"]}
 # configs/ files that are no fixed config: a sweep's space file and the loader of a config saved as JSON
 # (both tested in tests/test_sweep.py).
