@@ -80,6 +80,7 @@ def test_the_reference_scores_the_images_jaxft_holds_out(tmp_path: Path) -> None
   assert len(held_out) == 4 and not set(held_out.paths) & set(train.paths)
 
 
+@pytest.mark.slow  # three subprocesses that import torch and jaxft: ~16 s on 2 idle cores
 def test_end_to_end_on_a_tiny_folder(tmp_path: Path) -> None:
   folder = tiny_folder(tmp_path / "d")
   env = {**os.environ, "PYTHONPATH": str(REPO), "JAXFT_CACHE_DIR": str(tmp_path / "cache")}
