@@ -80,7 +80,7 @@ def test_the_reference_scores_the_images_jaxft_holds_out(tmp_path: Path) -> None
   assert len(held_out) == 4 and not set(held_out.paths) & set(train.paths)
 
 
-@pytest.mark.slow  # three subprocesses that import torch and jaxft: ~16 s on 2 idle cores
+@pytest.mark.slow  # three subprocesses that import torch and jaxft: ~20 s on 2 cores
 def test_end_to_end_on_a_tiny_folder(tmp_path: Path) -> None:
   folder = tiny_folder(tmp_path / "d")
   env = {**os.environ, "PYTHONPATH": str(REPO), "JAXFT_CACHE_DIR": str(tmp_path / "cache")}
@@ -93,8 +93,10 @@ def test_end_to_end_on_a_tiny_folder(tmp_path: Path) -> None:
   assert r.returncode == 0, r.stderr[-2000:]
   out = json.loads(r.stdout.strip().splitlines()[-1])
   assert out["n"] == 4 and out["steps"] == 2 and out["batch_size"] == 4 and 0 <= out["top1"] <= 1
-  # --eval-data scores another source, its classes matched by name.
-  r = subprocess.run(common + ["--eval-data", f"folder:{folder}"], capture_output=True, text=True,
+  # --eval-data scores another source, its classes matched by name; here with a (spawned) worker.
+  assert common[-1] == "--config.data.workers=0"
+  r = subprocess.run(common[:-1] + ["--config.data.workers=1", "--eval-data", f"folder:{folder}"],
+                     capture_output=True, text=True,
                      timeout=300, env=env, cwd=tmp_path)
   assert r.returncode == 0, r.stderr[-2000:]
   assert json.loads(r.stdout.strip().splitlines()[-1])["n"] == 12

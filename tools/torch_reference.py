@@ -30,8 +30,8 @@ What torch cannot match exactly, and does not try to: its random numbers (crops,
 masks, the new head's draw) come from torch's generators, not jaxft's; ``clip_grad_norm_`` divides by
 ``norm + 1e-6`` where optax divides by ``norm``; torch's BN updates its running variance with the
 unbiased batch variance (flax: biased; ``n / (n - 1)`` with n ≥ 1,024 per channel here); torchvision's
-eval transform resamples twice (resize, then crop) where jaxft resamples the crop box once, and its
-``RandomResizedCrop`` resamples the cropped image where jaxft's resamples the box of the full image
+eval transform resizes the whole image and then crops where jaxft resamples the crop box alone, and
+its ``RandomResizedCrop`` resamples the cropped image where jaxft's resamples the box of the full image
 (the same pixels, up to the filter's edge). Config features the recipe does not use (lr rules, layer
 freezing, L2-SP, EMA, mixup / cutmix, distillation, surgery, …) are refused with one line.
 
@@ -327,6 +327,13 @@ def _optimizer(config: Any, model: Any) -> tuple[Any, list[Any]]:
                          nesterov=bool(oc.nesterov and oc.momentum)), decay
 
 
+def _workers(config: Any) -> dict[str, Any]:
+  """DataLoader worker options: ``data.workers`` processes, spawned (this process runs JAX's threads,
+  which a forked child could deadlock on)."""
+  n = int(config.data.workers)
+  return {"num_workers": n, "multiprocessing_context": "spawn" if n else None}
+
+
 def train(config: Any, model: Any, train_src: Any, steps: int, log_every: int = 0) -> float:
   """Trains ``model`` (mutated) for ``steps`` steps of the recipe; returns the seconds it took."""
   torch, _, F = _torch()
@@ -335,7 +342,7 @@ def train(config: Any, model: Any, train_src: Any, steps: int, log_every: int = 
   loader = torch.utils.data.DataLoader(
       _Images(train_src, train_tf),
       batch_sampler=_StepBatches(len(train_src), config.train.batch_size, config.seed, steps),
-      num_workers=int(config.data.workers), persistent_workers=False)
+      **_workers(config))
   schedule = optim.make_schedule(config.optim, steps)
   opt, sgd_decay = _optimizer(config, model)
   wd, clip = float(config.optim.weight_decay), float(config.optim.clip_norm)
@@ -367,7 +374,7 @@ def score(config: Any, model: Any, source: Any, label_map: np.ndarray | None) ->
   _, eval_tf = transforms(config)
   loader = torch.utils.data.DataLoader(_Images(source, eval_tf, label_map),
                                        batch_size=int(config.train.eval_batch_size),
-                                       num_workers=int(config.data.workers))
+                                       **_workers(config))
   model.eval()
   top1 = top5 = loss = 0.0
   n = 0
