@@ -275,6 +275,8 @@ def test_a_streamed_run_records_the_eval_transform_evaluate_reads(model) -> None
   assert evaluate.eval_transform(streamed) == {
       "resize": "shorter_side_center_crop", "size": 24, "crop_pct": 0.9, "interpolation": "bilinear",
       "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}
+  c.data.pipeline = "auto"  # the stream's transforms, whichever way the pixels are held
+  assert setup.fit_to_data(c, model, ds)[0].meta["eval_transform"] == streamed.meta["eval_transform"]
   c.data.pipeline = "memory"  # whole images: nothing recorded, and an inherited record is dropped
   memory, _ = setup.fit_to_data(c, streamed, ds)
   assert "eval_transform" not in memory.meta and evaluate.eval_transform(memory) is None

@@ -193,7 +193,7 @@ def fit_to_data(config: Config, model: Model, train_ds: data_lib.Dataset
   data_size = config.data.image_size if config.data.pipeline != "memory" else train_ds.images.shape[1]
   meta.update(input_size=config.model.input_size or int(data_size),
               class_names=list(names))
-  if config.data.pipeline == "stream":
+  if config.data.pipeline != "memory":  # stream and auto: the stream's host transforms
     # How validation images were made, so that `python -m jaxft.evaluate` makes them the same way.
     mean, std = normalisation(model)
     meta["eval_transform"] = eval_transform_record(config, mean, std)
