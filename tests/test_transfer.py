@@ -39,7 +39,7 @@ def tiny_folder(root: Path, per_class: int = 6) -> Path:
 
 def test_the_config_validates_and_is_the_recipe_the_reference_runs() -> None:
   c = transfer_cifar10.get_config()
-  assert validate.validate(c) == []
+  assert validate.validate(c, check_files=False) == []  # the data is extracted by the user (README)
   ref.check_supported(c)  # raises on anything the reference does not implement
   assert c.data.pipeline == "stream" and 96 <= c.data.image_size <= 128 and c.data.val_fraction == 0.1
   assert c.model.pretrained == "pypi:efficientnet_lite0" and c.data.source.startswith("folder:")
