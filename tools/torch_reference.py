@@ -128,16 +128,8 @@ def build_lite0(num_classes: int, bn_momentum: float) -> Any:
   """
   torch, nn, F = _torch()
 
-  class SameConv(nn.Conv2d):
-    """``nn.Conv2d`` padded as TF's ``SAME`` (the odd pixel at the bottom / right), per input size."""
-
-    def forward(self, x: Any) -> Any:  # noqa: D102
-      pads = []
-      for size, k, s in ((x.shape[-1], self.kernel_size[1], self.stride[1]),
-                         (x.shape[-2], self.kernel_size[0], self.stride[0])):
-        total = max((-(-size // s) - 1) * s + k - size, 0)
-        pads += [total // 2, total - total // 2]
-      return super().forward(F.pad(x, pads))
+  # TF's SAME padding per input size: the exporter's conv (jaxft.export.torch_net), padding=0.
+  from jaxft.export.torch_net import SameConv2d as SameConv  # pylint: disable=g-import-not-at-top
 
   bn = lambda c: nn.BatchNorm2d(c, eps=BN_EPS, momentum=bn_momentum)
 
@@ -274,20 +266,14 @@ def load_data(config: Any, eval_data: str = "") -> tuple[Any, Any, np.ndarray | 
   from jaxft import data as data_lib  # pylint: disable=g-import-not-at-top
   from jaxft import evaluate  # pylint: disable=g-import-not-at-top
   from jaxft.data import stream  # pylint: disable=g-import-not-at-top
+  from jaxft.train import streaming  # pylint: disable=g-import-not-at-top
   dc = config.data
-  common = dict(skip_corrupt=dc.skip_corrupt, cache_dir=dc.cache_dir or None)
   try:
-    train = stream.open_source(dc.source, "train", limit=dc.limit or None, **common)
-    stream.check_classes(train.class_names, dc.source)
-    if dc.val_source:
-      scored = stream.open_source(dc.val_source, dc.val_split, **common)
-    elif dc.val_fraction > 0:
-      train, scored = data_lib.split_train_val(train, dc.val_fraction, dc.split_seed)
-    else:
-      scored = None
+    train, scored = streaming.open_sources(config)  # jaxft's own listing and held-out split
     label_map = None
     if eval_data:
-      scored = stream.open_source(eval_data, "train", **common)
+      scored = stream.open_source(eval_data, "train", skip_corrupt=dc.skip_corrupt,
+                                  cache_dir=dc.cache_dir or None)
       label_map = evaluate.label_table(scored.class_names, train.class_names, train.num_classes)
     if scored is None:
       raise ReferenceError("nothing to score: data.val_fraction is 0 and there is no data.val_source; "

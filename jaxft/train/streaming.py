@@ -59,6 +59,29 @@ def _eval_set(config: Config, val_src: stream.Source, budget: int) -> stream.Eva
   return stream.EvalSet(val_src, opts, num_workers=dc.workers)
 
 
+def open_sources(config: Config, num_workers: int = 0
+                 ) -> tuple[stream.Source, stream.Source | None]:
+  """``(train source, validation source or None)`` of ``config.data``, checked and listed, never
+  decoded: ``data.val_source`` (its ``val_split``) when set, else the stratified ``data.val_fraction``
+  carved out of the training source (``split_seed``), else None. The one split both this module and
+  ``tools/torch_reference.py`` use, so that they hold out the same images. ``config`` is not mutated.
+
+  Raises:
+    jaxft.data.DataError: bad data (unreadable files without ``data.skip_corrupt``, an empty class
+      folder, a single class, grain missing).
+  """
+  dc = config.data
+  common = dict(skip_corrupt=dc.skip_corrupt, num_workers=num_workers,
+                cache_dir=dc.cache_dir or None)
+  train = stream.open_source(dc.source, "train", limit=dc.limit or None, **common)
+  stream.check_classes(train.class_names, dc.source)
+  if dc.val_source:
+    return train, stream.open_source(dc.val_source, dc.val_split, **common)
+  if dc.val_fraction > 0:
+    return data_lib.split_train_val(train, dc.val_fraction, dc.split_seed)
+  return train, None
+
+
 def load_stream_data(config: Config) -> tuple[stream.Source, stream.EvalSet | None]:
   """Returns ``(train source, val)``: the training examples as a stream source, and the validation
   examples as an :class:`~jaxft.data.stream.EvalSet` (None when ``data.val_fraction`` is 0 and there
@@ -71,17 +94,9 @@ def load_stream_data(config: Config) -> tuple[stream.Source, stream.EvalSet | No
       ``data.skip_corrupt``, an empty class folder, a single class, grain missing.
   """
   dc = config.data
-  common = dict(skip_corrupt=dc.skip_corrupt, num_workers=dc.workers, cache_dir=dc.cache_dir or None)
   budget = dc.memory_mb * 2**20
   try:
-    train = stream.open_source(dc.source, "train", limit=dc.limit or None, **common)
-    stream.check_classes(train.class_names, dc.source)
-    if dc.val_source:
-      val_src = stream.open_source(dc.val_source, dc.val_split, **common)
-    elif dc.val_fraction > 0:
-      train, val_src = data_lib.split_train_val(train, dc.val_fraction, dc.split_seed)
-    else:
-      val_src = None
+    train, val_src = open_sources(config, dc.workers)
     train, held = _hold_train(config, train, budget)
     val = None if val_src is None else _eval_set(config, val_src, budget - held)
   except data_lib.DataError as e:
