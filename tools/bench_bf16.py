@@ -3,8 +3,10 @@
     python tools/bench_bf16.py --change all      # oneDNN bfloat16 (convs, BN, 1x1 matmul) vs XLA's
     python tools/bench_bf16.py --change bn       # oneDNN BatchNorm vs XLA's GEMV BatchNorm
     python tools/bench_bf16.py --change gemm     # 1x1 kernel gradients as a matmul vs oneDNN's conv
+    python tools/bench_bf16.py --change epilogue --mode eval   # BN/residual/ReLU as conv post-ops
+    python tools/bench_bf16.py --change matmul --size 32 --batch 128   # small-map GEMMs by oneDNN
 
-Builds ``tools/bench.py``'s jaxft train step (ResNet-50, bfloat16) twice in one process — as shipped
+Builds ``tools/bench.py``'s jaxft train (or eval) step (ResNet-50, bfloat16 unless ``--dtype``) twice in one process — as shipped
 (A) and with the change switched off while the second one is traced (B) — then times them in
 alternating pairs of steps and prints both medians and A's gain over B last. Needs a CPU with
 AMX-BF16 or AVX512-BF16 and jaxft's oneDNN wrapper (``python -m jaxft.cpu build``).
@@ -27,6 +29,11 @@ def _switch_off(change: str) -> None:
     onednn.bf16_supported = lambda: False
   elif change == "bn":
     onednn.norm_supported = lambda *args: False
+  elif change == "epilogue":
+    from jaxft.cpu import epilogue  # pylint: disable=g-import-not-at-top
+    epilogue.fusable = lambda e: False  # the epilogue then runs in XLA after oneDNN's convolution
+  elif change == "matmul":
+    onednn.matmul_supported = lambda dtype: False  # the small-map GEMMs then are XLA's dots
   elif change == "gemm":
     onednn._pointwise_kernel_grad = (  # pylint: disable=protected-access
         lambda x, dy, ks, st, dt: onednn.kernel_grad(x, dy, ks, st, ((0, 0), (0, 0)), 1, dt))
@@ -34,7 +41,9 @@ def _switch_off(change: str) -> None:
 
 def main(argv: list[str]) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--change", choices=("all", "bn", "gemm"), required=True)
+  p.add_argument("--change", choices=("all", "bn", "gemm", "epilogue", "matmul"), required=True)
+  p.add_argument("--mode", choices=("train", "eval"), default="train")
+  p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
   p.add_argument("--model", default="resnet50")
   p.add_argument("--size", type=int, default=224)
   p.add_argument("--batch", type=int, default=32)
@@ -44,26 +53,27 @@ def main(argv: list[str]) -> int:
   jaxft.cpu.enable()
   import bench  # pylint: disable=g-import-not-at-top  # tools/bench.py
   from jaxft.cpu import onednn  # pylint: disable=g-import-not-at-top
-  if not (onednn.loaded() and onednn.bf16_supported()):
+  if not (onednn.loaded() and (onednn.bf16_supported() or args.dtype == "float32")):
     print(f"needs oneDNN and bfloat16 instructions: oneDNN {onednn.status()}, "
           f"bfloat16 instructions {onednn.bf16_supported()}", file=sys.stderr)
     return 2
-  w = dict(model=args.model, num_classes=10, dtype="bfloat16", conv_impl="auto", batch=args.batch,
+  w = dict(model=args.model, num_classes=10, dtype=args.dtype, conv_impl="auto", batch=args.batch,
            eval_batch=args.batch, size=args.size)
   with_change = bench.JaxWorker(w)
-  with_change.compile("train")
+  mode = args.mode
+  with_change.compile(mode)
   _switch_off(args.change)
   without = bench.JaxWorker(w)
-  without.compile("train")
-  with_change.run("train", 2)
-  without.run("train", 2)
+  without.compile(mode)
+  with_change.run(mode, 2)
+  without.run(mode, 2)
   ta: list[float] = []
   tb: list[float] = []
   for _ in range(args.rounds):
-    ta += with_change.run("train", 2)
-    tb += without.run("train", 2)
+    ta += with_change.run(mode, 2)
+    tb += without.run(mode, 2)
   a, b = statistics.median(ta), statistics.median(tb)
-  print(f"{args.model} {args.size}px bf16 train b{args.batch}, change {args.change}: "
+  print(f"{args.model} {args.size}px {args.dtype} {mode} b{args.batch}, change {args.change}: "
         f"with {args.batch / a:.2f} img/s, without {args.batch / b:.2f} img/s; "
         f"gain {b / a:.3f}x (min-step ratio {min(tb) / min(ta):.3f}x)")
   return 0

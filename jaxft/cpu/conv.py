@@ -219,6 +219,19 @@ def _dense_matrix(kernel: jax.Array, in_hw: tuple[int, int], out_hw: tuple[int, 
   return jnp.concatenate(cols, axis=1)
 
 
+def _mm(a: jax.Array, b: jax.Array, dtype=None, *, trans_a: bool = False,
+        trans_b: bool = False) -> jax.Array:
+  """``op(a) @ op(b)`` (``op`` transposes when asked), accumulated in float32 and returned as
+  ``dtype`` (default: ``a``'s): oneDNN's matmul for bfloat16 where it runs
+  (:func:`jaxft.cpu.onednn.matmul_supported`; ~1.4x XLA:CPU's bfloat16 dot, docs/benchmarks.md
+  "bfloat16"), else XLA's dot. Inputs are not mutated."""
+  dtype = a.dtype if dtype is None else dtype
+  if onednn.matmul_supported(a.dtype) and a.dtype == b.dtype:
+    return onednn.matmul(a, b, dtype, trans_a=trans_a, trans_b=trans_b)
+  dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
+  return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32).astype(dtype)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def gemm_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
               padding: tuple[tuple[int, int], ...], lax_forward: bool = False) -> jax.Array:
@@ -238,10 +251,10 @@ def gemm_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
   if out_hw is not None:
     n = x.shape[0]
     big = _dense_matrix(kernel.astype(x.dtype), x.shape[1:3], out_hw, strides, padding)
-    return lax.dot(x.reshape(n, -1), big).reshape(n, *out_hw, -1)
+    return _mm(x.reshape(n, -1), big).reshape(n, *out_hw, -1)
   rows, cols = _live(x.shape, kernel.shape, strides, padding)
   p, (n, ho, wo) = _im2col(x, kernel.shape[:2], strides, padding, rows, cols)
-  return lax.dot(p, _live_matrix(kernel, rows, cols).astype(p.dtype)).reshape(n, ho, wo, -1)
+  return _mm(p, _live_matrix(kernel, rows, cols).astype(p.dtype)).reshape(n, ho, wo, -1)
 
 
 def _fusion_barrier(x: jax.Array, witness: jax.Array) -> jax.Array:
@@ -316,9 +329,8 @@ def _gemm_conv_bwd(strides, padding, lax_forward, res, dy):
     dy2 = dy.reshape(n, -1)
     big, fold = jax.vjp(lambda k: _dense_matrix(k, (h, w), out_hw, strides, padding),
                         kernel.astype(jnp.float32))
-    dbig = lax.dot_general(x.reshape(n, -1), dy2, (((0,), (0,)), ((), ())),
-                           preferred_element_type=jnp.float32)
-    dx = lax.dot_general(dy2, big.astype(dy.dtype), (((1,), (1,)), ((), ())))
+    dbig = _mm(x.reshape(n, -1), dy2, jnp.float32, trans_a=True)
+    dx = _mm(dy2, big.astype(dy.dtype), trans_b=True)
     return dx.reshape(x.shape).astype(x.dtype), fold(dbig)[0].astype(kernel.dtype)
   plan_dw, plan_dx = _grad_plan((kh, kw), strides, lax_forward)
   (lh, hh), (lw, hw) = padding
@@ -329,8 +341,11 @@ def _gemm_conv_bwd(strides, padding, lax_forward, res, dy):
   else:
     p, _ = _im2col(x, (kh, kw), strides, padding, rows, cols)
     # hybrid 1×1: p is the saved input (or its strided slice), materialised behind the fusion barrier.
-    dwl = _transposed_lhs_dot(p, dy.reshape(-1, cout),
-                              write_transpose=lax_forward and (kh, kw) == (1, 1))
+    if onednn.matmul_supported(p.dtype):
+      dwl = _mm(p, dy.reshape(-1, cout).astype(p.dtype), jnp.float32, trans_a=True)
+    else:
+      dwl = _transposed_lhs_dot(p, dy.reshape(-1, cout),
+                                write_transpose=lax_forward and (kh, kw) == (1, 1))
     dw = jnp.pad(dwl.reshape(rows[1] - rows[0], cols[1] - cols[0], cin, cout),
                  ((rows[0], kh - rows[1]), (cols[0], kw - cols[1]), (0, 0), (0, 0)))
   if plan_dx == "lax":
@@ -344,7 +359,7 @@ def _gemm_conv_bwd(strides, padding, lax_forward, res, dy):
     return dx.astype(x.dtype), dw.astype(kernel.dtype)
   ho, wo = dy.shape[1:3]
   wm = _live_matrix(kernel, rows, cols).astype(dy.dtype)
-  dp = lax.dot_general(dy.reshape(-1, cout), wm, (((1,), (1,)), ((), ())))  # [N·Ho·Wo, taps·Cin]
+  dp = _mm(dy.reshape(-1, cout), wm, trans_b=True)  # [N·Ho·Wo, taps·Cin]
   if _patches_are_input(x.shape, (ho, wo), rows, cols):
     dx = dp.reshape(x.shape)
   else:

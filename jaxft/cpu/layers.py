@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxft.cpu import conv as conv_lib
+from jaxft.cpu import epilogue as epilogue_lib
 from jaxft.cpu import norm, onednn, pool
 from jaxft.cpu.impl import resolve_impl
 from jaxft.models import layers as plain
@@ -41,16 +42,20 @@ class Conv(nn.Conv):
   impl: str = "auto"
 
   @nn.compact
-  def __call__(self, inputs: jax.Array) -> jax.Array:
+  def __call__(self, inputs: jax.Array, epilogue: plain.Epilogue | None = None) -> jax.Array:
+    """Returns the convolution of ``inputs``, followed by ``epilogue`` when one is given (the
+    BatchNorm, residual add and activation of an inference step): computed inside oneDNN's
+    convolution where it runs this one (:mod:`jaxft.cpu.epilogue`), else applied after it."""
     g = self.feature_group_count
     depthwise = g > 1 and g == inputs.shape[-1] == self.features
     impl = resolve_impl(self.impl, inputs.shape[-3] * inputs.shape[-2] if inputs.ndim == 4 else None,
                         depthwise, grouped=g > 1 and not depthwise)
-    plain = (isinstance(self.padding, str) or self.input_dilation not in (None, 1)
-             or self.kernel_dilation not in (None, 1) or inputs.ndim != 4 or self.mask is not None
-             or len(self.kernel_size) != 2)
-    if impl == "lax" or plain:
-      return super().__call__(inputs)
+    plain_conv = (isinstance(self.padding, str) or self.input_dilation not in (None, 1)
+                  or self.kernel_dilation not in (None, 1) or inputs.ndim != 4
+                  or self.mask is not None or len(self.kernel_size) != 2)
+    if impl == "lax" or plain_conv:
+      y = super().__call__(inputs)
+      return y if epilogue is None else epilogue.apply(y)
     cin = inputs.shape[-1]
     if cin % self.feature_group_count:
       raise ValueError(f"input channels {cin} not divisible by groups {self.feature_group_count}")
@@ -58,14 +63,20 @@ class Conv(nn.Conv):
     kernel = self.param("kernel", self.kernel_init, kernel_shape, self.param_dtype)
     bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
             if self.use_bias else None)
-    master = kernel
+    master, master_bias = kernel, bias
     inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
     strides = (self.strides,) * 2 if isinstance(self.strides, int) else tuple(self.strides or (1, 1))
     padding = tuple((p, p) if isinstance(p, int) else tuple(p) for p in self.padding)
     # The float32 master kernel goes in as it is: oneDNN converts it in its weights reorder and
     # returns a float32 gradient (convolve casts it for every other formulation).
-    y = conv_lib.convolve(inputs, master if master.dtype == jnp.float32 else kernel, strides, padding,
-                          g, impl)
+    kernel = master if master.dtype == jnp.float32 else kernel
+    if epilogue is not None:
+      epilogue = epilogue.with_bias(master_bias)
+      if (impl == "onednn" and epilogue_lib.fusable(epilogue)
+          and onednn.supported(inputs.shape, kernel.shape, inputs.dtype, strides, padding, g)):
+        return epilogue_lib.conv_epilogue(inputs, kernel, strides, padding, g, epilogue)
+      return epilogue.apply(conv_lib.convolve(inputs, kernel, strides, padding, g, impl))
+    y = conv_lib.convolve(inputs, kernel, strides, padding, g, impl)
     if bias is not None:
       y = y + bias
     return y
@@ -128,4 +139,4 @@ def cpu_layers(impl: str = "auto") -> plain.Layers:
   resolve_impl(impl)  # validates the name
   return plain.Layers(conv=functools.partial(plain.conv, module=functools.partial(Conv, impl=impl)),
                       norm=functools.partial(BatchNorm, impl=impl),
-                      max_pool=functools.partial(max_pool, impl=impl))
+                      max_pool=functools.partial(max_pool, impl=impl), conv_epilogue=True)

@@ -47,7 +47,8 @@ import numpy as np
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "onednn_conv.cc")
 _TARGETS = {"fwd": "jaxft_onednn_conv_fwd", "bwd_data": "jaxft_onednn_conv_bwd_data",
             "bwd_weights": "jaxft_onednn_conv_bwd_weights", "bn_fwd": "jaxft_onednn_bn_fwd",
-            "bn_bwd": "jaxft_onednn_bn_bwd", "gemm_tn": "jaxft_onednn_gemm_tn"}
+            "bn_bwd": "jaxft_onednn_bn_bwd", "matmul": "jaxft_onednn_matmul",
+            "conv_bias": "jaxft_onednn_conv_bias", "conv_bias_add": "jaxft_onednn_conv_bias_add"}
 
 _lock = threading.Lock()
 # Once loading was attempted: "lib" (ctypes.CDLL) and "path", or "error" (str).
@@ -311,7 +312,7 @@ def _out_shape(x_shape, kernel_shape, strides, padding) -> tuple[int, int, int, 
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 
-def _call(name: str, shape, dtype, *args, strides, padding, groups, attrs=True) -> jax.Array:
+def _call(name: str, shape, dtype, *args, strides, padding, groups) -> jax.Array:
   if not loaded():  # the targets must be registered before XLA compiles
     raise OneDNNUnavailableError(f"oneDNN convolutions are {status()}")
   for a in args:
@@ -320,8 +321,6 @@ def _call(name: str, shape, dtype, *args, strides, padding, groups, attrs=True) 
                        "or use jaxft.cpu.layers.Conv, which falls back for other dtypes")
   call = jax.ffi.ffi_call(_TARGETS[name], jax.ShapeDtypeStruct(tuple(shape), dtype),
                           vmap_method="sequential")
-  if not attrs:
-    return call(*args)
   return call(*args, strides=np.asarray(strides, np.int64),
               padding=np.asarray([p for pp in padding for p in pp], np.int64),
               groups=np.int64(groups))
@@ -373,12 +372,63 @@ def _conv_fwd(x, kernel, strides, padding, groups):
   return forward(x, kernel, strides, padding, groups), (x, kernel)
 
 
+# The activations the inference convolution can apply itself (its ``act`` attribute).
+EPILOGUE_ACTS = {"identity": 0, "relu": 1, "relu6": 2}
+
+
+def forward_epilogue(x: jax.Array, kernel: jax.Array, bias: jax.Array, residual: jax.Array | None,
+                     act: str, strides: Sequence[int], padding: Sequence[Sequence[int]],
+                     groups: int = 1) -> jax.Array:
+  """``act(forward(x, kernel) + bias [+ residual])`` (``bias`` float32 ``[O]``, ``act`` in
+  :data:`EPILOGUE_ACTS`) as one oneDNN inference convolution with post-ops, computed in float32 and
+  rounded once to ``x``'s type. Check :func:`supported` first.
+
+  Returns a new array of ``x``'s type; no input is mutated. Not differentiable itself
+  (:func:`jaxft.cpu.epilogue.conv_epilogue` is).
+  """
+  if not loaded():
+    raise OneDNNUnavailableError(f"oneDNN convolutions are {status()}")
+  if act not in EPILOGUE_ACTS:
+    raise ValueError(f"oneDNN's convolution epilogue has no activation {act!r}; valid: "
+                     f"{sorted(EPILOGUE_ACTS)}")
+  out = jax.ShapeDtypeStruct(_out_shape(x.shape, kernel.shape, strides, padding), x.dtype)
+  attrs = dict(strides=np.asarray(strides, np.int64),
+               padding=np.asarray([p for pp in padding for p in pp], np.int64),
+               groups=np.int64(groups), act=np.int64(EPILOGUE_ACTS[act]))
+  args = (x, kernel, bias.astype(jnp.float32))
+  if residual is None:
+    return jax.ffi.ffi_call(_TARGETS["conv_bias"], out, vmap_method="sequential")(*args, **attrs)
+  return jax.ffi.ffi_call(_TARGETS["conv_bias_add"], out, vmap_method="sequential")(
+      *args, residual.astype(x.dtype), **attrs)
+
+
+def matmul(a: jax.Array, b: jax.Array, dtype=jnp.float32, *, trans_a: bool = False,
+           trans_b: bool = False) -> jax.Array:
+  """``op(a) @ op(b)`` by oneDNN's matmul (``op`` transposes when ``trans_a`` / ``trans_b``: a
+  stride, never a copy), for 2-D ``a`` and ``b`` of one type (float32 or bfloat16), accumulated in
+  float32 and returned as ``dtype``. Check :func:`matmul_supported` first. Returns a new array;
+  inputs are not mutated. Not differentiable itself."""
+  if not loaded():
+    raise OneDNNUnavailableError(f"oneDNN matmul is {status()}")
+  m = a.shape[1] if trans_a else a.shape[0]
+  n = b.shape[0] if trans_b else b.shape[1]
+  call = jax.ffi.ffi_call(_TARGETS["matmul"], jax.ShapeDtypeStruct((m, n), jnp.dtype(dtype)),
+                          vmap_method="sequential")
+  return call(a, b, trans_a=np.int64(trans_a), trans_b=np.int64(trans_b))
+
+
+def matmul_supported(dtype) -> bool:
+  """Whether :func:`matmul` runs here for this type: bfloat16 with the CPU's bfloat16
+  instructions (float32 GEMMs stay XLA's, as fast), one CPU device, library loaded."""
+  return (jnp.dtype(dtype) == jnp.bfloat16 and bf16_supported() and jax.default_backend() == "cpu"
+          and jax.device_count() == 1 and loaded())
+
+
 def gemm_tn(a: jax.Array, b: jax.Array, dtype=jnp.float32) -> jax.Array:
   """``a.T @ b`` for ``a [M, K]`` and ``b [M, N]`` of one type (float32 or bfloat16) by oneDNN's
   matmul, accumulated in float32 and returned as ``dtype``. Returns a new array; inputs are not
   mutated."""
-  return _call("gemm_tn", (a.shape[1], b.shape[1]), jnp.dtype(dtype), a, b, strides=(),
-               padding=(), groups=0, attrs=False)
+  return matmul(a, b, dtype, trans_a=True)
 
 
 def _pointwise_kernel_grad(x, dy, kernel_shape, strides, dtype):

@@ -6,6 +6,9 @@
 //   jaxft_onednn_conv_fwd          y  = conv(x, k)
 //   jaxft_onednn_conv_bwd_data     dx = d conv / dx applied to dy
 //   jaxft_onednn_conv_bwd_weights  dk = d conv / dk applied to dy
+// and two inference-only ones with an epilogue fused in (see "Inference convolution" below):
+//   jaxft_onednn_conv_bias         y  = act(conv(x, k) + bias)
+//   jaxft_onednn_conv_bias_add     y  = act(conv(x, k) + bias + residual)
 // Data types: activations (x, y and their gradients) are all float32 or all bfloat16; the kernel (and
 // its gradient, which has the kernel's type) is float32 or bfloat16 independently. bfloat16 activations
 // compute in bfloat16 with float32 accumulation (oneDNN's AMX / AVX512-BF16 kernels), so a float32
@@ -298,6 +301,139 @@ ffi::Error BackwardWeights(Buffer x, Buffer dy, ffi::Result<Buffer> dk,
 
 
 // ---------------------------------------------------------------------------------------------------
+// Inference convolution with its epilogue: y = act(conv(x, k) + bias [+ residual]), in one pass,
+// computed in float32 before the one rounding to y's type: the bias per output channel, the residual
+// as a binary-add post-op, the activation as an eltwise post-op. A BatchNorm with running statistics
+// after the convolution is this with k scaled by scale / sqrt(var + eps) per output channel (by the
+// caller) and bias = its shift: a convolution, BatchNorm, residual add and activation of an inference
+// step with no separate pass over the output for each. Measured on oneDNN 2.6's bfloat16 kernels
+// (docs/benchmarks.md, "epilogue"): the bias and eltwise are free, a binary add of a full tensor
+// costs ~10%, while per-channel binary mul/add post-ops and the sum post-op (the other way to add a
+// residual) cost 50-150% on 1x1 convolutions, more than the separate pass they replace.
+// act: 0 identity, 1 ReLU, 2 ReLU6.
+
+enum Act { kIdentity = 0, kRelu = 1, kRelu6 = 2 };
+
+struct Epilogue {
+  int64_t act;
+  bool residual;
+  std::string Key() const { return ",e" + std::to_string(act) + (residual ? "r" : "n"); }
+};
+
+dnnl::primitive_attr EpilogueAttr(const Geometry& g, const Epilogue& e) {
+  dnnl::post_ops ops;
+  if (e.residual) ops.append_binary(dnnl::algorithm::binary_add, g.dst_md());
+#if DNNL_VERSION_MAJOR >= 3
+  if (e.act == kRelu) ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
+  if (e.act == kRelu6) ops.append_eltwise(dnnl::algorithm::eltwise_clip, 0.f, 6.f);
+#else
+  if (e.act == kRelu) ops.append_eltwise(1.f, dnnl::algorithm::eltwise_relu, 0.f, 0.f);
+  if (e.act == kRelu6) ops.append_eltwise(1.f, dnnl::algorithm::eltwise_clip, 0.f, 6.f);
+#endif
+  dnnl::primitive_attr attr = Attr();
+  attr.set_post_ops(ops);
+  return attr;
+}
+
+memory::desc BiasMd(const Geometry& g) { return memory::desc({g.o}, Dt::f32, Tag::a); }
+
+#if DNNL_VERSION_MAJOR >= 3
+dnnl::convolution_forward::primitive_desc EpiloguePd(const Geometry& g, const Epilogue& e) {
+  return dnnl::convolution_forward::primitive_desc(
+      Engine(), dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_direct, g.src_md(),
+      g.any_wei_md(), BiasMd(g), g.dst_md(), g.strides(), g.pad_l(), g.pad_r(),
+      EpilogueAttr(g, e));
+}
+#else
+dnnl::convolution_forward::primitive_desc EpiloguePd(const Geometry& g, const Epilogue& e) {
+  dnnl::convolution_forward::desc d(dnnl::prop_kind::forward_inference,
+                                    dnnl::algorithm::convolution_direct, g.src_md(), g.any_wei_md(),
+                                    BiasMd(g), g.dst_md(), g.strides(), g.pad_l(), g.pad_r());
+  return dnnl::convolution_forward::primitive_desc(d, EpilogueAttr(g, e), Engine());
+}
+#endif
+
+std::shared_ptr<const Primitive> CachedEpilogue(const Geometry& g, const Epilogue& e) {
+  return FromCache<Primitive>(g.Key(kForward) + e.Key(), [&] {
+    auto p = std::make_shared<Primitive>();
+    auto pd = EpiloguePd(g, e);
+    p->primitive = dnnl::convolution_forward(pd);
+    p->wei_md = pd.weights_desc();
+    p->scratchpad_md = pd.scratchpad_desc();
+    return std::shared_ptr<const Primitive>(p);
+  });
+}
+
+ffi::Error ForwardEpilogue(const Buffer& x, const Buffer& k, const ffi::Buffer<ffi::F32, 1>& bias,
+                           const Buffer* residual, const Buffer& y,
+                           ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding,
+                           int64_t groups, int64_t act) {
+  auto xd = x.dimensions(), kd = k.dimensions(), yd = y.dimensions();
+  if (xd.size() != 4 || kd.size() != 4 || yd.size() != 4) {
+    return ffi::Error::InvalidArgument("input, kernel and output must be 4-D");
+  }
+  Dt at, kt, yt;
+  if (!ToDnnl(x.element_type(), &at) || !ToDnnl(y.element_type(), &yt) ||
+      !ToDnnl(k.element_type(), &kt) || at != yt) {
+    return ffi::Error::InvalidArgument("input and output must share a type (float32 or bfloat16)");
+  }
+  if (auto e = Check(xd, kd, yd, strides, padding, groups); e.failure()) return e;
+  if (bias.dimensions()[0] != yd[3]) {
+    return ffi::Error::InvalidArgument("the bias must have one entry per output channel");
+  }
+  if (act < kIdentity || act > kRelu6) return ffi::Error::InvalidArgument("unknown activation");
+  if (residual != nullptr) {
+    auto rd = residual->dimensions();
+    if (rd.size() != 4 || residual->element_type() != y.element_type() ||
+        rd[0] != yd[0] || rd[1] != yd[1] || rd[2] != yd[2] || rd[3] != yd[3]) {
+      return ffi::Error::InvalidArgument("the residual must have the output's shape and type");
+    }
+  }
+  const Geometry g{xd[0], xd[1], xd[2], xd[3], kd[0], kd[1], kd[3], yd[1], yd[2], strides[0],
+                   strides[1], padding[0], padding[1], padding[2], padding[3], groups, at, kt};
+  const Epilogue e{act, residual != nullptr};
+  try {
+    auto p = CachedEpilogue(g, e);
+    std::lock_guard<std::mutex> run_lock(RunMutex());
+    dnnl::stream stream(Engine());
+    memory xm(g.src_md(), Engine(), x.untyped_data()), ym(g.dst_md(), Engine(), y.untyped_data());
+    memory km(g.user_wei_md(), Engine(), k.untyped_data());
+    memory bm(BiasMd(g), Engine(), const_cast<float*>(bias.typed_data()));
+    const bool reorder = p->wei_md != g.user_wei_md();
+    memory wm = reorder ? memory(p->wei_md, Engine()) : km;
+    memory scratch(p->scratchpad_md, Engine());
+    if (reorder) dnnl::reorder(km, wm).execute(stream, km, wm);
+    std::unordered_map<int, memory> args{{DNNL_ARG_SRC, xm}, {DNNL_ARG_WEIGHTS, wm},
+                                         {DNNL_ARG_BIAS, bm}, {DNNL_ARG_DST, ym},
+                                         {DNNL_ARG_SCRATCHPAD, scratch}};
+    if (residual != nullptr) {
+      args.insert({DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1,
+                   memory(g.dst_md(), Engine(), residual->untyped_data())});
+    }
+    p->primitive.execute(stream, args);
+    stream.wait();
+  } catch (const std::exception& ex) {
+    return ffi::Error(ffi::ErrorCode::kInternal,
+                      std::string("jaxft oneDNN convolution epilogue: ") + ex.what());
+  } catch (...) {
+    return ffi::Error(ffi::ErrorCode::kInternal, "jaxft oneDNN convolution epilogue: unknown exception");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error ConvBias(Buffer x, Buffer k, ffi::Buffer<ffi::F32, 1> bias, ffi::Result<Buffer> y,
+                    ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding,
+                    int64_t groups, int64_t act) {
+  return ForwardEpilogue(x, k, bias, nullptr, *y, strides, padding, groups, act);
+}
+
+ffi::Error ConvBiasAdd(Buffer x, Buffer k, ffi::Buffer<ffi::F32, 1> bias, Buffer residual,
+                       ffi::Result<Buffer> y, ffi::Span<const int64_t> strides,
+                       ffi::Span<const int64_t> padding, int64_t groups, int64_t act) {
+  return ForwardEpilogue(x, k, bias, &residual, *y, strides, padding, groups, act);
+}
+
+// ---------------------------------------------------------------------------------------------------
 // Batch normalization (training mode).
 
 struct NormGeometry {
@@ -473,19 +609,27 @@ ffi::Error NormBackward(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Buffer<ffi::F3
 
 
 // ---------------------------------------------------------------------------------------------------
-// c = aᵀ b for a [M, K] and b [M, N] (row-major): the kernel gradient of a 1×1 convolution, with M the
-// batch × pixels. oneDNN's convolution backward-weights kernels for 1×1 are several times slower
-// than its matmul here (docs/benchmarks.md, "bfloat16"); the transposed a is a stride, not a copy.
+// c = op(a) op(b) (op: the matrix or its transpose, a stride, not a copy; row-major, float32
+// accumulation): the GEMMs of jaxft's small-map and 1x1 convolution passes. oneDNN's bfloat16
+// matmul runs ~1.4x faster than XLA:CPU's bfloat16 dot here, and for a 1x1 convolution's kernel
+// gradient (c = x^T dy over batch x pixels) several times faster than oneDNN's own convolution
+// backward-weights kernel (docs/benchmarks.md, "bfloat16").
 
 struct GemmGeometry {
   int64_t m, k, n;
+  bool ta, tb;  // a is stored [K, M] / b is stored [N, K]
   Dt in, out;
-  memory::desc a_t_md() const { return memory::desc({k, m}, in, memory::dims{1, k}); }
-  memory::desc b_md() const { return memory::desc({m, n}, in, memory::dims{n, 1}); }
-  memory::desc c_md() const { return memory::desc({k, n}, out, memory::dims{n, 1}); }
+  memory::desc a_md() const {
+    return memory::desc({m, k}, in, ta ? memory::dims{1, m} : memory::dims{k, 1});
+  }
+  memory::desc b_md() const {
+    return memory::desc({k, n}, in, tb ? memory::dims{1, k} : memory::dims{n, 1});
+  }
+  memory::desc c_md() const { return memory::desc({m, n}, out, memory::dims{n, 1}); }
   std::string Key() const {
-    std::string key = "gemm_tn";
-    for (int64_t v : {m, k, n, static_cast<int64_t>(in), static_cast<int64_t>(out)}) {
+    std::string key = "gemm";
+    for (int64_t v : {m, k, n, static_cast<int64_t>(ta), static_cast<int64_t>(tb),
+                      static_cast<int64_t>(in), static_cast<int64_t>(out)}) {
       key += ',' + std::to_string(v);
     }
     return key;
@@ -494,11 +638,11 @@ struct GemmGeometry {
 
 #if DNNL_VERSION_MAJOR >= 3
 dnnl::matmul::primitive_desc GemmPd(const GemmGeometry& g) {
-  return dnnl::matmul::primitive_desc(Engine(), g.a_t_md(), g.b_md(), g.c_md(), Attr());
+  return dnnl::matmul::primitive_desc(Engine(), g.a_md(), g.b_md(), g.c_md(), Attr());
 }
 #else
 dnnl::matmul::primitive_desc GemmPd(const GemmGeometry& g) {
-  dnnl::matmul::desc d(g.a_t_md(), g.b_md(), g.c_md());
+  dnnl::matmul::desc d(g.a_md(), g.b_md(), g.c_md());
   return dnnl::matmul::primitive_desc(d, Attr(), Engine());
 }
 #endif
@@ -518,23 +662,28 @@ std::shared_ptr<const GemmPrimitive> CachedGemm(const GemmGeometry& g) {
   });
 }
 
-ffi::Error GemmTN(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> c) {
+ffi::Error Gemm(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> c, int64_t trans_a,
+                int64_t trans_b) {
   auto ad = a.dimensions(), bd = b.dimensions(), cd = c->dimensions();
-  if (ad.size() != 2 || bd.size() != 2 || cd.size() != 2 || ad[0] != bd[0] || cd[0] != ad[1] ||
-      cd[1] != bd[1] || ad[0] < 1 || ad[1] < 1 || bd[1] < 1) {
-    return ffi::Error::InvalidArgument("gemm_tn: a [M, K], b [M, N] and c [K, N] do not match");
+  if (ad.size() != 2 || bd.size() != 2 || cd.size() != 2) {
+    return ffi::Error::InvalidArgument("matmul: a, b and c must be 2-D");
+  }
+  const int64_t m = trans_a ? ad[1] : ad[0], k = trans_a ? ad[0] : ad[1];
+  const int64_t kb = trans_b ? bd[1] : bd[0], n = trans_b ? bd[0] : bd[1];
+  if (k != kb || cd[0] != m || cd[1] != n || m < 1 || k < 1 || n < 1) {
+    return ffi::Error::InvalidArgument("matmul: op(a) [M, K], op(b) [K, N] and c [M, N] do not match");
   }
   Dt ta, tb, tc;
   if (!ToDnnl(a.element_type(), &ta) || !ToDnnl(b.element_type(), &tb) ||
       !ToDnnl(c->element_type(), &tc) || ta != tb) {
-    return ffi::Error::InvalidArgument("gemm_tn: a and b must share a type (float32 or bfloat16)");
+    return ffi::Error::InvalidArgument("matmul: a and b must share a type (float32 or bfloat16)");
   }
-  const GemmGeometry g{ad[0], ad[1], bd[1], ta, tc};
+  const GemmGeometry g{m, k, n, trans_a != 0, trans_b != 0, ta, tc};
   try {
     auto p = CachedGemm(g);
     std::lock_guard<std::mutex> run_lock(RunMutex());
     dnnl::stream stream(Engine());
-    memory am(g.a_t_md(), Engine(), a.untyped_data()), bm(g.b_md(), Engine(), b.untyped_data());
+    memory am(g.a_md(), Engine(), a.untyped_data()), bm(g.b_md(), Engine(), b.untyped_data());
     memory cm(g.c_md(), Engine(), c->untyped_data());
     memory scratch(p->scratchpad_md, Engine());
     p->primitive.execute(stream, {{DNNL_ARG_SRC, am}, {DNNL_ARG_WEIGHTS, bm}, {DNNL_ARG_DST, cm},
@@ -567,6 +716,27 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxft_onednn_conv_bwd_weights, BackwardWeights, JA
 using jaxft_f32_vec = ffi::Buffer<ffi::F32, 1>;
 using jaxft_u8_vec = ffi::Buffer<ffi::U8, 1>;
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxft_onednn_conv_bias, ConvBias,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<jaxft_f32_vec>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<ffi::Span<const int64_t>>("strides")
+                                  .Attr<ffi::Span<const int64_t>>("padding")
+                                  .Attr<int64_t>("groups")
+                                  .Attr<int64_t>("act"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxft_onednn_conv_bias_add, ConvBiasAdd,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<jaxft_f32_vec>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<ffi::Span<const int64_t>>("strides")
+                                  .Attr<ffi::Span<const int64_t>>("padding")
+                                  .Attr<int64_t>("groups")
+                                  .Attr<int64_t>("act"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxft_onednn_bn_fwd, NormForward,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()
@@ -593,11 +763,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxft_onednn_bn_bwd, NormBackward,
                                   .Attr<float>("epsilon")
                                   .Attr<int64_t>("relu"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxft_onednn_gemm_tn, GemmTN,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxft_onednn_matmul, Gemm,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("trans_a")
+                                  .Attr<int64_t>("trans_b"));
 
 // The bytes of the ReLU mask jaxft_onednn_bn_fwd writes for an [n, h, w, c] input (dtype 0: float32,
 // 1: bfloat16), or -1 when oneDNN cannot build the primitive.

@@ -79,6 +79,12 @@ def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
   return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
 
+def _running_affine(scale: jax.Array, bias: jax.Array, mean: jax.Array, var: jax.Array,
+                    epsilon: float) -> tuple[jax.Array, jax.Array]:
+  mul = scale * lax.rsqrt(var + epsilon)
+  return mul, bias - mean * mul
+
+
 class BatchNorm(nn.Module):
   """BatchNorm over NHWC with PyTorch's semantics.
 
@@ -108,8 +114,8 @@ class BatchNorm(nn.Module):
     ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
     ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
     if use_running_average:
-      mul = scale * lax.rsqrt(ra_var.value + self.epsilon)
-      return self.affine(x, mul, bias - ra_mean.value * mul).astype(self.dtype)
+      mul, shift = _running_affine(scale, bias, ra_mean.value, ra_var.value, self.epsilon)
+      return self.affine(x, mul, shift).astype(self.dtype)
     y, mean, var = self.normalize(x, scale, bias)
     if not self.is_initializing():
       n = x.size // c
@@ -117,6 +123,15 @@ class BatchNorm(nn.Module):
       ra_mean.value = m * ra_mean.value + (1.0 - m) * mean
       ra_var.value = m * ra_var.value + (1.0 - m) * var * (n / max(n - 1, 1))
     return y.astype(self.dtype)
+
+  def running_affine(self) -> tuple[jax.Array, jax.Array]:
+    """Returns ``(mul, shift)``, float32 ``[C]``: this BatchNorm with its running statistics is
+    ``x * mul + shift`` per channel. Reads the existing variables (apply, not init: it creates
+    none), so that the affine can be fused into the convolution before it
+    (:class:`Epilogue`)."""
+    return _running_affine(self.get_variable("params", "scale"), self.get_variable("params", "bias"),
+                           self.get_variable("batch_stats", "mean"),
+                           self.get_variable("batch_stats", "var"), self.epsilon)
 
   def affine(self, x: jax.Array, mul: jax.Array, shift: jax.Array) -> jax.Array:
     """Returns ``x * mul + shift`` per channel (last axis) in float32: BatchNorm with running
@@ -136,6 +151,48 @@ class BatchNorm(nn.Module):
 
 
 @dataclasses.dataclass(frozen=True)
+class Epilogue:
+  """What an inference step does to a convolution's output ``y`` right after it, per output channel:
+  ``act(y * mul + shift + residual)``, computed in float32 and rounded once to ``y``'s type.
+
+  That is a BatchNorm with running statistics (:meth:`BatchNorm.running_affine`), the residual add
+  of a block and its activation. A conv module that takes ``epilogue=`` (``Layers.conv_epilogue``)
+  may compute it inside the convolution (the CPU backend's oneDNN post-ops); :meth:`apply` is the
+  reference.
+
+  Attributes:
+    mul: float32 ``[C]``, or None for ones.
+    shift: float32 ``[C]``, or None for zeros.
+    residual: an array of ``y``'s shape, or None.
+    act: a name in :data:`ACTIVATIONS`.
+  """
+
+  mul: jax.Array | None = None
+  shift: jax.Array | None = None
+  residual: jax.Array | None = None
+  act: str = "identity"
+
+  def with_bias(self, bias: jax.Array | None) -> "Epilogue":
+    """Returns the epilogue of ``y + bias`` (a conv's own bias, applied before this one)."""
+    if bias is None:
+      return self
+    bias = bias.astype(jnp.float32)
+    shift = bias if self.mul is None else bias * self.mul
+    return dataclasses.replace(self, shift=shift if self.shift is None else shift + self.shift)
+
+  def apply(self, y: jax.Array) -> jax.Array:
+    """Returns the epilogue applied to ``y``, in ``y``'s type; ``y`` is not mutated."""
+    z = y.astype(jnp.float32)
+    if self.mul is not None:
+      z = z * self.mul
+    if self.shift is not None:
+      z = z + self.shift
+    if self.residual is not None:
+      z = z + self.residual.astype(jnp.float32)
+    return activation(self.act)(z).astype(y.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
 class Layers:
   """The layer factories a :class:`~jaxft.models.network.Network` is built from (flax-examples style).
 
@@ -147,8 +204,12 @@ class Layers:
       module applying a k×k conv padded ``k // 2`` on each side.
     norm: a BatchNorm module class with :class:`BatchNorm`'s attributes and call signature.
     max_pool: ``max_pool(x)``, torch's ``MaxPool2d(3, stride=2, padding=1)``.
+    conv_epilogue: whether the modules ``conv`` builds take ``epilogue=`` (an :class:`Epilogue`) in
+      their call; a network then hands them the BatchNorm, residual add and activation that follow
+      each conv in inference instead of applying those itself.
   """
 
   conv: Callable[..., nn.Module] = conv
   norm: Callable[..., nn.Module] = BatchNorm
   max_pool: Callable[[jax.Array], jax.Array] = max_pool_3x3_s2
+  conv_epilogue: bool = False

@@ -113,6 +113,10 @@ class Parts:
   def _path(self, owner: nn.Module, name: str) -> str:
     return "/".join((*owner.scope.path[len(self.root):], name))
 
+  def _lora_spec(self, owner: nn.Module, name: str) -> LoraSpec | None:
+    path = self._path(owner, name)
+    return next((x for x in self.lora if x.module == path), None)
+
   def conv(self, owner: nn.Module, features: int, kernel: int, stride: int = 1, groups: int = 1, *,
            name: str) -> Callable[[jax.Array], jax.Array]:
     """Returns ``x -> conv(x)`` for the conv ``name`` created in ``owner`` (a BN-followed conv of the
@@ -123,16 +127,44 @@ class Parts:
     """
     conv = self.layers.conv(features, kernel, stride, groups, use_bias=self.folded_bn,
                             dtype=self.dtype, name=name)
-    path = self._path(owner, name)
-    spec = next((x for x in self.lora if x.module == path), None)
+    spec = self._lora_spec(owner, name)
     if spec is None:
       return conv
     if groups != 1:
-      raise ValueError(f"LoRA on {path}: grouped convs (groups={groups}) are not supported; select "
-                       "ungrouped convs")
+      raise ValueError(f"LoRA on {self._path(owner, name)}: grouped convs (groups={groups}) are not "
+                       "supported; select ungrouped convs")
     lora = Lora(spec.rank, features, kernel, stride, spec.scale, self.layers, self.dtype,
                 name=f"{name}_lora")
     return lambda x: conv(x) + lora(x)
+
+  def conv_bn(self, owner: nn.Module, features: int, kernel: int, stride: int = 1, groups: int = 1,
+              *, conv: str, bn: str, train: bool, act: str = "identity"
+              ) -> Callable[..., jax.Array]:
+    """Returns ``f(x, residual=None) = act(BN(conv(x)) [+ residual])`` for the conv ``conv`` and the
+    BatchNorm ``bn`` after it, both created in ``owner`` (as :meth:`conv` and :meth:`norm` create
+    them: same parameters, same values).
+
+    In inference (not ``train``, outside init), when the layers' convs take an epilogue
+    (``Layers.conv_epilogue``) and no LoRA update is added to this one, the BatchNorm's running
+    affine, the residual add and the activation are handed to the conv as an
+    :class:`~jaxft.models.layers.Epilogue` (the CPU backend computes them inside the convolution,
+    with no pass of their own over the output) instead of being applied after it.
+    """
+    conv_fn = self.conv(owner, features, kernel, stride, groups, name=conv)
+    activation = layers_lib.activation(act)
+    fused = (self.layers.conv_epilogue and not train and not owner.is_initializing()
+             and self._lora_spec(owner, conv) is None)
+    if not fused:
+      norm = self.norm(owner, bn, train)
+
+      def plain(x: jax.Array, residual: jax.Array | None = None) -> jax.Array:
+        h = norm(conv_fn(x))
+        return activation(h if residual is None else h + residual)
+
+      return plain
+    mul, shift = (None, None) if self.folded_bn else self.bn(name=bn).running_affine()
+    return lambda x, residual=None: conv_fn(
+        x, epilogue=layers_lib.Epilogue(mul, shift, residual, act))
 
   def norm(self, owner: nn.Module, name: str, train: bool) -> Callable[[jax.Array], jax.Array]:
     """Returns ``x -> BN(x)`` for the BatchNorm ``name`` created in ``owner`` (call it from ``owner``'s
@@ -155,9 +187,8 @@ class Stem(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     s, p = self.spec, self.parts
-    conv = p.conv(self, s.width, s.kernel, s.stride, name="conv")
-    x = padded_conv(conv, x, s.kernel, s.stride, p.padding)
-    x = layers_lib.activation(s.act)(p.norm(self, "bn", train)(x))
+    unit = p.conv_bn(self, s.width, s.kernel, s.stride, conv="conv", bn="bn", train=train, act=s.act)
+    x = padded_conv(unit, x, s.kernel, s.stride, p.padding)
     if s.pool:
       x = p.layers.max_pool(x)
     return x
@@ -213,44 +244,40 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     b, p = self.spec, self.parts
-    act = layers_lib.activation(b.act)
     cin = x.shape[-1]
-    bn = lambda name: p.norm(self, name, train)
-    conv = functools.partial(p.conv, self)
+    # unit(...)(h, residual) = act(bn(conv(h)) + residual), fused into the conv in inference.
+    unit = functools.partial(p.conv_bn, self, train=train)
     # The strided k×k conv of every kind pads per ModelSpec.padding.
     spatial = lambda c, h: padded_conv(c, h, b.kernel, b.stride, p.padding)
-    if b.kind == "basic":
-      h = act(bn("bn1")(spatial(conv(b.width, b.kernel, b.stride, name="conv1"), x)))
-      h = bn("bn2")(conv(b.out, b.kernel, 1, name="conv2")(h))
-    elif b.kind == "bottleneck":
-      h = act(bn("bn1")(conv(b.width, 1, name="conv1")(x)))
-      h = act(bn("bn2")(spatial(conv(b.width, b.kernel, b.stride, b.groups, name="conv2"), h)))
-      h = bn("bn3")(conv(b.out, 1, name="conv3")(h))
-    elif b.kind == "mbconv":
-      h = x
-      if b.width != cin:
-        h = act(bn("bn0")(conv(b.width, 1, name="expand_conv")(h)))
-      h = act(bn("bn1")(spatial(conv(b.width, b.kernel, b.stride, b.width, name="depthwise_conv"), h)))
-      h = bn("bn2")(conv(b.out, 1, name="project_conv")(h))
-    else:
-      raise ValueError(f"unknown block kind {b.kind!r}; valid: basic, bottleneck, mbconv")
-
     same_shape = b.stride == 1 and cin == b.out
-    if b.kind == "mbconv":
-      y = h + x if same_shape else h  # inverted residuals have no projection shortcut
-    else:
+    if b.kind in ("basic", "bottleneck"):
       if same_shape:
         sc = x
       elif self.shortcut == "conv":
-        sc = conv(b.out, 1, b.stride, name="downsample_conv")(x)
-        sc = bn("downsample_bn")(sc)
+        sc = unit(b.out, 1, b.stride, conv="downsample_conv", bn="downsample_bn")(x)
       elif self.shortcut == "option_a":
         sc = x[:, ::b.stride, ::b.stride, :] if b.stride > 1 else x
         lo = (b.out - cin) // 2
         sc = jnp.pad(sc, ((0, 0), (0, 0), (0, 0), (lo, b.out - cin - lo)))
       else:
         raise ValueError(f"unknown shortcut {self.shortcut!r}; valid: conv, option_a")
-      y = act(h + sc)
+    if b.kind == "basic":
+      h = spatial(unit(b.width, b.kernel, b.stride, conv="conv1", bn="bn1", act=b.act), x)
+      y = unit(b.out, b.kernel, 1, conv="conv2", bn="bn2", act=b.act)(h, sc)
+    elif b.kind == "bottleneck":
+      h = unit(b.width, 1, conv="conv1", bn="bn1", act=b.act)(x)
+      h = spatial(unit(b.width, b.kernel, b.stride, b.groups, conv="conv2", bn="bn2", act=b.act), h)
+      y = unit(b.out, 1, conv="conv3", bn="bn3", act=b.act)(h, sc)
+    elif b.kind == "mbconv":
+      h = x
+      if b.width != cin:
+        h = unit(b.width, 1, conv="expand_conv", bn="bn0", act=b.act)(h)
+      h = spatial(unit(b.width, b.kernel, b.stride, b.width, conv="depthwise_conv", bn="bn1",
+                       act=b.act), h)
+      # Inverted residuals have no projection shortcut and no activation after the add.
+      y = unit(b.out, 1, conv="project_conv", bn="bn2")(h, x if same_shape else None)
+    else:
+      raise ValueError(f"unknown block kind {b.kind!r}; valid: basic, bottleneck, mbconv")
     if b.adapter:
       y = Adapter(b.adapter, p.layers, b.act, p.dtype, name="adapter")(y)
     return y
@@ -322,8 +349,8 @@ class Network(nn.Module):
     for st in s.stages:
       x = stages[st.name] = Stage(st.blocks, s.shortcut, parts, name=st.name)(x, train)
     if s.neck_width:
-      x = parts.conv(self, s.neck_width, 1, name="neck_conv")(x)
-      x = layers_lib.activation(s.neck_act)(parts.norm(self, "neck_bn", train)(x))
+      x = parts.conv_bn(self, s.neck_width, 1, conv="neck_conv", bn="neck_bn", train=train,
+                        act=s.neck_act)(x)
     features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     outputs = {}
     for h in s.heads:
