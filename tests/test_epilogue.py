@@ -147,6 +147,32 @@ def test_network_inference_fuses_every_conv_bn_and_matches_the_plain_layers(arch
 
 
 @pytest.mark.usefixtures("needs_onednn")
+@pytest.mark.parametrize("fuse", ["0", "1"])
+def test_residual_adds_are_fused_only_where_the_cpu_fuses_them(monkeypatch, fuse):
+  # AVX2-only CPUs run oneDNN's 1x1 kernels slower with the residual post-op than without
+  # (docs/benchmarks.md): there the residual conv runs unfused, the others still fuse.
+  monkeypatch.setenv("JAXFT_EPILOGUE_RESIDUAL", fuse)
+  model = models.create_model("cifar_resnet20", jax.random.key(0), num_classes=5)
+  stats = _perturbed_stats(model)
+  x = jax.random.normal(jax.random.key(2), (2, 12, 12, 3))
+  want, _ = _eval(models.Network(model.spec, layers=Layers()), model, stats, x)
+  got, hlo = _eval(models.Network(model.spec, layers=cpu_layers()), model, stats, x)
+  assert _rel(got, want) < 1e-4
+  assert (hlo.count("jaxft_onednn_conv_bias_add") >= 3) == (fuse == "1")
+  assert hlo.count("jaxft_onednn_conv_bias") >= 3
+
+
+def test_residual_fusion_follows_the_cpu_unless_overridden(monkeypatch):
+  monkeypatch.delenv("JAXFT_EPILOGUE_RESIDUAL", raising=False)
+  assert epilogue.fuses_residuals() == ("avx512f" in onednn.cpu_flags())
+  res = jnp.zeros((1, 2, 2, 3))
+  assert epilogue.fusable(Epilogue(act="relu"))
+  assert epilogue.fusable(Epilogue(residual=res, act="relu")) == epilogue.fuses_residuals()
+  monkeypatch.setenv("JAXFT_EPILOGUE_RESIDUAL", "0")
+  assert not epilogue.fusable(Epilogue(residual=res, act="relu"))
+
+
+@pytest.mark.usefixtures("needs_onednn")
 def test_training_steps_and_lora_convs_are_not_fused():
   model = models.create_model("cifar_resnet20", jax.random.key(0), num_classes=5)
   net = models.Network(model.spec, layers=cpu_layers())

@@ -15,6 +15,7 @@ calls it when a network hands its conv an epilogue (inference, ``Layers.conv_epi
 from __future__ import annotations
 
 import functools
+import os
 from typing import Sequence
 
 import jax
@@ -25,8 +26,21 @@ from jaxft.models.layers import Epilogue
 
 
 def fusable(epilogue: Epilogue) -> bool:
-  """Whether oneDNN's post-ops can compute this epilogue's activation."""
-  return epilogue.act in onednn.EPILOGUE_ACTS
+  """Whether oneDNN's post-ops compute this epilogue faster than XLA's pass after the convolution:
+  its activation is one of :data:`jaxft.cpu.onednn.EPILOGUE_ACTS` and, for a residual, the CPU
+  fuses residuals (:func:`fuses_residuals`)."""
+  return epilogue.act in onednn.EPILOGUE_ACTS and (epilogue.residual is None or fuses_residuals())
+
+
+def fuses_residuals() -> bool:
+  """Whether a residual add is handed to oneDNN: on CPUs with AVX-512, where its binary-add post-op
+  costs less than XLA's pass; on AVX2-only CPUs oneDNN 2.6's 1×1 kernels with it run 5–20% slower
+  than without, more than the pass saves (docs/benchmarks.md, "epilogue"), so a convolution with a
+  residual then runs unfused. ``JAXFT_EPILOGUE_RESIDUAL=0`` / ``1`` overrides the answer."""
+  forced = os.environ.get("JAXFT_EPILOGUE_RESIDUAL", "").strip()
+  if forced in ("0", "1"):
+    return forced == "1"
+  return "avx512f" in onednn.cpu_flags()
 
 
 def conv_epilogue(x: jax.Array, kernel: jax.Array, strides: Sequence[int],

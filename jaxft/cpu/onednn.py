@@ -262,7 +262,6 @@ def status() -> str:
   return f"oneDNN {v // 10000}.{v // 100 % 100}.{v % 100} ({_state['path']})"
 
 
-@functools.lru_cache(maxsize=None)
 def bf16_supported() -> bool:
   """Whether this CPU has bfloat16 dot-product instructions (AMX-BF16 or AVX512-BF16), read from
   ``/proc/cpuinfo`` once; without them oneDNN's bfloat16 convolutions are emulated, slower than
@@ -271,15 +270,20 @@ def bf16_supported() -> bool:
   forced = os.environ.get("JAXFT_ONEDNN_BF16", "").strip().lower()
   if forced in ("0", "1"):
     return forced == "1"
+  return bool(cpu_flags() & {"amx_bf16", "avx512_bf16"})
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_flags() -> frozenset[str]:
+  """This CPU's instruction-set flags (``/proc/cpuinfo``, read once; empty where it cannot be read)."""
   try:
     with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
       for line in f:
         if line.startswith("flags"):
-          flags = set(line.split(":", 1)[1].split())
-          return bool(flags & {"amx_bf16", "avx512_bf16"})
+          return frozenset(line.split(":", 1)[1].split())
   except OSError:
     pass
-  return False
+  return frozenset()
 
 
 def supported(x_shape: Sequence[int], kernel_shape: Sequence[int], dtype, strides: Sequence[int],
