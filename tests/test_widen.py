@@ -346,7 +346,11 @@ def test_resnet50_widened():
   m = random_model(get_spec("resnet50", 10), 2)
   mid = surgery.widen_stage(m, "layer[34]", factor=1.25, seed=1)
   out = surgery.widen(mid, "layer3/block[0-2]", width=320, noise=0.05, seed=2, expect=3)
-  check_preserved(m, out)
+  # Train mode at 64 px on 16 images: with XT (8 images at 32 px) layer4's 1×1 maps give BN 8 values
+  # per channel, and on AMD Zen 3 (AVX2) the widened model's logits moved by 1.9e-5, within float32
+  # noise (the same model on the batch reversed: 1e-4). At 64 px × 16 the widened model is 6e-6.
+  xt = jax.random.normal(jax.random.key(4), (16, 64, 64, 3))
+  check_preserved(m, out, xt=xt)
 
 
 @pytest.mark.slow

@@ -34,9 +34,9 @@ def fusable(epilogue: Epilogue) -> bool:
 
 def fuses_residuals() -> bool:
   """Whether a residual add is handed to oneDNN: on CPUs with AVX-512, where its binary-add post-op
-  costs less than XLA's pass; on AVX2-only CPUs oneDNN 2.6's 1×1 kernels with it run 5–20% slower
-  than without, more than the pass saves (docs/benchmarks.md, "epilogue"), so a convolution with a
-  residual then runs unfused. ``JAXFT_EPILOGUE_RESIDUAL=0`` / ``1`` overrides the answer."""
+  costs less than XLA's pass; on AVX2-only CPUs oneDNN 2.6's 1×1 kernels with it run up to 2× slower
+  than without, more than the pass saves (docs/benchmarks.md, "An AVX2-only machine"), so a
+  convolution with a residual then runs unfused. ``JAXFT_EPILOGUE_RESIDUAL=0`` / ``1`` overrides the answer."""
   forced = os.environ.get("JAXFT_EPILOGUE_RESIDUAL", "").strip()
   if forced in ("0", "1"):
     return forced == "1"

@@ -308,8 +308,9 @@ ffi::Error BackwardWeights(Buffer x, Buffer dy, ffi::Result<Buffer> dk,
 // caller) and bias = its shift: a convolution, BatchNorm, residual add and activation of an inference
 // step with no separate pass over the output for each. Measured on oneDNN 2.6's bfloat16 kernels
 // (docs/benchmarks.md, "epilogue"): the bias and eltwise are free, a binary add of a full tensor
-// costs ~10%, while per-channel binary mul/add post-ops and the sum post-op (the other way to add a
-// residual) cost 50-150% on 1x1 convolutions, more than the separate pass they replace.
+// costs ~10% (up to 2x in the AVX2 kernels, where the caller leaves residuals out), while
+// per-channel binary mul/add post-ops and the sum post-op (the other way to add a residual) cost
+// 50-150% on 1x1 convolutions, more than the separate pass they replace.
 // act: 0 identity, 1 ReLU, 2 ReLU6.
 
 enum Act { kIdentity = 0, kRelu = 1, kRelu6 = 2 };
