@@ -8,6 +8,10 @@ from pathlib import Path
 
 import pytest
 
+# Wherever oneDNN is loaded the tests exercise it, also on AVX2-only CPUs where impl="auto" would
+# otherwise keep XLA's plans (jaxft.cpu.onednn.preferred; its own test clears this).
+os.environ.setdefault("JAXFT_ONEDNN_AUTO", "1")
+
 SHARED = Path(os.environ.get("JAXFT_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 CIFAR_TAR = SHARED / "data" / "cifar10-jpeg-train.tar.gz"
 RESNET_WEIGHTS = SHARED / "weights" / "cifar-resnet"

@@ -92,6 +92,23 @@ def test_conv_under_vmap_and_second_call_with_a_new_geometry():
 
 
 @pytest.mark.usefixtures("needs_onednn")
+def test_auto_takes_onednn_only_where_this_cpu_prefers_it(monkeypatch):
+  # AVX2-only CPUs run XLA's plans faster than oneDNN 2.6's AVX2 kernels (docs/benchmarks.md); the
+  # suite forces JAXFT_ONEDNN_AUTO=1 (conftest) so that it exercises oneDNN everywhere.
+  import jaxft.cpu  # pylint: disable=g-import-not-at-top
+  monkeypatch.delenv("JAXFT_ONEDNN_AUTO")
+  assert onednn.preferred() == ("avx512f" in onednn.cpu_flags())
+  monkeypatch.setenv("JAXFT_ONEDNN_AUTO", "0")
+  assert not onednn.preferred()
+  assert resolve_impl("auto", 10**6) == "hybrid"
+  assert resolve_impl("onednn", 10**6) == "onednn"  # an explicit choice is unaffected
+  assert "not chosen by impl='auto' on this CPU" in jaxft.cpu.status()
+  monkeypatch.setenv("JAXFT_ONEDNN_AUTO", "1")
+  assert resolve_impl("auto", 10**6) == "onednn"
+  assert "not chosen" not in jaxft.cpu.status()
+
+
+@pytest.mark.usefixtures("needs_onednn")
 def test_auto_uses_onednn_on_large_maps_and_gemms_on_tiny_ones():
   module = Conv(8, (3, 3), padding=((1, 1), (1, 1)))
   big, tiny = jnp.zeros((2, 8, 8, 4)), jnp.zeros((2, 2, 2, 4))

@@ -5,6 +5,7 @@
     python tools/bench_bf16.py --change gemm     # 1x1 kernel gradients as a matmul vs oneDNN's conv
     python tools/bench_bf16.py --change epilogue --mode eval   # BN/residual/ReLU as conv post-ops
     python tools/bench_bf16.py --change matmul --size 32 --batch 128   # small-map GEMMs by oneDNN
+    JAXFT_ONEDNN_AUTO=1 python tools/bench_bf16.py --change onednn --dtype float32   # oneDNN vs XLA plans
 
 Builds ``tools/bench.py``'s jaxft train (or eval) step (ResNet-50, bfloat16 unless ``--dtype``) twice in one process — as shipped
 (A) and with the change switched off while the second one is traced (B) — then times them in
@@ -34,6 +35,8 @@ def _switch_off(change: str) -> None:
     epilogue.fusable = lambda e: False  # the epilogue then runs in XLA after oneDNN's convolution
   elif change == "matmul":
     onednn.matmul_supported = lambda dtype: False  # the small-map GEMMs then are XLA's dots
+  elif change == "onednn":
+    onednn.loaded = lambda: False  # every convolution then runs the XLA / GEMM plans (impl.py)
   elif change == "gemm":
     onednn._pointwise_kernel_grad = (  # pylint: disable=protected-access
         lambda x, dy, ks, st, dt: onednn.kernel_grad(x, dy, ks, st, ((0, 0), (0, 0)), 1, dt))
@@ -41,7 +44,7 @@ def _switch_off(change: str) -> None:
 
 def main(argv: list[str]) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--change", choices=("all", "bn", "gemm", "epilogue", "matmul"), required=True)
+  p.add_argument("--change", choices=("all", "bn", "gemm", "epilogue", "matmul", "onednn"), required=True)
   p.add_argument("--mode", choices=("train", "eval"), default="train")
   p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
   p.add_argument("--model", default="resnet50")

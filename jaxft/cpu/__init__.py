@@ -121,8 +121,11 @@ def status() -> str:
   xla = os.environ.get("XLA_FLAGS", "") or "unset"
   bf16 = ("oneDNN (AMX/AVX512-BF16)" if onednn.bf16_supported() and onednn.loaded()
           else "XLA (no bfloat16 instructions)" if not onednn.bf16_supported() else "XLA")
+  convs = onednn.status()
+  if onednn.loaded() and not onednn.preferred():
+    convs += " (not chosen by impl='auto' on this CPU: no AVX-512, XLA's plans are faster)"
   return (f"jaxft.cpu {state}; allocator {allocator.loaded_allocator()}; oneDNN convolutions "
-          f"{onednn.status()}; bfloat16 convolutions {bf16}; XLA_FLAGS {xla}")
+          f"{convs}; bfloat16 convolutions {bf16}; XLA_FLAGS {xla}")
 
 
 # These need jax and flax, which `import jaxft.cpu` must not load (enable() may relaunch first).

@@ -20,7 +20,8 @@ from jaxft.cpu import onednn
 IMPLS = ("auto", "lax", "matmul", "hybrid", "onednn")
 
 # On CPU, ``auto`` is ``onednn`` (every pass by oneDNN's direct convolutions) for dense and depthwise
-# convolutions whose input has at least this many pixels, when oneDNN is loaded (other grouped
+# convolutions whose input has at least this many pixels, when oneDNN is loaded and preferred on this
+# CPU (AVX-512; on AVX2-only CPUs XLA's plans were faster: onednn.preferred) (other grouped
 # convolutions only when asked for: not measured). On 2×2 and 1×1 maps one GEMM is faster; from 4×4 up
 # oneDNN is as fast or faster in every pass (docs/benchmarks.md, "oneDNN convolutions").
 ONEDNN_MIN_PIXELS = 9
@@ -67,7 +68,8 @@ def resolve_impl(impl: str, pixels: int | None = None, depthwise: bool = False,
 
   On a CPU default backend ``auto`` is ``onednn`` for dense and depthwise convolutions (not other
   ``grouped`` ones, whose speed in oneDNN is unmeasured) on inputs of at least
-  :data:`ONEDNN_MIN_PIXELS` pixels when :func:`jaxft.cpu.onednn.loaded` (one device); otherwise
+  :data:`ONEDNN_MIN_PIXELS` pixels when :func:`jaxft.cpu.onednn.loaded` (one device) and
+  :func:`jaxft.cpu.onednn.preferred` on this CPU (AVX-512); otherwise
   ``matmul`` (GEMMs forward and backward; shifted products when depthwise) for depthwise convolutions
   and for inputs of at most :data:`SMALL_MAP_PIXELS` pixels (or ``pixels`` None), and ``hybrid``
   (``lax.conv`` forward, GEMM gradients) above. On other backends it is ``lax`` (also for an explicit
@@ -84,7 +86,7 @@ def resolve_impl(impl: str, pixels: int | None = None, depthwise: bool = False,
     if jax.default_backend() != "cpu":
       return "lax"
     if (pixels is not None and pixels >= ONEDNN_MIN_PIXELS and not grouped
-        and jax.device_count() == 1 and onednn.loaded()):
+        and jax.device_count() == 1 and onednn.loaded() and onednn.preferred()):
       return "onednn"
     small = pixels is None or pixels <= SMALL_MAP_PIXELS
     return "matmul" if small or depthwise else "hybrid"

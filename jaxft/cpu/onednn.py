@@ -273,6 +273,18 @@ def bf16_supported() -> bool:
   return bool(cpu_flags() & {"amx_bf16", "avx512_bf16"})
 
 
+def preferred() -> bool:
+  """Whether ``impl="auto"`` takes oneDNN's convolutions on this CPU once they are loaded: where the
+  CPU has AVX-512, on which they were measured faster than XLA's plans in every workload; not on
+  AVX2-only CPUs, where oneDNN 2.6's AVX2 kernels ran ResNet-50 6–10% slower than XLA's plans in
+  training and eval, at 32 and 224 px (docs/benchmarks.md, "An AVX2-only machine").
+  ``JAXFT_ONEDNN_AUTO=0`` / ``1`` overrides the answer; an explicit ``impl="onednn"`` is unaffected."""
+  forced = os.environ.get("JAXFT_ONEDNN_AUTO", "").strip()
+  if forced in ("0", "1"):
+    return forced == "1"
+  return "avx512f" in cpu_flags()
+
+
 @functools.lru_cache(maxsize=None)
 def cpu_flags() -> frozenset[str]:
   """This CPU's instruction-set flags (``/proc/cpuinfo``, read once; empty where it cannot be read)."""
