@@ -123,7 +123,7 @@ def status() -> str:
           else "XLA (no bfloat16 instructions)" if not onednn.bf16_supported() else "XLA")
   convs = onednn.status()
   if onednn.loaded() and not onednn.preferred():
-    convs += " (not chosen by impl='auto' on this CPU: no AVX-512, XLA's plans are faster)"
+    convs += " (not chosen by impl='auto' on this CPU: it has no AVX-512, or JAXFT_ONEDNN_AUTO=0)"
   return (f"jaxft.cpu {state}; allocator {allocator.loaded_allocator()}; oneDNN convolutions "
           f"{convs}; bfloat16 convolutions {bf16}; XLA_FLAGS {xla}")
 

@@ -15,7 +15,6 @@ calls it when a network hands its conv an epilogue (inference, ``Layers.conv_epi
 from __future__ import annotations
 
 import functools
-import os
 from typing import Sequence
 
 import jax
@@ -37,10 +36,7 @@ def fuses_residuals() -> bool:
   costs less than XLA's pass; on AVX2-only CPUs oneDNN 2.6's 1×1 kernels with it run up to 2× slower
   than without, more than the pass saves (docs/benchmarks.md, "An AVX2-only machine"), so a
   convolution with a residual then runs unfused. ``JAXFT_EPILOGUE_RESIDUAL=0`` / ``1`` overrides the answer."""
-  forced = os.environ.get("JAXFT_EPILOGUE_RESIDUAL", "").strip()
-  if forced in ("0", "1"):
-    return forced == "1"
-  return "avx512f" in onednn.cpu_flags()
+  return onednn.cpu_choice("JAXFT_EPILOGUE_RESIDUAL", {"avx512f"})
 
 
 def conv_epilogue(x: jax.Array, kernel: jax.Array, strides: Sequence[int],

@@ -267,10 +267,7 @@ def bf16_supported() -> bool:
   ``/proc/cpuinfo`` once; without them oneDNN's bfloat16 convolutions are emulated, slower than
   float32, so :func:`supported` declines bfloat16 (the layer then computes in XLA).
   ``JAXFT_ONEDNN_BF16=0`` / ``1`` overrides the answer (e.g. to test the fallback)."""
-  forced = os.environ.get("JAXFT_ONEDNN_BF16", "").strip().lower()
-  if forced in ("0", "1"):
-    return forced == "1"
-  return bool(cpu_flags() & {"amx_bf16", "avx512_bf16"})
+  return cpu_choice("JAXFT_ONEDNN_BF16", {"amx_bf16", "avx512_bf16"})
 
 
 def preferred() -> bool:
@@ -279,10 +276,16 @@ def preferred() -> bool:
   AVX2-only CPUs, where oneDNN 2.6's AVX2 kernels ran ResNet-50 6–10% slower than XLA's plans in
   training and eval, at 32 and 224 px (docs/benchmarks.md, "An AVX2-only machine").
   ``JAXFT_ONEDNN_AUTO=0`` / ``1`` overrides the answer; an explicit ``impl="onednn"`` is unaffected."""
-  forced = os.environ.get("JAXFT_ONEDNN_AUTO", "").strip()
+  return cpu_choice("JAXFT_ONEDNN_AUTO", {"avx512f"})
+
+
+def cpu_choice(env: str, any_of: set[str]) -> bool:
+  """A per-CPU choice: ``$env`` when it is ``0`` or ``1``, else whether this CPU has any of the
+  flags ``any_of`` (:func:`cpu_flags`)."""
+  forced = os.environ.get(env, "").strip()
   if forced in ("0", "1"):
     return forced == "1"
-  return "avx512f" in cpu_flags()
+  return bool(cpu_flags() & any_of)
 
 
 @functools.lru_cache(maxsize=None)
