@@ -36,6 +36,12 @@ import traceback
 from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
+if __name__ == "__main__":
+  # The CLI runs under tcmalloc (main's cpu.enable(relaunch=True)): re-exec before this module loads
+  # JAX and orbax (~1.7 s), not after, or the relaunched process pays for them twice.
+  from jaxft.cpu import allocator  # pylint: disable=g-import-not-at-top  # loads no JAX
+  allocator.relaunch_with_tcmalloc()
+
 import jax
 import jax.numpy as jnp
 import numpy as np

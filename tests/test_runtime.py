@@ -120,3 +120,52 @@ def test_relaunch_that_cannot_start_returns_instead(tmp_path, monkeypatch):
   allocator.relaunch_with_tcmalloc([str(tmp_path / "no-such-python"), "-c", "pass"])  # returns
   allocator.relaunch_with_tcmalloc([])
   assert "JAXFT_TCMALLOC_RELAUNCHED" not in os.environ
+
+
+def _clean_env(tmp_path) -> dict[str, str]:
+  """This process's environment without any allocator choice, importing this checkout's jaxft."""
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("LD_PRELOAD", "JAXFT_TCMALLOC", "JAXFT_TCMALLOC_RELAUNCHED")}
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+  return env
+
+
+@pytest.mark.parametrize("argv", [
+    ("-m", "jaxft.train", "--help"),
+    ("-m", "jaxft.evaluate", "--checkpoint", "missing", "--data", "folder:missing"),
+    ("-m", "jaxft.sweep", "--worker=0", "--help"),
+], ids=["train", "evaluate", "sweep-worker"])
+def test_the_clis_relaunch_before_they_import_jax(argv, tmp_path):
+  # What the first process imports before its exec is paid again by the relaunched one (JAX and orbax:
+  # ~1.7 s of every CLI run).
+  from jaxft.cpu import allocator
+  if allocator.find_tcmalloc({}) is None:
+    pytest.skip("no tcmalloc on this machine (.ci/run installs libtcmalloc-minimal4)")
+  r = subprocess.run([sys.executable, "-X", "importtime", *argv], env=_clean_env(tmp_path), cwd=tmp_path,
+                     capture_output=True, text=True, timeout=300)
+  imported = [line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines()
+              if line.startswith("import time:")]
+  assert imported.count("encodings") == 2, "expected one relaunch (two interpreter starts)"
+  assert imported.count("jax") == 1, "JAX was imported before the relaunch too"
+
+
+def test_metric_writer_leaves_torch_unimported_and_importable(tmp_path):
+  # tensorboardX imports torch where installed (1.3 s, ~300 MB per training run) for annotations only.
+  pytest.importorskip("tensorboardX")
+  torch_installed = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True).returncode == 0
+  code = ("import sys\n"
+          "from jaxft import report\n"
+          "w = report.MetricWriter(sys.argv[1])\n"
+          "w.write(1, 'train', {'loss': 0.5}); w.close()\n"
+          "print('torch' in sys.modules)\n"
+          "import torch\n"  # unaffected afterwards
+          "print(torch.tensor([2.0]).item())\n")
+  r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=_clean_env(tmp_path),
+                     capture_output=True, text=True, timeout=300)
+  if not torch_installed:
+    assert "No module named 'torch'" in r.stderr
+    return
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert r.stdout.split() == ["False", "2.0"]
+  assert [p.name for p in (tmp_path / "tensorboard").iterdir()]  # the event file was written
