@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tarfile
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -68,3 +70,36 @@ def resnet56_th(shared_dir: Path) -> Path:
   if not paths:
     pytest.skip("resnet56 checkpoint missing from ../shared")
   return paths[0]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+  """Runs the ``slow`` tests first, the rest in their usual order. Under pytest-xdist the long runs then
+  start early and the short tests fill in around them, instead of one worker finishing a long test alone
+  at the end."""
+  del config
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+_XLA_CACHE = pytest.StashKey[str]()  # the run's cache directory, in the process that made it
+
+
+def pytest_configure(config: pytest.Config) -> None:
+  """One persistent XLA compilation cache for the whole run: this process, its pytest-xdist workers
+  (started after this hook, they inherit the environment) and every CLI the tests start. Many tests
+  compile the same small programs in separate processes; each is compiled once per run. The cache is
+  new for every run (a cold start, as on a clean machine) and removed at the end. A size limit turns on
+  jax's file locks, so a worker never reads an entry another one is still writing."""
+  if "JAX_COMPILATION_CACHE_DIR" in os.environ:  # the user's own cache, or a worker of this run
+    return
+  cache = tempfile.mkdtemp(prefix="jaxft-tests-xla-cache-")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = cache
+  os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
+  config.stash[_XLA_CACHE] = cache
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+  cache = config.stash.get(_XLA_CACHE, None)
+  if cache:
+    shutil.rmtree(cache, ignore_errors=True)
+    del os.environ["JAX_COMPILATION_CACHE_DIR"]
+
