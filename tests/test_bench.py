@@ -34,6 +34,21 @@ def test_bench_fold_runs_and_writes_the_ratio(tmp_path):
   assert "ratio" in proc.stdout
 
 
+def test_bench_startup_times_both_checkouts_and_prints_the_ratio(tmp_path):
+  # This checkout against itself: both columns are filled and the ratio is theirs.
+  cmd = [sys.executable, os.path.join(ROOT, "tools", "bench_startup.py"), "--baseline", ROOT,
+         "--runs", "1", "--steps", "1"]
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  medians = {line.split(" median")[0].strip(): float(line.split("median")[1].split()[0])
+             for line in proc.stdout.splitlines() if " median " in line}
+  assert set(medians) == {"this checkout", "baseline"} and min(medians.values()) > 0
+  ratio = float(proc.stdout.split("baseline / this checkout: ")[1].split("x")[0])
+  assert abs(ratio - medians["baseline"] / medians["this checkout"]) < 0.01 + 0.01 * ratio
+  bad = subprocess.run([*cmd[:3], str(tmp_path)], capture_output=True, text=True, timeout=120)
+  assert bad.returncode == 2 and "is not a jaxft checkout" in bad.stderr
+
+
 @pytest.mark.parametrize("with_torch", [False, True])
 def test_bench_runs_and_writes_ratios(tmp_path, with_torch):
   if with_torch:
