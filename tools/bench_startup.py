@@ -45,13 +45,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   return args
 
 
-def write_folder(root: Path) -> Path:
-  """Writes two classes of 12 noisy 32x32 PNGs under ``root`` and returns it."""
+def write_folder(root: Path, per_class: int = 12) -> Path:
+  """Writes two classes of ``per_class`` noisy 32x32 PNGs under ``root`` and returns it."""
   rs = np.random.RandomState(1)
-  for name, colour in [("blue", (20, 40, 200)), ("red", (200, 30, 20))]:
+  for name, colour in (("blue", (20, 40, 200)), ("red", (200, 30, 20))):
+    noisy = np.clip(np.array(colour) + rs.randint(-40, 40, (per_class, 32, 32, 3)), 0, 255)
     (root / name).mkdir(parents=True)
-    for i in range(12):
-      img = np.clip(np.array(colour) + rs.randint(-40, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
+    for i, img in enumerate(noisy.astype(np.uint8)):
       Image.fromarray(img).save(root / name / f"{i:03d}.png")
   return root
 
