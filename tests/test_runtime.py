@@ -60,15 +60,20 @@ print(allocator.loaded_allocator(), os.environ.get("LD_PRELOAD", ""), *sys.argv[
 """
 
 
+def _clean_env() -> dict[str, str]:
+  """This process's environment without any allocator choice, importing this checkout's jaxft (the
+  scripts and working directories of these tests lie outside the repository)."""
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("LD_PRELOAD", "JAXFT_TCMALLOC", "JAXFT_TCMALLOC_RELAUNCHED")}
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+  return env
+
+
 def _relaunched(tmp_path, env: dict[str, str]) -> list[str]:
   script = tmp_path / "relaunch.py"
   script.write_text(_RELAUNCH)
-  inherited = {k: v for k, v in os.environ.items()
-               if k not in ("LD_PRELOAD", "JAXFT_TCMALLOC", "JAXFT_TCMALLOC_RELAUNCHED")}
-  # The script lives outside the repository: make it import this checkout's jaxft.
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  path = os.pathsep.join(p for p in (root, inherited.get("PYTHONPATH", "")) if p)
-  env = {**inherited, "PYTHONPATH": path, **env}
+  env = {**_clean_env(), **env}
   out = subprocess.run([sys.executable, "-B", str(script), "arg1", "--flag=2"], env=env,
                        capture_output=True, text=True, check=True, timeout=120)
   return out.stdout.split()
@@ -122,15 +127,6 @@ def test_relaunch_that_cannot_start_returns_instead(tmp_path, monkeypatch):
   assert "JAXFT_TCMALLOC_RELAUNCHED" not in os.environ
 
 
-def _clean_env(tmp_path) -> dict[str, str]:
-  """This process's environment without any allocator choice, importing this checkout's jaxft."""
-  env = {k: v for k, v in os.environ.items()
-         if k not in ("LD_PRELOAD", "JAXFT_TCMALLOC", "JAXFT_TCMALLOC_RELAUNCHED")}
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
-  return env
-
-
 @pytest.mark.parametrize("argv", [
     ("-m", "jaxft.train", "--help"),
     ("-m", "jaxft.evaluate", "--checkpoint", "missing", "--data", "folder:missing"),
@@ -142,7 +138,7 @@ def test_the_clis_relaunch_before_they_import_jax(argv, tmp_path):
   from jaxft.cpu import allocator
   if allocator.find_tcmalloc({}) is None:
     pytest.skip("no tcmalloc on this machine (.ci/run installs libtcmalloc-minimal4)")
-  r = subprocess.run([sys.executable, "-X", "importtime", *argv], env=_clean_env(tmp_path), cwd=tmp_path,
+  r = subprocess.run([sys.executable, "-X", "importtime", *argv], env=_clean_env(), cwd=tmp_path,
                      capture_output=True, text=True, timeout=300)
   imported = [line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines()
               if line.startswith("import time:")]
@@ -161,7 +157,7 @@ def test_metric_writer_leaves_torch_unimported_and_importable(tmp_path):
           "print('torch' in sys.modules)\n"
           "import torch\n"  # unaffected afterwards
           "print(torch.tensor([2.0]).item())\n")
-  r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=_clean_env(tmp_path),
+  r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=_clean_env(),
                      capture_output=True, text=True, timeout=300)
   if not torch_installed:
     assert "No module named 'torch'" in r.stderr
