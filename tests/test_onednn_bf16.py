@@ -107,13 +107,84 @@ def test_onednn_batch_norm_matches_the_closed_form(dtype, relu):
     assert _rel(a, b) < tol
 
 
+def _bn_float64(x, scale, shift, ct, relu, eps=1e-5):
+  """BatchNorm (+ ReLU) and its VJP in float64 numpy: the reference for the compiled loops."""
+  x = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
+  ct = np.asarray(ct, np.float64).reshape(x.shape)
+  mean, var = x.mean(0), x.var(0)
+  rstd = 1 / np.sqrt(var + eps)
+  xhat = (x - mean) * rstd
+  pre = xhat * scale + shift
+  y = np.maximum(pre, 0) if relu else pre
+  g = ct * (pre > 0) if relu else ct
+  dshift, dscale = g.sum(0), (g * xhat).sum(0)
+  dx = scale * rstd * (g - dshift / len(x) - xhat * dscale / len(x))
+  return y, mean, var, dx, dscale, dshift
+
+
+@pytest.mark.usefixtures("needs_bf16")
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("relu", [False, True])
+def test_batch_norm_over_many_chunks_matches_float64(dtype, relu):
+  # 2·41·37 = 3034 rows of 64 channels: three full chunks of 1024 rows and a partial one, each merged
+  # into the statistics and the gradient sums; a mean of 50 against a spread of 2 would show a
+  # variance computed as E[x²] - E[x]² (float32 cancellation: ~1e-3 relative here).
+  r = np.random.default_rng(7)
+  x = jnp.asarray(r.normal(50.0, 2.0, size=(2, 41, 37, 64)), dtype)
+  scale, shift = (jnp.asarray(r.normal(size=64), jnp.float32) for _ in range(2))
+  ct = jnp.asarray(r.normal(size=x.shape), dtype)
+  f = lambda x, s, b: onednn.batch_norm_train(x, s, b, 1e-5, relu)
+  (y, mean, var), pull = jax.vjp(jax.jit(f), x, scale, shift)
+  dx, dscale, dshift = pull((ct, jnp.zeros(64), jnp.zeros(64)))
+  want = _bn_float64(x, np.asarray(scale, np.float64), np.asarray(shift, np.float64), ct, relu)
+  np.testing.assert_allclose(mean, want[1], rtol=1e-6)
+  np.testing.assert_allclose(var, want[2], rtol=1e-4)
+  tol = 1e-4 if dtype == jnp.float32 else 1e-2  # bfloat16: one rounding of each output
+  assert _rel(y.reshape(-1, 64), want[0]) < tol
+  assert _rel(dx.reshape(-1, 64), want[3]) < tol
+  # The parameter gradients are float32 sums over the (exact) bfloat16 inputs either way.
+  assert _rel(dscale, want[4]) < 1e-4 and _rel(dshift, want[5]) < 1e-4
+  # Fixed chunks merged in order: the same bits every call, whatever the threads' timing.
+  again = jax.jit(f)(x, scale, shift)
+  for a, b in zip(again, (y, mean, var)):
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+@pytest.mark.usefixtures("needs_bf16")
+@pytest.mark.parametrize("impl", ["onednn", "lax"])
+def test_batch_norm_relu_flag_matches_relu_after_the_layer(impl):
+  # BatchNorm(..., relu=True) is relu(BatchNorm(...)): values and gradients (the compiled loops
+  # apply the ReLU inside their pass and recompute its mask in the backward one).
+  r = np.random.default_rng(5)
+  x = jnp.asarray(r.normal(size=(4, 6, 6, 8)) * 3 + 1, jnp.bfloat16)
+  ct = jnp.asarray(r.normal(size=x.shape), jnp.float32)
+  bn = BatchNorm(dtype=jnp.bfloat16, impl=impl)
+  v = bn.init(jax.random.key(0), x, use_running_average=False)
+
+  def loss(fused):
+    def f(params, x):
+      y = bn.apply({**v, "params": params}, x, False, fused, mutable=["batch_stats"])[0]
+      y = y if fused else jnp.maximum(y, 0)
+      return jnp.sum(y.astype(jnp.float32) * ct), y
+    return f
+
+  if impl == "onednn":
+    text = jax.jit(loss(True)).lower(v["params"], x).as_text()
+    assert "jaxft_bn_fwd" in text and "relu = 1" in text
+  (_, y1), g1 = jax.value_and_grad(loss(True), (0, 1), has_aux=True)(v["params"], x)
+  (_, y2), g2 = jax.value_and_grad(loss(False), (0, 1), has_aux=True)(v["params"], x)
+  assert np.asarray(y1, np.float32).min() == 0.0 and _rel(y1, y2) < 1e-2
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    assert _rel(a, b) < 2e-2
+
+
 @pytest.mark.usefixtures("needs_bf16")
 def test_bf16_batch_norm_layer_uses_onednn_and_updates_running_statistics():
   x = jnp.asarray(np.random.default_rng(2).normal(size=(4, 6, 6, 8)) * 3 + 2, jnp.bfloat16)
   fast, plain = BatchNorm(dtype=jnp.bfloat16, impl="onednn"), BatchNorm(dtype=jnp.bfloat16, impl="lax")
   v = plain.init(jax.random.key(0), x, use_running_average=False)
   text = jax.jit(lambda v, x: fast.apply(v, x, False, mutable=["batch_stats"])).lower(v, x).as_text()
-  assert "jaxft_onednn_bn_fwd" in text
+  assert "jaxft_bn_fwd" in text
   (ya, sa), (yb, sb) = (m.apply(v, x, False, mutable=["batch_stats"]) for m in (fast, plain))
   assert _rel(ya, yb) < 1e-2
   for a, b in zip(jax.tree.leaves(sa), jax.tree.leaves(sb)):
@@ -179,7 +250,8 @@ def _loss_curve(dtype, steps=20):
 def test_twenty_step_bf16_loss_curve_follows_float32():
   l32, _ = _loss_curve(jnp.float32)
   l16, text = _loss_curve(jnp.bfloat16)
-  assert "jaxft_onednn_conv_bwd_weights" in text and "jaxft_onednn_bn_bwd" in text
+  assert "jaxft_onednn_conv_bwd_weights" in text and "jaxft_bn_bwd" in text
+  assert "relu = 1" in text  # the BNs followed by a ReLU apply it in their own pass
   assert l32[-1] < 0.7 * l32[0]  # it learns, so the comparison means something
   np.testing.assert_allclose(l16, l32, rtol=0.15)
 

@@ -1,10 +1,11 @@
 """What each of jaxft's bfloat16-on-CPU changes gains, in one process: interleaved A/B.
 
     python tools/bench_bf16.py --change all      # oneDNN bfloat16 (convs, BN, 1x1 matmul) vs XLA's
-    python tools/bench_bf16.py --change bn       # oneDNN BatchNorm vs XLA's GEMV BatchNorm
+    python tools/bench_bf16.py --change bn       # jaxft's compiled BatchNorm (+ ReLU) vs XLA's GEMV one
     python tools/bench_bf16.py --change gemm     # 1x1 kernel gradients as a matmul vs oneDNN's conv
     python tools/bench_bf16.py --change epilogue --mode eval   # BN/residual/ReLU as conv post-ops
     python tools/bench_bf16.py --change matmul --size 32 --batch 128   # small-map GEMMs by oneDNN
+    python tools/bench_bf16.py --change relu     # ReLU's derivative from its output (residual adds)
     JAXFT_ONEDNN_AUTO=1 python tools/bench_bf16.py --change onednn --dtype float32   # oneDNN vs XLA plans
 
 Builds ``tools/bench.py``'s jaxft train (or eval) step (ResNet-50, bfloat16 unless ``--dtype``) twice in one process — as shipped
@@ -37,6 +38,10 @@ def _switch_off(change: str) -> None:
     onednn.matmul_supported = lambda dtype: False  # the small-map GEMMs then are XLA's dots
   elif change == "onednn":
     onednn.loaded = lambda: False  # every convolution then runs the XLA / GEMM plans (impl.py)
+  elif change == "relu":
+    import flax.linen as nn  # pylint: disable=g-import-not-at-top
+    from jaxft.models import layers  # pylint: disable=g-import-not-at-top
+    layers.ACTIVATIONS["relu"] = nn.relu  # its derivative reads the input: add and ReLU in two passes
   elif change == "gemm":
     onednn._pointwise_kernel_grad = (  # pylint: disable=protected-access
         lambda x, dy, ks, st, dt: onednn.kernel_grad(x, dy, ks, st, ((0, 0), (0, 0)), 1, dt))
@@ -44,7 +49,7 @@ def _switch_off(change: str) -> None:
 
 def main(argv: list[str]) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--change", choices=("all", "bn", "gemm", "epilogue", "matmul", "onednn"), required=True)
+  p.add_argument("--change", choices=("all", "bn", "gemm", "epilogue", "matmul", "onednn", "relu"), required=True)
   p.add_argument("--mode", choices=("train", "eval"), default="train")
   p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
   p.add_argument("--model", default="resnet50")

@@ -101,21 +101,22 @@ class BatchNorm(plain.BatchNorm):
       return super().affine(x, mul, shift)
     return norm.channel_affine(x, mul, shift, True)
 
-  def normalize(self, x: jax.Array, scale: jax.Array, bias: jax.Array
+  def normalize(self, x: jax.Array, scale: jax.Array, bias: jax.Array, relu: bool = False
                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     pixels = x.shape[1] * x.shape[2] if x.ndim == 4 else None
     impl = resolve_impl(self.impl, pixels)
     if impl == "lax":
-      return super().normalize(x, scale, bias)
+      return super().normalize(x, scale, bias, relu)
     if (impl == "onednn" and x.dtype == jnp.bfloat16
         and onednn.norm_supported(x.shape, x.dtype)):
       # bfloat16: one oneDNN pass each way in bfloat16 (XLA's would write a float32 copy of x for
       # the GEMV sums; 3.4x less BatchNorm time, docs/benchmarks.md "bfloat16"). float32 measured
       # the same speed either way, so it keeps the GEMV path. The statistics only feed the running
       # averages, so their gradient is stopped (oneDNN's VJP has no such term).
-      y, mean, var = onednn.batch_norm_train(x, scale, bias, self.epsilon)
+      y, mean, var = onednn.batch_norm_train(x, scale, bias, self.epsilon, relu)
       return y, lax.stop_gradient(mean), lax.stop_gradient(var)
-    return norm.batch_norm_train(x, scale, bias, self.epsilon, True)
+    y, mean, var = norm.batch_norm_train(x, scale, bias, self.epsilon, True)
+    return (plain.relu(y) if relu else y), mean, var
 
 
 def max_pool(x: jax.Array, impl: str = "auto") -> jax.Array:

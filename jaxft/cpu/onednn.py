@@ -4,7 +4,8 @@ XLA:CPU computes convolutions with Eigen's spatial convolution (patches packed f
 PyTorch's CPU convolutions, which are oneDNN's direct (JIT-generated, blocked) kernels
 (docs/benchmarks.md, "Fifth session"). This module calls the same library: ``onednn_conv.cc`` (beside
 this file) wraps oneDNN's convolution forward, backward-data and backward-weights primitives as three
-XLA FFI handlers, compiled against oneDNN — ``$DNNLROOT`` if set, else the system's (Debian/Ubuntu: ``apt-get
+XLA FFI handlers (with its matmul and inference-epilogue convolutions; ``batch_norm.cc`` adds
+jaxft's own training-mode BatchNorm loops to the same library), compiled against oneDNN — ``$DNNLROOT`` if set, else the system's (Debian/Ubuntu: ``apt-get
 install libdnnl-dev``), else the PyPI wheels (``pip install jaxft[onednn]``; :func:`onednn_root`) —
 and jaxlib's FFI headers, and cached in ``$JAXFT_NATIVE_CACHE_DIR`` (default
 ``~/.cache/jaxft/native``).
@@ -44,10 +45,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "onednn_conv.cc")
+_SOURCES = tuple(os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
+                 for name in ("onednn_conv.cc", "batch_norm.cc"))
 _TARGETS = {"fwd": "jaxft_onednn_conv_fwd", "bwd_data": "jaxft_onednn_conv_bwd_data",
-            "bwd_weights": "jaxft_onednn_conv_bwd_weights", "bn_fwd": "jaxft_onednn_bn_fwd",
-            "bn_bwd": "jaxft_onednn_bn_bwd", "matmul": "jaxft_onednn_matmul",
+            "bwd_weights": "jaxft_onednn_conv_bwd_weights", "bn_fwd": "jaxft_bn_fwd",
+            "bn_bwd": "jaxft_bn_bwd", "matmul": "jaxft_onednn_matmul",
             "conv_bias": "jaxft_onednn_conv_bias", "conv_bias_add": "jaxft_onednn_conv_bias_add"}
 
 _lock = threading.Lock()
@@ -126,8 +128,12 @@ def _compiler() -> str:
   return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or "c++"
 
 
-def _compile_command(src: str, out: str) -> list[str]:
-  cmd = [_compiler(), "-O2", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}"]
+def _compile_command(sources: Sequence[str], out: str) -> list[str]:
+  # -O3: GCC vectorises batch_norm.cc's channel loops only there (2.2x at -O2 vs -O3 measured);
+  # -fopenmp: its threads are oneDNN's OpenMP team; -ffp-contract=off: its forward and backward
+  # passes must round the BatchNorm affine the same way (the ReLU mask is recomputed, not stored).
+  cmd = [_compiler(), "-O3", "-ffp-contract=off", "-fopenmp", "-std=c++17", "-shared", "-fPIC", "-w",
+         f"-I{jax.ffi.include_dir()}"]
   root = onednn_root()
   if root:
     lib = next((d for d in (os.path.join(root, "lib64"), os.path.join(root, "lib"))
@@ -136,13 +142,16 @@ def _compile_command(src: str, out: str) -> list[str]:
     # in the same folder) are found through this library without LD_LIBRARY_PATH.
     cmd += [f"-I{os.path.join(root, 'include')}", f"-L{lib}", "-Wl,--disable-new-dtags",
             f"-Wl,-rpath,{lib}"]
-  return cmd + [src, "-o", out, "-ldnnl"]
+  return cmd + [*sources, "-o", out, "-ldnnl"]
 
 
 def library_path() -> str:
-  """Where the compiled library for this source, jaxlib and oneDNN prefix lives (built or not)."""
-  with open(_SOURCE, "rb") as f:
-    h = hashlib.sha256(f.read())
+  """Where the compiled library for these sources, jaxlib and oneDNN prefix lives (built or not)."""
+  h = hashlib.sha256()
+  for source in _SOURCES:
+    with open(source, "rb") as f:
+      h.update(f.read())
+  h.update(" ".join(_compile_command((), "")).encode())
   h.update(jax.ffi.include_dir().encode())
   h.update(jax.__version__.encode())
   h.update((onednn_root() or "").encode())
@@ -152,7 +161,8 @@ def library_path() -> str:
 
 
 def build(force: bool = False) -> str:
-  """Compiles ``onednn_conv.cc`` into :func:`library_path` unless it is there already.
+  """Compiles ``onednn_conv.cc`` and ``batch_norm.cc`` into :func:`library_path` unless it is there
+  already.
 
   The library is written to a temporary file and renamed into place, so concurrent builds and
   interrupted ones never leave a broken library behind.
@@ -169,7 +179,7 @@ def build(force: bool = False) -> str:
   os.makedirs(os.path.dirname(path), exist_ok=True)
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
   os.close(fd)
-  cmd = _compile_command(_SOURCE, tmp)
+  cmd = _compile_command(_SOURCES, tmp)
   try:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
   except (OSError, subprocess.TimeoutExpired) as e:
@@ -475,7 +485,7 @@ conv.defvjp(_conv_fwd, _conv_bwd)
 
 
 # ---------------------------------------------------------------------------------------------------
-# Batch normalization (training mode), optionally fused with the ReLU after it
+# Batch normalization (training mode), optionally fused with the ReLU after it: batch_norm.cc
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -492,30 +502,12 @@ def norm_supported(x_shape: Sequence[int], dtype) -> bool:
   return loaded()
 
 
-@functools.lru_cache(maxsize=None)
-def _mask_bytes(shape: tuple[int, ...], bf16: bool, epsilon: float) -> int:
-  lib = _state["lib"]
-  fn = lib.jaxft_onednn_bn_mask_bytes
-  fn.restype = ctypes.c_int64
-  fn.argtypes = [ctypes.c_int64] * 5 + [ctypes.c_float]
-  n = int(fn(*shape, int(bf16), epsilon))
-  if n < 0:
-    raise OneDNNUnavailableError(f"oneDNN has no batch normalization for {shape}")
-  return max(n, 1)
-
-
-def _bn_mask_len(x, epsilon, relu) -> int:
-  return _mask_bytes(tuple(x.shape), x.dtype == jnp.bfloat16, float(epsilon)) if relu else 1
-
-
 def _bn_forward(x, scale, shift, epsilon, relu):
   if not loaded():
-    raise OneDNNUnavailableError(f"oneDNN batch normalization is {status()}")
-  c = x.shape[-1]
-  vec = jax.ShapeDtypeStruct((c,), jnp.float32)
-  out = (jax.ShapeDtypeStruct(x.shape, x.dtype), vec, vec,
-         jax.ShapeDtypeStruct((_bn_mask_len(x, epsilon, relu),), jnp.uint8))
-  return jax.ffi.ffi_call(_TARGETS["bn_fwd"], out, vmap_method="sequential")(
+    raise OneDNNUnavailableError(f"jaxft's batch normalization is {status()}")
+  vec = jax.ShapeDtypeStruct((x.shape[-1],), jnp.float32)
+  return jax.ffi.ffi_call(_TARGETS["bn_fwd"], (jax.ShapeDtypeStruct(x.shape, x.dtype), vec, vec),
+                          vmap_method="sequential")(
       x, scale.astype(jnp.float32), shift.astype(jnp.float32), epsilon=np.float32(epsilon),
       relu=np.int64(relu))
 
@@ -523,35 +515,31 @@ def _bn_forward(x, scale, shift, epsilon, relu):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def batch_norm_train(x: jax.Array, scale: jax.Array, shift: jax.Array, epsilon: float,
                      relu: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Training-mode BatchNorm over the last axis of NHWC ``x`` by oneDNN (check
-  :func:`norm_supported` first): ``(y, batch mean, biased batch variance)`` with
-  ``y = (x - mean) / sqrt(var + epsilon) * scale + shift`` in ``x``'s type (statistics and the
-  arithmetic in float32), followed by ``max(y, 0)`` when ``relu``.
+  """Training-mode BatchNorm over the last axis of NHWC ``x`` by the compiled library's own loops
+  (``batch_norm.cc``; check :func:`norm_supported` first): ``(y, batch mean, biased batch
+  variance)`` with ``y = (x - mean) / sqrt(var + epsilon) * scale + shift`` in ``x``'s type
+  (statistics and the arithmetic in float32), followed by ``max(y, 0)`` when ``relu``.
 
   Differentiable in ``x``, ``scale`` and ``shift`` through ``y`` only: the returned statistics are
   treated as constants (jaxft only feeds them to running averages; the BatchNorm layer stops their
-  gradient). The CPU BatchNorm layer calls it without ``relu``: fusing the ReLU measured 0.95× on
-  ResNet-50 training (docs/benchmarks.md, "bfloat16"); the fused form stays available and tested.
-  Returns new arrays; no input is mutated.
+  gradient). With ``relu`` the backward pass recomputes the ReLU's mask from ``x``, so nothing beyond
+  ``x`` and the statistics is kept for it. Returns new arrays; no input is mutated.
   """
-  y, mean, var, _ = _bn_forward(x, scale, shift, epsilon, relu)
-  return y, mean, var
+  return _bn_forward(x, scale, shift, epsilon, relu)
 
 
 def _bn_fwd(x, scale, shift, epsilon, relu):
-  y, mean, var, mask = _bn_forward(x, scale, shift, epsilon, relu)
-  return (y, mean, var), (x, scale, shift, mean, var, mask)
+  y, mean, var = _bn_forward(x, scale, shift, epsilon, relu)
+  return (y, mean, var), (x, scale, shift, mean, var)
 
 
 def _bn_bwd(epsilon, relu, res, cts):
-  x, scale, shift, mean, var, mask = res
+  x, scale, shift, mean, var = res
   dy = cts[0].astype(x.dtype)  # the statistics' cotangents are dropped (see the docstring)
-  c = x.shape[-1]
-  vec = jax.ShapeDtypeStruct((c,), jnp.float32)
+  vec = jax.ShapeDtypeStruct((x.shape[-1],), jnp.float32)
   dx, dscale, dshift = jax.ffi.ffi_call(
       _TARGETS["bn_bwd"], (jax.ShapeDtypeStruct(x.shape, x.dtype), vec, vec),
       vmap_method="sequential")(x, dy, scale.astype(jnp.float32), shift.astype(jnp.float32), mean, var,
-                                mask,
                                 epsilon=np.float32(epsilon), relu=np.int64(relu))
   return dx, dscale.astype(scale.dtype), dshift.astype(shift.dtype)
 

@@ -16,11 +16,7 @@
 // gradient is accumulated and returned in float32: no separate cast pass, no bfloat16 gradient rounding.
 // oneDNN picks its own weights layout (usually blocked); the HWIO kernel is reordered into it (and the
 // kernel gradient out of it) on every call, which costs little next to the convolution itself.
-// Two more handlers run training-mode batch normalization over the last axis of NHWC activations
-// (float32 or bfloat16; float32 scale, shift and statistics), optionally followed by a ReLU:
-//   jaxft_onednn_bn_fwd  (x, scale, shift) -> (y, mean, biased var, relu mask)
-//   jaxft_onednn_bn_bwd  (x, dy, scale, shift, mean, var, relu mask) -> (dx, dscale, dshift)
-// Gradients do not flow through the returned statistics (jaxft only uses them for running averages).
+// (Training-mode batch normalization is batch_norm.cc's, not oneDNN's; it shares RunMutex.)
 // Primitives are built once per geometry and cached. XLA runs independent thunks concurrently on its
 // threads; calls here run one at a time (see Run), and every primitive is built with a user-managed
 // scratchpad that each call allocates for itself, so that no state is shared between executions even
@@ -181,10 +177,18 @@ std::shared_ptr<const Primitive> Cached(const Geometry& g, Pass pass) {
 // One oneDNN primitive at a time: each already spreads over every core (oneDNN's OpenMP team), and
 // XLA would otherwise start two independent ones at once (a layer's input and kernel gradients)
 // and oversubscribe the cores (measured gain: docs/benchmarks.md, fifth session).
-std::mutex& RunMutex() {
+}  // namespace
+
+namespace jaxft {
+std::mutex& RunMutex() {  // also taken by batch_norm.cc's multi-threaded loops
   static std::mutex* mu = new std::mutex;
   return *mu;
 }
+}  // namespace jaxft
+
+namespace {
+
+using jaxft::RunMutex;
 
 // x, k, y as in Dispatch.
 ffi::Error Run(Pass pass, const Geometry& g, void* x, void* k, void* y) {
@@ -435,181 +439,6 @@ ffi::Error ConvBiasAdd(Buffer x, Buffer k, ffi::Buffer<ffi::F32, 1> bias, Buffer
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Batch normalization (training mode).
-
-struct NormGeometry {
-  int64_t n, h, w, c;
-  Dt act;
-  float epsilon;
-  bool relu;
-
-  memory::desc data_md() const { return memory::desc({n, c, h, w}, act, Tag::nhwc); }
-  memory::desc stat_md() const { return memory::desc({c}, Dt::f32, Tag::a); }
-  dnnl::normalization_flags flags() const {
-    auto f = dnnl::normalization_flags::use_scale | dnnl::normalization_flags::use_shift;
-    return relu ? (f | dnnl::normalization_flags::fuse_norm_relu) : f;
-  }
-  std::string Key(bool backward) const {
-    std::string key = backward ? "bnb" : "bnf";
-    for (int64_t v : {n, h, w, c, static_cast<int64_t>(act), static_cast<int64_t>(relu)}) {
-      key += ',' + std::to_string(v);
-    }
-    return key + ',' + std::to_string(epsilon);
-  }
-};
-
-#if DNNL_VERSION_MAJOR >= 3
-dnnl::batch_normalization_forward::primitive_desc NormForwardPd(const NormGeometry& g) {
-  return dnnl::batch_normalization_forward::primitive_desc(
-      Engine(), dnnl::prop_kind::forward_training, g.data_md(), g.data_md(), g.epsilon, g.flags(),
-      Attr());
-}
-dnnl::batch_normalization_backward::primitive_desc NormBackwardPd(const NormGeometry& g) {
-  return dnnl::batch_normalization_backward::primitive_desc(
-      Engine(), dnnl::prop_kind::backward, g.data_md(), g.data_md(), g.data_md(), g.epsilon,
-      g.flags(), NormForwardPd(g), Attr());
-}
-#else
-dnnl::batch_normalization_forward::primitive_desc NormForwardPd(const NormGeometry& g) {
-  dnnl::batch_normalization_forward::desc d(dnnl::prop_kind::forward_training, g.data_md(),
-                                            g.epsilon, g.flags());
-  return dnnl::batch_normalization_forward::primitive_desc(d, Attr(), Engine());
-}
-dnnl::batch_normalization_backward::primitive_desc NormBackwardPd(const NormGeometry& g) {
-  dnnl::batch_normalization_backward::desc d(dnnl::prop_kind::backward, g.data_md(), g.data_md(),
-                                             g.epsilon, g.flags());
-  return dnnl::batch_normalization_backward::primitive_desc(d, Attr(), Engine(), NormForwardPd(g));
-}
-#endif
-
-struct NormPrimitive {
-  dnnl::primitive primitive;
-  memory::desc workspace_md;   // the ReLU mask (empty without ReLU)
-  memory::desc scratchpad_md;
-};
-
-std::shared_ptr<const NormPrimitive> BuildNorm(const NormGeometry& g, bool backward) {
-  auto p = std::make_shared<NormPrimitive>();
-  if (!backward) {
-    auto pd = NormForwardPd(g);
-    p->primitive = dnnl::batch_normalization_forward(pd);
-    p->workspace_md = pd.workspace_desc();
-    p->scratchpad_md = pd.scratchpad_desc();
-  } else {
-    auto pd = NormBackwardPd(g);
-    p->primitive = dnnl::batch_normalization_backward(pd);
-    p->workspace_md = pd.workspace_desc();
-    p->scratchpad_md = pd.scratchpad_desc();
-  }
-  return p;
-}
-
-std::shared_ptr<const NormPrimitive> CachedNorm(const NormGeometry& g, bool backward) {
-  return FromCache<NormPrimitive>(g.Key(backward), [&] { return BuildNorm(g, backward); });
-}
-
-// The size in bytes of the ReLU mask oneDNN keeps for these shapes (0 without ReLU).
-int64_t NormWorkspaceBytes(const NormGeometry& g) {
-  if (!g.relu) return 0;
-  return static_cast<int64_t>(CachedNorm(g, false)->workspace_md.get_size());
-}
-
-ffi::Error CheckNorm(const ffi::AnyBuffer& x, const ffi::AnyBuffer& y, int64_t c_bufs_c,
-                     NormGeometry* g, float epsilon, int64_t relu) {
-  auto xd = x.dimensions(), yd = y.dimensions();
-  if (xd.size() != 4 || yd.size() != 4) return ffi::Error::InvalidArgument("x must be NHWC");
-  for (int i = 0; i < 4; ++i) {
-    if (xd[i] < 1 || xd[i] != yd[i]) return ffi::Error::InvalidArgument("x and y shapes differ");
-  }
-  Dt act, out;
-  if (!ToDnnl(x.element_type(), &act) || !ToDnnl(y.element_type(), &out) || act != out) {
-    return ffi::Error::InvalidArgument("x and y must both be float32 or both bfloat16");
-  }
-  if (c_bufs_c != xd[3]) return ffi::Error::InvalidArgument("per-channel arrays must have C entries");
-  *g = NormGeometry{xd[0], xd[1], xd[2], xd[3], act, epsilon, relu != 0};
-  return ffi::Error::Success();
-}
-
-ffi::Error NormForward(ffi::AnyBuffer x, ffi::Buffer<ffi::F32, 1> scale,
-                       ffi::Buffer<ffi::F32, 1> shift, ffi::Result<ffi::AnyBuffer> y,
-                       ffi::Result<ffi::Buffer<ffi::F32, 1>> mean,
-                       ffi::Result<ffi::Buffer<ffi::F32, 1>> var,
-                       ffi::Result<ffi::Buffer<ffi::U8, 1>> mask, float epsilon, int64_t relu) {
-  NormGeometry g;
-  if (auto e = CheckNorm(x, *y, scale.dimensions()[0], &g, epsilon, relu); e.failure()) return e;
-  if (shift.dimensions()[0] != g.c || mean->dimensions()[0] != g.c || var->dimensions()[0] != g.c) {
-    return ffi::Error::InvalidArgument("per-channel arrays must have C entries");
-  }
-  try {
-    auto p = CachedNorm(g, false);
-    if (static_cast<int64_t>(mask->dimensions()[0]) < NormWorkspaceBytes(g)) {
-      return ffi::Error::InvalidArgument("the ReLU mask buffer is too small");
-    }
-    std::lock_guard<std::mutex> run_lock(RunMutex());
-    dnnl::stream stream(Engine());
-    memory xm(g.data_md(), Engine(), x.untyped_data()), ym(g.data_md(), Engine(), y->untyped_data());
-    memory sc(g.stat_md(), Engine(), scale.typed_data()), sh(g.stat_md(), Engine(), shift.typed_data());
-    memory mm(g.stat_md(), Engine(), mean->typed_data()), vm(g.stat_md(), Engine(), var->typed_data());
-    memory scratch(p->scratchpad_md, Engine());
-    std::unordered_map<int, memory> args{{DNNL_ARG_SRC, xm}, {DNNL_ARG_DST, ym},
-                                         {DNNL_ARG_SCALE, sc}, {DNNL_ARG_SHIFT, sh},
-                                         {DNNL_ARG_MEAN, mm}, {DNNL_ARG_VARIANCE, vm},
-                                         {DNNL_ARG_SCRATCHPAD, scratch}};
-    if (g.relu) args.insert({DNNL_ARG_WORKSPACE, memory(p->workspace_md, Engine(), mask->typed_data())});
-    p->primitive.execute(stream, args);
-    stream.wait();
-  } catch (const std::exception& e) {
-    return ffi::Error(ffi::ErrorCode::kInternal, std::string("jaxft oneDNN batch norm: ") + e.what());
-  } catch (...) {
-    return ffi::Error(ffi::ErrorCode::kInternal, "jaxft oneDNN batch norm: unknown exception");
-  }
-  return ffi::Error::Success();
-}
-
-ffi::Error NormBackward(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Buffer<ffi::F32, 1> scale,
-                        ffi::Buffer<ffi::F32, 1> shift, ffi::Buffer<ffi::F32, 1> mean, ffi::Buffer<ffi::F32, 1> var,
-                        ffi::Buffer<ffi::U8, 1> mask, ffi::Result<ffi::AnyBuffer> dx,
-                        ffi::Result<ffi::Buffer<ffi::F32, 1>> dscale,
-                        ffi::Result<ffi::Buffer<ffi::F32, 1>> dshift, float epsilon,
-                        int64_t relu) {
-  NormGeometry g;
-  if (auto e = CheckNorm(x, *dx, scale.dimensions()[0], &g, epsilon, relu); e.failure()) return e;
-  if (auto e = CheckNorm(dy, *dx, mean.dimensions()[0], &g, epsilon, relu); e.failure()) return e;
-  if (var.dimensions()[0] != g.c || shift.dimensions()[0] != g.c || dscale->dimensions()[0] != g.c ||
-      dshift->dimensions()[0] != g.c) {
-    return ffi::Error::InvalidArgument("per-channel arrays must have C entries");
-  }
-  try {
-    auto p = CachedNorm(g, true);
-    if (static_cast<int64_t>(mask.dimensions()[0]) < NormWorkspaceBytes(g)) {
-      return ffi::Error::InvalidArgument("the ReLU mask buffer is too small");
-    }
-    std::lock_guard<std::mutex> run_lock(RunMutex());
-    dnnl::stream stream(Engine());
-    memory xm(g.data_md(), Engine(), x.untyped_data()), dym(g.data_md(), Engine(), dy.untyped_data());
-    memory dxm(g.data_md(), Engine(), dx->untyped_data());
-    memory sc(g.stat_md(), Engine(), scale.typed_data()), sh(g.stat_md(), Engine(), shift.typed_data());
-    memory mm(g.stat_md(), Engine(), mean.typed_data()), vm(g.stat_md(), Engine(), var.typed_data());
-    memory dsc(g.stat_md(), Engine(), dscale->typed_data());
-    memory dsh(g.stat_md(), Engine(), dshift->typed_data());
-    memory scratch(p->scratchpad_md, Engine());
-    std::unordered_map<int, memory> args{
-        {DNNL_ARG_SRC, xm}, {DNNL_ARG_DIFF_DST, dym}, {DNNL_ARG_DIFF_SRC, dxm},
-        {DNNL_ARG_SCALE, sc}, {DNNL_ARG_SHIFT, sh}, {DNNL_ARG_MEAN, mm}, {DNNL_ARG_VARIANCE, vm},
-        {DNNL_ARG_DIFF_SCALE, dsc}, {DNNL_ARG_DIFF_SHIFT, dsh}, {DNNL_ARG_SCRATCHPAD, scratch}};
-    if (g.relu) args.insert({DNNL_ARG_WORKSPACE, memory(p->workspace_md, Engine(), mask.typed_data())});
-    p->primitive.execute(stream, args);
-    stream.wait();
-  } catch (const std::exception& e) {
-    return ffi::Error(ffi::ErrorCode::kInternal, std::string("jaxft oneDNN batch norm: ") + e.what());
-  } catch (...) {
-    return ffi::Error(ffi::ErrorCode::kInternal, "jaxft oneDNN batch norm: unknown exception");
-  }
-  return ffi::Error::Success();
-}
-
-
-// ---------------------------------------------------------------------------------------------------
 // c = op(a) op(b) (op: the matrix or its transpose, a stride, not a copy; row-major, float32
 // accumulation): the GEMMs of jaxft's small-map and 1x1 convolution passes. oneDNN's bfloat16
 // matmul runs ~1.4x faster than XLA:CPU's bfloat16 dot here, and for a 1x1 convolution's kernel
@@ -715,7 +544,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxft_onednn_conv_bwd_weights, BackwardWeights, JA
 
 // Aliases without commas: the binding is a macro argument.
 using jaxft_f32_vec = ffi::Buffer<ffi::F32, 1>;
-using jaxft_u8_vec = ffi::Buffer<ffi::U8, 1>;
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxft_onednn_conv_bias, ConvBias,
                               ffi::Ffi::Bind()
@@ -738,32 +566,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxft_onednn_conv_bias_add, ConvBiasAdd,
                                   .Attr<ffi::Span<const int64_t>>("padding")
                                   .Attr<int64_t>("groups")
                                   .Attr<int64_t>("act"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxft_onednn_bn_fwd, NormForward,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<jaxft_f32_vec>()
-                                  .Arg<jaxft_f32_vec>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<jaxft_f32_vec>()
-                                  .Ret<jaxft_f32_vec>()
-                                  .Ret<jaxft_u8_vec>()
-                                  .Attr<float>("epsilon")
-                                  .Attr<int64_t>("relu"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxft_onednn_bn_bwd, NormBackward,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<jaxft_f32_vec>()
-                                  .Arg<jaxft_f32_vec>()
-                                  .Arg<jaxft_f32_vec>()
-                                  .Arg<jaxft_f32_vec>()
-                                  .Arg<jaxft_u8_vec>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<jaxft_f32_vec>()
-                                  .Ret<jaxft_f32_vec>()
-                                  .Attr<float>("epsilon")
-                                  .Attr<int64_t>("relu"));
-
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxft_onednn_matmul, Gemm,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()
@@ -771,17 +573,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxft_onednn_matmul, Gemm,
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<int64_t>("trans_a")
                                   .Attr<int64_t>("trans_b"));
-
-// The bytes of the ReLU mask jaxft_onednn_bn_fwd writes for an [n, h, w, c] input (dtype 0: float32,
-// 1: bfloat16), or -1 when oneDNN cannot build the primitive.
-extern "C" int64_t jaxft_onednn_bn_mask_bytes(int64_t n, int64_t h, int64_t w, int64_t c,
-                                              int64_t bf16, float epsilon) {
-  try {
-    return NormWorkspaceBytes(NormGeometry{n, h, w, c, bf16 ? Dt::bf16 : Dt::f32, epsilon, true});
-  } catch (...) {
-    return -1;
-  }
-}
 
 extern "C" int jaxft_onednn_version() {
   const dnnl_version_t* v = dnnl_version();

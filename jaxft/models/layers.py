@@ -17,8 +17,24 @@ from jax import lax
 
 Dtype = Any
 
+
+@jax.custom_jvp
+def relu(x: jax.Array) -> jax.Array:
+  """``max(x, 0)``, as ``flax.linen.relu``, with the derivative read off the output (``y > 0``).
+
+  Same values and gradients as ``nn.relu`` (its mask is ``x > 0``), but the backward pass keeps only the
+  output alive, which the next layer holds anyway. In a residual block ``relu(h + shortcut)`` the sum
+  then has no other reader and XLA computes add and ReLU in one pass over memory instead of two
+  (docs/benchmarks.md, "ReLU's derivative from its output").
+  """
+  return jnp.maximum(x, 0)
+
+
+relu.defjvps(lambda g, y, x: lax.select(y > 0, g, lax.full_like(g, 0)))
+relu_fn = relu  # under another name where ``relu`` is a flag
+
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "relu": nn.relu,
+    "relu": relu,
     "relu6": nn.relu6,
     "gelu": lambda x: nn.gelu(x, approximate=False),
     "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
@@ -107,7 +123,9 @@ class BatchNorm(nn.Module):
   scale_init: Callable[..., jax.Array] = nn.initializers.ones
 
   @nn.compact
-  def __call__(self, x: jax.Array, use_running_average: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, use_running_average: bool, relu: bool = False) -> jax.Array:
+    """Returns BN(x), or ``relu(BN(x))`` when ``relu`` (a backend may then apply the ReLU inside its
+    own pass), in ``dtype``; updates the running statistics when training. ``x`` is not mutated."""
     c = x.shape[-1]
     scale = self.param("scale", self.scale_init, (c,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
@@ -115,8 +133,9 @@ class BatchNorm(nn.Module):
     ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
     if use_running_average:
       mul, shift = _running_affine(scale, bias, ra_mean.value, ra_var.value, self.epsilon)
-      return self.affine(x, mul, shift).astype(self.dtype)
-    y, mean, var = self.normalize(x, scale, bias)
+      y = self.affine(x, mul, shift)
+      return (relu_fn(y) if relu else y).astype(self.dtype)
+    y, mean, var = self.normalize(x, scale, bias, relu)
     if not self.is_initializing():
       n = x.size // c
       m = self.momentum
@@ -138,16 +157,18 @@ class BatchNorm(nn.Module):
     statistics. ``x`` is not mutated."""
     return x.astype(jnp.float32) * mul + shift
 
-  def normalize(self, x: jax.Array, scale: jax.Array, bias: jax.Array
+  def normalize(self, x: jax.Array, scale: jax.Array, bias: jax.Array, relu: bool = False
                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Returns training-mode ``(y, batch mean, biased batch variance)`` over the last axis, in
-    float32 (two-pass statistics). ``x`` is not mutated."""
+    float32 (two-pass statistics), ``y`` passed through a ReLU when ``relu``. ``x`` is not
+    mutated."""
     xf = x.astype(jnp.float32)
     axes = tuple(range(x.ndim - 1))
     mean = jnp.mean(xf, axes)
     var = jnp.mean(jnp.square(xf - mean), axes)
     mul = scale * lax.rsqrt(var + self.epsilon)
-    return xf * mul + (bias - mean * mul), mean, var
+    y = xf * mul + (bias - mean * mul)
+    return (relu_fn(y) if relu else y), mean, var
 
 
 @dataclasses.dataclass(frozen=True)

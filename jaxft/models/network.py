@@ -158,6 +158,8 @@ class Parts:
       norm = self.norm(owner, bn, train)
 
       def plain(x: jax.Array, residual: jax.Array | None = None) -> jax.Array:
+        if residual is None and act == "relu":
+          return norm(conv_fn(x), relu=True)  # the BN's own pass applies it (CPU: no pass of its own)
         h = norm(conv_fn(x))
         return activation(h if residual is None else h + residual)
 
@@ -166,16 +168,17 @@ class Parts:
     return lambda x, residual=None: conv_fn(
         x, epilogue=layers_lib.Epilogue(mul, shift, residual, act))
 
-  def norm(self, owner: nn.Module, name: str, train: bool) -> Callable[[jax.Array], jax.Array]:
-    """Returns ``x -> BN(x)`` for the BatchNorm ``name`` created in ``owner`` (call it from ``owner``'s
-    compact method): batch statistics, updating the running ones, only when ``train`` and the BN is
-    not in ``frozen_bn``; the identity when the BNs are folded into the convs."""
+  def norm(self, owner: nn.Module, name: str, train: bool) -> Callable[..., jax.Array]:
+    """Returns ``(x, relu=False) -> BN(x)`` (``relu(BN(x))`` with ``relu``) for the BatchNorm ``name``
+    created in ``owner`` (call it from ``owner``'s compact method): batch statistics, updating the
+    running ones, only when ``train`` and the BN is not in ``frozen_bn``; the identity (or the ReLU)
+    when the BNs are folded into the convs."""
     if self.folded_bn:
-      return lambda x: x
+      return lambda x, relu=False: layers_lib.relu(x) if relu else x
     path = self._path(owner, name)
     use_running_average = not train or bn_is_frozen(path, self.frozen_bn)
     module = self.bn(name=name)
-    return lambda x: module(x, use_running_average)
+    return lambda x, relu=False: module(x, use_running_average, relu)
 
 
 class Stem(nn.Module):
