@@ -20,7 +20,7 @@ from jax import lax
 
 from jaxft import models, optim, train
 from jaxft.cpu import norm, onednn, pool
-from jaxft.cpu.layers import BatchNorm, cpu_layers
+from jaxft.cpu.layers import BatchNorm, cpu_layers, max_pool
 
 
 @pytest.fixture
@@ -203,6 +203,35 @@ def test_bf16_max_pool_gradient_equals_the_float32_one():
   assert g16.dtype == jnp.bfloat16
   np.testing.assert_array_equal(np.asarray(g16, np.float32),
                                 np.asarray(g32.astype(jnp.bfloat16), np.float32))
+
+
+@pytest.mark.usefixtures("needs_bf16")
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 9, 9, 4), (2, 8, 8, 16), (1, 7, 10, 3)])
+def test_onednn_max_pool_matches_jaxfts_and_routes_ties_to_the_first_tap(dtype, shape):
+  r = np.random.default_rng(8)
+  # After a ReLU about half the inputs are 0, so many windows tie; the last input ties everywhere.
+  xs = [np.maximum(r.normal(size=shape), 0), np.zeros(shape)]
+  for x in xs:
+    x = jnp.asarray(x, dtype)
+    y_ref, pull_ref = jax.vjp(lambda x: pool.max_pool(x, 3, 2, 1), x)
+    y, pull = jax.vjp(jax.jit(lambda x: onednn.max_pool(x, 3, 2, 1)), x)
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y_ref, np.float32))
+    ct = jnp.asarray(r.uniform(1, 2, size=y.shape), dtype)  # no zeros: every routed tap shows
+    g, g_ref = (np.asarray(p(ct)[0], np.float32) for p in (pull, pull_ref))
+    np.testing.assert_array_equal(g != 0, g_ref != 0)  # the same tap of every window
+    # Where windows overlap, an input's gradients are summed in another order.
+    np.testing.assert_allclose(g, g_ref, rtol=1e-6 if dtype == jnp.float32 else 1e-2)
+
+
+@pytest.mark.usefixtures("needs_bf16")
+def test_the_stem_max_pool_uses_onednn_in_bfloat16_only():
+  x = jnp.ones((2, 8, 8, 4))
+  pool_of = lambda dtype: jax.jit(jax.grad(
+      lambda x: jnp.sum(max_pool(x, "auto").astype(jnp.float32)))).lower(x.astype(dtype)).as_text()
+  assert "jaxft_onednn_pool_fwd" in pool_of(jnp.bfloat16)
+  assert "jaxft_onednn_pool_bwd" in pool_of(jnp.bfloat16)
+  assert "jaxft_onednn_pool" not in pool_of(jnp.float32)
 
 
 def test_without_bf16_instructions_bfloat16_stays_in_xla(monkeypatch):

@@ -6,6 +6,7 @@
     python tools/bench_bf16.py --change epilogue --mode eval   # BN/residual/ReLU as conv post-ops
     python tools/bench_bf16.py --change matmul --size 32 --batch 128   # small-map GEMMs by oneDNN
     python tools/bench_bf16.py --change relu     # ReLU's derivative from its output (residual adds)
+    python tools/bench_bf16.py --change pool     # the stem's max-pool by oneDNN vs jaxft.cpu.pool's
     JAXFT_ONEDNN_AUTO=1 python tools/bench_bf16.py --change onednn --dtype float32   # oneDNN vs XLA plans
 
 Builds ``tools/bench.py``'s jaxft train (or eval) step (ResNet-50, bfloat16 unless ``--dtype``) twice in one process — as shipped
@@ -38,6 +39,8 @@ def _switch_off(change: str) -> None:
     onednn.matmul_supported = lambda dtype: False  # the small-map GEMMs then are XLA's dots
   elif change == "onednn":
     onednn.loaded = lambda: False  # every convolution then runs the XLA / GEMM plans (impl.py)
+  elif change == "pool":
+    onednn.pool_supported = lambda *args: False  # the stem's max-pool then is XLA's (jaxft.cpu.pool)
   elif change == "relu":
     import flax.linen as nn  # pylint: disable=g-import-not-at-top
     from jaxft.models import layers  # pylint: disable=g-import-not-at-top
@@ -49,7 +52,7 @@ def _switch_off(change: str) -> None:
 
 def main(argv: list[str]) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--change", choices=("all", "bn", "gemm", "epilogue", "matmul", "onednn", "relu"), required=True)
+  p.add_argument("--change", choices=("all", "bn", "gemm", "epilogue", "matmul", "onednn", "relu", "pool"), required=True)
   p.add_argument("--mode", choices=("train", "eval"), default="train")
   p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
   p.add_argument("--model", default="resnet50")

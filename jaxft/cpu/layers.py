@@ -121,10 +121,18 @@ class BatchNorm(plain.BatchNorm):
 
 def max_pool(x: jax.Array, impl: str = "auto") -> jax.Array:
   """torch ``MaxPool2d(3, stride=2, padding=1)`` of NHWC ``x``: ``lax`` is the plain
-  :func:`jaxft.models.layers.max_pool_3x3_s2`, otherwise :func:`jaxft.cpu.pool.max_pool` (same values
-  and gradients). ``x`` is not mutated."""
-  if resolve_impl(impl) == "lax":
+  :func:`jaxft.models.layers.max_pool_3x3_s2`; ``onednn`` (where
+  :func:`jaxft.cpu.onednn.pool_supported`) is :func:`jaxft.cpu.onednn.max_pool`, otherwise
+  :func:`jaxft.cpu.pool.max_pool`. Same values and gradient routing (the first maximal tap); where
+  windows overlap, an input's gradients may be summed in another order. ``x`` is not mutated."""
+  pixels = x.shape[1] * x.shape[2] if x.ndim == 4 else None
+  chosen = resolve_impl(impl, pixels)
+  if chosen == "lax":
     return plain.max_pool_3x3_s2(x)
+  if chosen == "onednn" and onednn.pool_supported(x.shape, x.dtype):
+    # XLA:CPU's gradient was one fused loop evaluating every dilated tap and its argmax per input
+    # element: 84 vs 12 ms for the ResNet stem's bfloat16 ReLU + max-pool (docs/benchmarks.md).
+    return onednn.max_pool(x, 3, 2, 1)
   return pool.max_pool(x, 3, 2, 1)
 
 

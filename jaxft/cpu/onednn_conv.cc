@@ -16,6 +16,9 @@
 // gradient is accumulated and returned in float32: no separate cast pass, no bfloat16 gradient rounding.
 // oneDNN picks its own weights layout (usually blocked); the HWIO kernel is reordered into it (and the
 // kernel gradient out of it) on every call, which costs little next to the convolution itself.
+// Two more run max pooling for training, the gradient routed by the forward's argmax workspace:
+//   jaxft_onednn_pool_fwd  x -> (y, workspace)
+//   jaxft_onednn_pool_bwd  (x, dy, workspace) -> dx
 // (Training-mode batch normalization is batch_norm.cc's, not oneDNN's; it shares RunMutex.)
 // Primitives are built once per geometry and cached. XLA runs independent thunks concurrently on its
 // threads; calls here run one at a time (see Run), and every primitive is built with a user-managed
@@ -439,6 +442,147 @@ ffi::Error ConvBiasAdd(Buffer x, Buffer k, ffi::Buffer<ffi::F32, 1> bias, Buffer
 }
 
 // ---------------------------------------------------------------------------------------------------
+// Max pooling (training): y = max over k x k windows with stride s, padding p (padded taps never win,
+// torch's MaxPool2d), and its gradient routed to the tap the forward chose (oneDNN keeps it in a
+// workspace, the first maximal tap of each window, as torch). XLA:CPU evaluated the gradient as one
+// fused loop over the input with all k² dilated taps and their argmax per element (docs/benchmarks.md,
+// "Max-pool by oneDNN").
+
+struct PoolGeometry {
+  int64_t n, h, w, c, oh, ow, k, s, p;
+  Dt act;
+
+  memory::desc src_md() const { return memory::desc({n, c, h, w}, act, Tag::nhwc); }
+  memory::desc dst_md() const { return memory::desc({n, c, oh, ow}, act, Tag::nhwc); }
+  memory::dims pad_r() const {
+    return {(oh - 1) * s + k - h - p, (ow - 1) * s + k - w - p};
+  }
+  std::string Key(bool backward) const {
+    std::string key = backward ? "poolb" : "poolf";
+    for (int64_t v : {n, h, w, c, oh, ow, k, s, p, static_cast<int64_t>(act)}) {
+      key += ',' + std::to_string(v);
+    }
+    return key;
+  }
+};
+
+#if DNNL_VERSION_MAJOR >= 3
+dnnl::pooling_forward::primitive_desc PoolForwardPd(const PoolGeometry& g) {
+  return dnnl::pooling_forward::primitive_desc(
+      Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::pooling_max, g.src_md(),
+      g.dst_md(), {g.s, g.s}, {g.k, g.k}, {0, 0}, {g.p, g.p}, g.pad_r(), Attr());
+}
+dnnl::pooling_backward::primitive_desc PoolBackwardPd(const PoolGeometry& g) {
+  return dnnl::pooling_backward::primitive_desc(
+      Engine(), dnnl::algorithm::pooling_max, g.src_md(), g.dst_md(), {g.s, g.s}, {g.k, g.k}, {0, 0},
+      {g.p, g.p}, g.pad_r(), PoolForwardPd(g), Attr());
+}
+#else
+dnnl::pooling_forward::primitive_desc PoolForwardPd(const PoolGeometry& g) {
+  dnnl::pooling_forward::desc d(dnnl::prop_kind::forward_training, dnnl::algorithm::pooling_max,
+                                g.src_md(), g.dst_md(), {g.s, g.s}, {g.k, g.k}, {g.p, g.p},
+                                g.pad_r());
+  return dnnl::pooling_forward::primitive_desc(d, Attr(), Engine());
+}
+dnnl::pooling_backward::primitive_desc PoolBackwardPd(const PoolGeometry& g) {
+  dnnl::pooling_backward::desc d(dnnl::algorithm::pooling_max, g.src_md(), g.dst_md(), {g.s, g.s},
+                                 {g.k, g.k}, {g.p, g.p}, g.pad_r());
+  return dnnl::pooling_backward::primitive_desc(d, Attr(), Engine(), PoolForwardPd(g));
+}
+#endif
+
+struct PoolPrimitive {
+  dnnl::primitive primitive;
+  memory::desc workspace_md;
+  memory::desc scratchpad_md;
+};
+
+std::shared_ptr<const PoolPrimitive> CachedPool(const PoolGeometry& g, bool backward) {
+  return FromCache<PoolPrimitive>(g.Key(backward), [&] {
+    auto p = std::make_shared<PoolPrimitive>();
+    if (backward) {
+      auto pd = PoolBackwardPd(g);
+      p->primitive = dnnl::pooling_backward(pd);
+      p->workspace_md = pd.workspace_desc();
+      p->scratchpad_md = pd.scratchpad_desc();
+    } else {
+      auto pd = PoolForwardPd(g);
+      p->primitive = dnnl::pooling_forward(pd);
+      p->workspace_md = pd.workspace_desc();
+      p->scratchpad_md = pd.scratchpad_desc();
+    }
+    return p;
+  });
+}
+
+// x [n, h, w, c] and y [n, oh, ow, c] of one float type; k, s, p sensible; the workspace large enough.
+ffi::Error CheckPool(const Buffer& x, const Buffer& y, int64_t ws_bytes, int64_t k, int64_t s,
+                     int64_t p, PoolGeometry* g) {
+  auto xd = x.dimensions(), yd = y.dimensions();
+  if (xd.size() != 4 || yd.size() != 4) return ffi::Error::InvalidArgument("x must be NHWC");
+  Dt act, out;
+  if (!ToDnnl(x.element_type(), &act) || !ToDnnl(y.element_type(), &out) || act != out) {
+    return ffi::Error::InvalidArgument("x and y must both be float32 or both bfloat16");
+  }
+  if (k < 1 || s < 1 || p < 0 || 2 * p > k) return ffi::Error::InvalidArgument("bad pooling window");
+  *g = PoolGeometry{xd[0], xd[1], xd[2], xd[3], (xd[1] + 2 * p - k) / s + 1,
+                    (xd[2] + 2 * p - k) / s + 1, k, s, p, act};
+  if (yd[0] != g->n || yd[1] != g->oh || yd[2] != g->ow || yd[3] != g->c) {
+    return ffi::Error::InvalidArgument("y has the wrong shape for this pooling");
+  }
+  if (ws_bytes < static_cast<int64_t>(CachedPool(*g, false)->workspace_md.get_size())) {
+    return ffi::Error::InvalidArgument("the pooling workspace buffer is too small");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error PoolForward(Buffer x, ffi::Result<Buffer> y, ffi::Result<ffi::Buffer<ffi::U8, 1>> ws,
+                       int64_t k, int64_t s, int64_t p) {
+  try {
+    PoolGeometry g;
+    if (auto e = CheckPool(x, *y, ws->dimensions()[0], k, s, p, &g); e.failure()) return e;
+    auto prim = CachedPool(g, false);
+    std::lock_guard<std::mutex> run_lock(RunMutex());
+    dnnl::stream stream(Engine());
+    memory scratch(prim->scratchpad_md, Engine());
+    prim->primitive.execute(
+        stream, {{DNNL_ARG_SRC, memory(g.src_md(), Engine(), x.untyped_data())},
+                 {DNNL_ARG_DST, memory(g.dst_md(), Engine(), y->untyped_data())},
+                 {DNNL_ARG_WORKSPACE, memory(prim->workspace_md, Engine(), ws->typed_data())},
+                 {DNNL_ARG_SCRATCHPAD, scratch}});
+    stream.wait();
+  } catch (const std::exception& e) {
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string("jaxft oneDNN pooling: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error PoolBackward(Buffer x, Buffer dy, ffi::Buffer<ffi::U8, 1> ws, ffi::Result<Buffer> dx,
+                        int64_t k, int64_t s, int64_t p) {
+  try {
+    PoolGeometry g;
+    if (auto e = CheckPool(x, dy, ws.dimensions()[0], k, s, p, &g); e.failure()) return e;
+    if (dx->element_type() != x.element_type() || dx->dimensions().size() != 4 ||
+        !std::equal(dx->dimensions().begin(), dx->dimensions().end(), x.dimensions().begin())) {
+      return ffi::Error::InvalidArgument("dx must have x's shape and type");
+    }
+    auto prim = CachedPool(g, true);
+    std::lock_guard<std::mutex> run_lock(RunMutex());
+    dnnl::stream stream(Engine());
+    memory scratch(prim->scratchpad_md, Engine());
+    prim->primitive.execute(
+        stream, {{DNNL_ARG_DIFF_DST, memory(g.dst_md(), Engine(), dy.untyped_data())},
+                 {DNNL_ARG_DIFF_SRC, memory(g.src_md(), Engine(), dx->untyped_data())},
+                 {DNNL_ARG_WORKSPACE, memory(prim->workspace_md, Engine(), ws.typed_data())},
+                 {DNNL_ARG_SCRATCHPAD, scratch}});
+    stream.wait();
+  } catch (const std::exception& e) {
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string("jaxft oneDNN pooling: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+// ---------------------------------------------------------------------------------------------------
 // c = op(a) op(b) (op: the matrix or its transpose, a stride, not a copy; row-major, float32
 // accumulation): the GEMMs of jaxft's small-map and 1x1 convolution passes. oneDNN's bfloat16
 // matmul runs ~1.4x faster than XLA:CPU's bfloat16 dot here, and for a 1x1 convolution's kernel
@@ -544,6 +688,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxft_onednn_conv_bwd_weights, BackwardWeights, JA
 
 // Aliases without commas: the binding is a macro argument.
 using jaxft_f32_vec = ffi::Buffer<ffi::F32, 1>;
+using jaxft_u8_vec = ffi::Buffer<ffi::U8, 1>;
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxft_onednn_conv_bias, ConvBias,
                               ffi::Ffi::Bind()
@@ -573,6 +718,37 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxft_onednn_matmul, Gemm,
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<int64_t>("trans_a")
                                   .Attr<int64_t>("trans_b"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxft_onednn_pool_fwd, PoolForward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<jaxft_u8_vec>()
+                                  .Attr<int64_t>("k")
+                                  .Attr<int64_t>("s")
+                                  .Attr<int64_t>("p"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxft_onednn_pool_bwd, PoolBackward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<jaxft_u8_vec>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("k")
+                                  .Attr<int64_t>("s")
+                                  .Attr<int64_t>("p"));
+
+// The bytes of the argmax workspace jaxft_onednn_pool_fwd writes for an [n, h, w, c] input (dtype 0:
+// float32, 1: bfloat16) and a k x k / s window padded by p, or -1 when oneDNN cannot build it.
+extern "C" int64_t jaxft_onednn_pool_workspace_bytes(int64_t n, int64_t h, int64_t w, int64_t c,
+                                                     int64_t bf16, int64_t k, int64_t s, int64_t p) {
+  try {
+    PoolGeometry g{n, h, w, c, (h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1, k, s, p,
+                   bf16 ? Dt::bf16 : Dt::f32};
+    return static_cast<int64_t>(CachedPool(g, false)->workspace_md.get_size());
+  } catch (...) {
+    return -1;
+  }
+}
 
 extern "C" int jaxft_onednn_version() {
   const dnnl_version_t* v = dnnl_version();
