@@ -151,6 +151,20 @@ def test_batch_norm_over_many_chunks_matches_float64(dtype, relu):
 
 
 @pytest.mark.usefixtures("needs_bf16")
+@pytest.mark.parametrize("relu", [False, True])
+def test_batch_norm_keeps_a_nan_visible(relu):
+  # A diverged activation must not come out as a finite number (the ReLU must not turn NaN into 0),
+  # or the training loop's NaN stop would not see it.
+  x = np.random.default_rng(9).normal(size=(2, 4, 4, 3))
+  x[1, 2, 3, 1] = np.nan
+  y, mean, var = onednn.batch_norm_train(jnp.asarray(x, jnp.bfloat16), jnp.ones(3), jnp.zeros(3), 1e-5,
+                                         relu)
+  y = np.asarray(y, np.float32)
+  assert np.isnan(y[..., 1]).all() and np.isnan(mean[1]) and np.isnan(var[1])
+  assert np.isfinite(y[..., [0, 2]]).all()
+
+
+@pytest.mark.usefixtures("needs_bf16")
 @pytest.mark.parametrize("impl", ["onednn", "lax"])
 def test_batch_norm_relu_flag_matches_relu_after_the_layer(impl):
   # BatchNorm(..., relu=True) is relu(BatchNorm(...)): values and gradients (the compiled loops

@@ -27,6 +27,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <mutex>
 #include <vector>
 
@@ -93,7 +94,7 @@ JAXFT_SIMD void Normalize(const T* x, T* y, int64_t rows, int64_t c, const float
     if (relu) {
       for (int64_t j = 0; j < c; ++j) {
         const float v = (Load(p, j) - mean[j]) * a[j] + shift[j];
-        Store(q, j, v > 0.f ? v : 0.f);
+        Store(q, j, v < 0.f ? 0.f : v);  // NaN stays NaN (jnp.maximum's), so divergence shows
       }
     } else {
       for (int64_t j = 0; j < c; ++j) Store(q, j, (Load(p, j) - mean[j]) * a[j] + shift[j]);
