@@ -29,3 +29,13 @@ def test_relu_matches_flax_in_value_gradient_and_jvp(dtype):
 
 def test_relu_is_the_registered_activation():
   assert layers.activation("relu") is layers.relu
+
+
+@pytest.mark.parametrize("relu,reads_output", [(layers.relu, True), (nn.relu, False)])
+def test_relu_mask_is_computed_from_the_output(relu, reads_output):
+  # What lets XLA fuse a residual add with its ReLU: in the gradient, the mask's comparison reads the
+  # ReLU's output, not the sum (flax's reads the sum, which must then stay alive).
+  jaxpr = jax.make_jaxpr(jax.grad(lambda h, s: jnp.sum(relu(h + s))))(jnp.ones(4), jnp.ones(4)).jaxpr
+  producer = {v: eqn.primitive.name for eqn in jaxpr.eqns for v in eqn.outvars}
+  (mask,) = [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "gt"]
+  assert (producer[mask.invars[0]] == "custom_jvp_call") == reads_output

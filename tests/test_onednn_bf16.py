@@ -126,7 +126,7 @@ def _bn_float64(x, scale, shift, ct, relu, eps=1e-5):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("relu", [False, True])
 def test_batch_norm_over_many_chunks_matches_float64(dtype, relu):
-  # 2·41·37 = 3034 rows of 64 channels: three full chunks of 1024 rows and a partial one, each merged
+  # 2·41·37 = 3034 rows of 64 channels: two full chunks of 1024 rows and one of 986, each merged
   # into the statistics and the gradient sums; a mean of 50 against a spread of 2 would show a
   # variance computed as E[x²] - E[x]² (float32 cancellation: ~1e-3 relative here).
   r = np.random.default_rng(7)

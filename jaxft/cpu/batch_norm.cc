@@ -21,8 +21,6 @@
 // both evaluate (x - mean) * a + shift with the same float32 operations (the library is built with
 // -ffp-contract=off, so neither is fused into an FMA differently). Inputs are never written.
 
-#include <omp.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -41,7 +39,13 @@ std::mutex& RunMutex();  // onednn_conv.cc: one multi-threaded kernel at a time
 
 namespace {
 
+// GCC builds each loop for AVX-512, AVX2 and plain x86-64 and picks one at load time; Clang does not
+// take target_clones on templates, so there the loops are built for the default target only.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define JAXFT_SIMD __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define JAXFT_SIMD
+#endif
 
 inline float Load(const float* p, int64_t j) { return p[j]; }
 inline float Load(const uint16_t* p, int64_t j) {  // bfloat16: the high half of a float32
@@ -60,8 +64,8 @@ inline void Store(uint16_t* p, int64_t j, float v) {  // round to nearest even, 
 }
 
 // Rows per chunk: about 128 KB of bfloat16, so that the statistics' second pass over a chunk reads
-// the cache, not memory.
-int64_t ChunkRows(int64_t c) { return std::max<int64_t>(1, 65536 / c); }
+// the cache, not memory; at most 4096, so that a chunk's float32 sums stay short for few channels.
+int64_t ChunkRows(int64_t c) { return std::min<int64_t>(4096, std::max<int64_t>(1, 65536 / c)); }
 
 // One chunk's mean and sum of squared deviations, per channel.
 template <typename T>

@@ -87,11 +87,12 @@ class BatchNorm(plain.BatchNorm):
 
   ``impl`` (``auto``, ``lax``, ``matmul``, ``onednn``; resolved as a convolution on the same map):
   ``lax`` is the plain layer; ``onednn`` with a bfloat16 input (where
-  :func:`jaxft.cpu.onednn.norm_supported`) normalises a training batch with oneDNN's batch
-  normalization, in bfloat16 with float32 statistics; otherwise
+  :func:`jaxft.cpu.onednn.norm_supported`) normalises a training batch with the compiled library's
+  own loops (:func:`jaxft.cpu.onednn.batch_norm_train`, ``batch_norm.cc``), in bfloat16 with float32
+  statistics and a following ReLU inside the same pass; otherwise
   :func:`jaxft.cpu.norm.batch_norm_train` / :func:`jaxft.cpu.norm.channel_affine`. Same parameters,
   statistics, values and gradients (to rounding), except that no gradient flows through the batch
-  statistics on the oneDNN path (they only update the running averages).
+  statistics on the compiled path (they only update the running averages).
   """
 
   impl: str = "auto"
@@ -109,10 +110,11 @@ class BatchNorm(plain.BatchNorm):
       return super().normalize(x, scale, bias, relu)
     if (impl == "onednn" and x.dtype == jnp.bfloat16
         and onednn.norm_supported(x.shape, x.dtype)):
-      # bfloat16: one oneDNN pass each way in bfloat16 (XLA's would write a float32 copy of x for
-      # the GEMV sums; 3.4x less BatchNorm time, docs/benchmarks.md "bfloat16"). float32 measured
-      # the same speed either way, so it keeps the GEMV path. The statistics only feed the running
-      # averages, so their gradient is stopped (oneDNN's VJP has no such term).
+      # bfloat16: the compiled loops read x twice each way, in bfloat16 (XLA's would write a float32
+      # copy of x for the GEMV sums), and take the ReLU along (docs/benchmarks.md, "BatchNorm by
+      # hand"). float32 measured the same speed either way, so it keeps the GEMV path. The
+      # statistics only feed the running averages, so their gradient is stopped (the compiled VJP
+      # has no such term).
       y, mean, var = onednn.batch_norm_train(x, scale, bias, self.epsilon, relu)
       return y, lax.stop_gradient(mean), lax.stop_gradient(var)
     y, mean, var = norm.batch_norm_train(x, scale, bias, self.epsilon, True)

@@ -130,9 +130,11 @@ def _compiler() -> str:
 
 
 def _compile_command(sources: Sequence[str], out: str) -> list[str]:
-  # -O3: GCC vectorises batch_norm.cc's channel loops only there (2.2x at -O2 vs -O3 measured);
-  # -fopenmp: its threads are oneDNN's OpenMP team; -ffp-contract=off: its forward and backward
-  # passes must round the BatchNorm affine the same way (the ReLU mask is recomputed, not stored).
+  # -O3: GCC vectorises batch_norm.cc's channel loops only there (5.4x faster than at -O2, measured);
+  # -fopenmp: its loops' threads (with Debian's oneDNN, the same libgomp team as oneDNN's; with the
+  # PyPI wheels a team of its own, never running beside oneDNN's: both take one lock);
+  # -ffp-contract=off: its forward and backward passes must round the BatchNorm affine the same way
+  # (the ReLU mask is recomputed, not stored).
   cmd = [_compiler(), "-O3", "-ffp-contract=off", "-fopenmp", "-std=c++17", "-shared", "-fPIC", "-w",
          f"-I{jax.ffi.include_dir()}"]
   root = onednn_root()
@@ -183,6 +185,9 @@ def build(force: bool = False) -> str:
   cmd = _compile_command(_SOURCES, tmp)
   try:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    if proc.returncode != 0:  # e.g. a Clang without libomp: batch_norm.cc's loops then run on one core
+      proc = subprocess.run([a for a in cmd if a != "-fopenmp"], capture_output=True, text=True,
+                            timeout=600, check=False)
   except (OSError, subprocess.TimeoutExpired) as e:
     os.unlink(tmp)
     raise RuntimeError(f"cannot run the C++ compiler {cmd[0]!r} ({e}); install one (e.g. g++) or set "
@@ -582,25 +587,30 @@ def _pool_forward(x, k, s, p):
       x, k=np.int64(k), s=np.int64(s), p=np.int64(p))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def max_pool(x: jax.Array, k: int, s: int, p: int) -> jax.Array:
   """k×k max-pool of NHWC ``x`` with stride ``s``, padded ``p`` on each side (padding never wins:
   torch's ``MaxPool2d(k, s, p)``), by oneDNN (check :func:`pool_supported` first). The gradient goes
-  to the first maximal tap of each window, as torch's. Returns a new array; ``x`` is not mutated."""
+  to the first maximal tap of each window, as torch's, and needs only oneDNN's argmax workspace
+  (``x`` is not kept for it). Returns a new array; ``x`` is not mutated."""
+  return _max_pool(x, k, s, p, x.shape[1], x.shape[2])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4, 5))
+def _max_pool(x, k, s, p, h, w):
+  del h, w
   return _pool_forward(x, k, s, p)[0]
 
 
-def _max_pool_fwd(x, k, s, p):
-  y, ws = _pool_forward(x, k, s, p)
-  return y, (x, ws)
+def _max_pool_fwd(x, k, s, p, h, w):
+  del h, w
+  return _pool_forward(x, k, s, p)
 
 
-def _max_pool_bwd(k, s, p, res, dy):
-  x, ws = res
-  dx = jax.ffi.ffi_call(_TARGETS["pool_bwd"], jax.ShapeDtypeStruct(x.shape, x.dtype),
-                        vmap_method="sequential")(x, dy.astype(x.dtype), ws, k=np.int64(k),
-                                                  s=np.int64(s), p=np.int64(p))
+def _max_pool_bwd(k, s, p, h, w, ws, dy):
+  n, _, _, c = dy.shape
+  dx = jax.ffi.ffi_call(_TARGETS["pool_bwd"], jax.ShapeDtypeStruct((n, h, w, c), dy.dtype),
+                        vmap_method="sequential")(dy, ws, k=np.int64(k), s=np.int64(s), p=np.int64(p))
   return (dx,)
 
 
-max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)

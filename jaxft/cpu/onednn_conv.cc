@@ -18,7 +18,7 @@
 // kernel gradient out of it) on every call, which costs little next to the convolution itself.
 // Two more run max pooling for training, the gradient routed by the forward's argmax workspace:
 //   jaxft_onednn_pool_fwd  x -> (y, workspace)
-//   jaxft_onednn_pool_bwd  (x, dy, workspace) -> dx
+//   jaxft_onednn_pool_bwd  (dy, workspace) -> dx
 // (Training-mode batch normalization is batch_norm.cc's, not oneDNN's; it shares RunMutex.)
 // Primitives are built once per geometry and cached. XLA runs independent thunks concurrently on its
 // threads; calls here run one at a time (see Run), and every primitive is built with a user-managed
@@ -446,7 +446,8 @@ ffi::Error ConvBiasAdd(Buffer x, Buffer k, ffi::Buffer<ffi::F32, 1> bias, Buffer
 // torch's MaxPool2d), and its gradient routed to the tap the forward chose (oneDNN keeps it in a
 // workspace, the first maximal tap of each window, as torch). XLA:CPU evaluated the gradient as one
 // fused loop over the input with all k² dilated taps and their argmax per element (docs/benchmarks.md,
-// "Max-pool by oneDNN").
+// "BatchNorm by hand, ReLU's derivative from its output, the max-pool by oneDNN"). The backward pass
+// reads only dy and the workspace: x itself need not be kept for it.
 
 struct PoolGeometry {
   int64_t n, h, w, c, oh, ow, k, s, p;
@@ -557,15 +558,12 @@ ffi::Error PoolForward(Buffer x, ffi::Result<Buffer> y, ffi::Result<ffi::Buffer<
   return ffi::Error::Success();
 }
 
-ffi::Error PoolBackward(Buffer x, Buffer dy, ffi::Buffer<ffi::U8, 1> ws, ffi::Result<Buffer> dx,
-                        int64_t k, int64_t s, int64_t p) {
+// dx has x's shape, so it gives the geometry.
+ffi::Error PoolBackward(Buffer dy, ffi::Buffer<ffi::U8, 1> ws, ffi::Result<Buffer> dx, int64_t k,
+                        int64_t s, int64_t p) {
   try {
     PoolGeometry g;
-    if (auto e = CheckPool(x, dy, ws.dimensions()[0], k, s, p, &g); e.failure()) return e;
-    if (dx->element_type() != x.element_type() || dx->dimensions().size() != 4 ||
-        !std::equal(dx->dimensions().begin(), dx->dimensions().end(), x.dimensions().begin())) {
-      return ffi::Error::InvalidArgument("dx must have x's shape and type");
-    }
+    if (auto e = CheckPool(*dx, dy, ws.dimensions()[0], k, s, p, &g); e.failure()) return e;
     auto prim = CachedPool(g, true);
     std::lock_guard<std::mutex> run_lock(RunMutex());
     dnnl::stream stream(Engine());
@@ -729,7 +727,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxft_onednn_pool_fwd, PoolForward,
                                   .Attr<int64_t>("p"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxft_onednn_pool_bwd, PoolBackward,
                               ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<jaxft_u8_vec>()
                                   .Ret<ffi::AnyBuffer>()

@@ -223,7 +223,9 @@ class Layers:
   Attributes:
     conv: ``conv(features, kernel, stride=1, groups=1, *, use_bias, dtype, name, kernel_init)`` → a
       module applying a k×k conv padded ``k // 2`` on each side.
-    norm: a BatchNorm module class with :class:`BatchNorm`'s attributes and call signature.
+    norm: a BatchNorm module class with :class:`BatchNorm`'s attributes and call signature
+      ``(x, use_running_average, relu=False)`` (``relu``: return ``relu(BN(x))``; a network passes it
+      for every BatchNorm followed directly by a ReLU).
     max_pool: ``max_pool(x)``, torch's ``MaxPool2d(3, stride=2, padding=1)``.
     conv_epilogue: whether the modules ``conv`` builds take ``epilogue=`` (an :class:`Epilogue`) in
       their call; a network then hands them the BatchNorm, residual add and activation that follow
