@@ -27,6 +27,7 @@
 #include <cstring>
 #include <initializer_list>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -242,6 +243,16 @@ ffi::Error Check(const ffi::AnyBuffer& x, std::initializer_list<const ffi::AnyBu
   return ffi::Error::Success();
 }
 
+// Calls f with a null pointer of the element type (bfloat16 as its bits) that Check accepted for t.
+template <typename F>
+void WithElementType(ffi::DataType t, F f) {
+  if (t == ffi::DataType::BF16) {
+    f(static_cast<uint16_t*>(nullptr));
+  } else {
+    f(static_cast<float*>(nullptr));
+  }
+}
+
 ffi::Error NormForward(ffi::AnyBuffer x, Vec scale, Vec shift, ffi::Result<ffi::AnyBuffer> y,
                        ffi::Result<Vec> mean, ffi::Result<Vec> var, float epsilon, int64_t relu) {
   int64_t m, c;
@@ -251,15 +262,12 @@ ffi::Error NormForward(ffi::AnyBuffer x, Vec scale, Vec shift, ffi::Result<ffi::
     return e;
   }
   std::lock_guard<std::mutex> run_lock(jaxft::RunMutex());
-  if (x.element_type() == ffi::DataType::BF16) {
-    Forward(static_cast<const uint16_t*>(x.untyped_data()), static_cast<uint16_t*>(y->untyped_data()),
-            m, c, scale.typed_data(), shift.typed_data(), epsilon, relu != 0, mean->typed_data(),
-            var->typed_data());
-  } else {
-    Forward(static_cast<const float*>(x.untyped_data()), static_cast<float*>(y->untyped_data()), m, c,
+  WithElementType(x.element_type(), [&](auto* type) {
+    using T = std::remove_pointer_t<decltype(type)>;
+    Forward(static_cast<const T*>(x.untyped_data()), static_cast<T*>(y->untyped_data()), m, c,
             scale.typed_data(), shift.typed_data(), epsilon, relu != 0, mean->typed_data(),
             var->typed_data());
-  }
+  });
   return ffi::Error::Success();
 }
 
@@ -274,18 +282,13 @@ ffi::Error NormBackward(ffi::AnyBuffer x, ffi::AnyBuffer dy, Vec scale, Vec shif
     return e;
   }
   std::lock_guard<std::mutex> run_lock(jaxft::RunMutex());
-  if (x.element_type() == ffi::DataType::BF16) {
-    Backward(static_cast<const uint16_t*>(x.untyped_data()),
-             static_cast<const uint16_t*>(dy.untyped_data()),
-             static_cast<uint16_t*>(dx->untyped_data()), m, c, scale.typed_data(), shift.typed_data(),
+  WithElementType(x.element_type(), [&](auto* type) {
+    using T = std::remove_pointer_t<decltype(type)>;
+    Backward(static_cast<const T*>(x.untyped_data()), static_cast<const T*>(dy.untyped_data()),
+             static_cast<T*>(dx->untyped_data()), m, c, scale.typed_data(), shift.typed_data(),
              mean.typed_data(), var.typed_data(), epsilon, relu != 0, dscale->typed_data(),
              dshift->typed_data());
-  } else {
-    Backward(static_cast<const float*>(x.untyped_data()), static_cast<const float*>(dy.untyped_data()),
-             static_cast<float*>(dx->untyped_data()), m, c, scale.typed_data(), shift.typed_data(),
-             mean.typed_data(), var.typed_data(), epsilon, relu != 0, dscale->typed_data(),
-             dshift->typed_data());
-  }
+  });
   return ffi::Error::Success();
 }
 

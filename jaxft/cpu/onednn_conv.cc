@@ -453,6 +453,12 @@ struct PoolGeometry {
   int64_t n, h, w, c, oh, ow, k, s, p;
   Dt act;
 
+  // The geometry of a k x k / s max-pool padded p on each side of an [n, h, w, c] input.
+  static PoolGeometry Of(int64_t n, int64_t h, int64_t w, int64_t c, int64_t k, int64_t s,
+                         int64_t p, Dt act) {
+    return {n, h, w, c, (h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1, k, s, p, act};
+  }
+
   memory::desc src_md() const { return memory::desc({n, c, h, w}, act, Tag::nhwc); }
   memory::desc dst_md() const { return memory::desc({n, c, oh, ow}, act, Tag::nhwc); }
   memory::dims pad_r() const {
@@ -501,16 +507,17 @@ struct PoolPrimitive {
 std::shared_ptr<const PoolPrimitive> CachedPool(const PoolGeometry& g, bool backward) {
   return FromCache<PoolPrimitive>(g.Key(backward), [&] {
     auto p = std::make_shared<PoolPrimitive>();
+    auto fill = [&p](auto primitive, const auto& pd) {
+      p->primitive = primitive;
+      p->workspace_md = pd.workspace_desc();
+      p->scratchpad_md = pd.scratchpad_desc();
+    };
     if (backward) {
       auto pd = PoolBackwardPd(g);
-      p->primitive = dnnl::pooling_backward(pd);
-      p->workspace_md = pd.workspace_desc();
-      p->scratchpad_md = pd.scratchpad_desc();
+      fill(dnnl::pooling_backward(pd), pd);
     } else {
       auto pd = PoolForwardPd(g);
-      p->primitive = dnnl::pooling_forward(pd);
-      p->workspace_md = pd.workspace_desc();
-      p->scratchpad_md = pd.scratchpad_desc();
+      fill(dnnl::pooling_forward(pd), pd);
     }
     return p;
   });
@@ -526,8 +533,7 @@ ffi::Error CheckPool(const Buffer& x, const Buffer& y, int64_t ws_bytes, int64_t
     return ffi::Error::InvalidArgument("x and y must both be float32 or both bfloat16");
   }
   if (k < 1 || s < 1 || p < 0 || 2 * p > k) return ffi::Error::InvalidArgument("bad pooling window");
-  *g = PoolGeometry{xd[0], xd[1], xd[2], xd[3], (xd[1] + 2 * p - k) / s + 1,
-                    (xd[2] + 2 * p - k) / s + 1, k, s, p, act};
+  *g = PoolGeometry::Of(xd[0], xd[1], xd[2], xd[3], k, s, p, act);
   if (yd[0] != g->n || yd[1] != g->oh || yd[2] != g->ow || yd[3] != g->c) {
     return ffi::Error::InvalidArgument("y has the wrong shape for this pooling");
   }
@@ -739,8 +745,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxft_onednn_pool_bwd, PoolBackward,
 extern "C" int64_t jaxft_onednn_pool_workspace_bytes(int64_t n, int64_t h, int64_t w, int64_t c,
                                                      int64_t bf16, int64_t k, int64_t s, int64_t p) {
   try {
-    PoolGeometry g{n, h, w, c, (h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1, k, s, p,
-                   bf16 ? Dt::bf16 : Dt::f32};
+    const PoolGeometry g = PoolGeometry::Of(n, h, w, c, k, s, p, bf16 ? Dt::bf16 : Dt::f32);
     return static_cast<int64_t>(CachedPool(g, false)->workspace_md.get_size());
   } catch (...) {
     return -1;
